@@ -1,0 +1,28 @@
+# The two commands a fresh machine needs: `make demo` and `make test`.
+# Each installs what it needs first (scripts/setup.sh).
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test lint typecheck unit bench setup proto
+
+demo:
+	@scripts/setup.sh
+	@scripts/demo.sh
+
+test:
+	@scripts/setup.sh --test
+	$(BIN)/python scripts/gen_proto.py --check
+	$(BIN)/ruff format --check tvix_mountd tests benchmarks scripts
+	$(BIN)/ruff check tvix_mountd tests benchmarks scripts
+	$(BIN)/mypy
+	$(BIN)/pytest -n 2 -q
+
+bench:
+	@scripts/setup.sh --bench
+	$(BIN)/python -m benchmarks.run
+
+setup:
+	@scripts/setup.sh --test
+
+proto:
+	$(BIN)/python scripts/gen_proto.py

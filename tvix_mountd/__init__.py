@@ -1,0 +1,1 @@
+"""tvix-mountd: read-only FUSE views of a tvix content-addressed store."""

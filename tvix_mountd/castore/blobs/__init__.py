@@ -1,0 +1,155 @@
+"""BlobService: content-addressed blobs, chosen by address (`from_addr`).
+
+Every reader handed out is wrapped in `VerifyingReader`, so no backend's
+bytes reach a caller unchecked: reading a blob to its end in order verifies
+its BLAKE3 digest, and a blob shorter or longer than it claims is an error.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import blake3
+
+from tvix_mountd.castore.addr import BLOB_SCHEMES, parse_address
+from tvix_mountd.castore.blocking import DEFAULT_TIMEOUT
+from tvix_mountd.castore.digests import B3Digest
+from tvix_mountd.castore.errors import IntegrityError
+
+
+class BlobReader(ABC):
+    """Random access to one blob's bytes."""
+
+    @property
+    @abstractmethod
+    def size(self) -> int | None:
+        """The blob's size, when the backend knows it before reading to the end."""
+
+    @abstractmethod
+    async def read_at(self, offset: int, n: int) -> bytes:
+        """Exactly `n` bytes from `offset`, fewer only at the end of the blob."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional for backends holding nothing
+        """Release what the reader holds (file descriptors, streams)."""
+
+
+class BlobWriter(ABC):
+    @abstractmethod
+    async def write(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> B3Digest:
+        """Finish the blob; it is readable under the returned digest afterwards."""
+
+    async def abort(self) -> None:  # noqa: B027 - optional
+        """Drop a half-written blob."""
+
+
+class VerifyingReader(BlobReader):
+    """Hashes what is read in order from offset 0; checks the digest at the end.
+
+    Random reads pass through unhashed (they cannot be verified without reading
+    everything before them); a sequential reader, the common case, gets every
+    byte verified once it reaches the end.
+    """
+
+    def __init__(self, inner: BlobReader, digest: B3Digest) -> None:
+        self._inner = inner
+        self._digest = digest
+        self._hasher: blake3.blake3 | None = blake3.blake3()
+        self._hashed_upto = 0
+        self._verified = False
+
+    @property
+    def size(self) -> int | None:
+        return self._inner.size
+
+    async def read_at(self, offset: int, n: int) -> bytes:
+        data = await self._inner.read_at(offset, n)
+        if len(data) > n:
+            raise IntegrityError(f"blob {self._digest}: backend returned more than asked")
+        if self._hasher is not None and offset == self._hashed_upto:
+            self._hasher.update(data)
+            self._hashed_upto += len(data)
+            if len(data) < n:
+                self._finish()
+        elif self._verified and len(data) < n and offset + len(data) != self._hashed_upto:
+            raise IntegrityError(f"blob {self._digest}: size changed between reads")
+        return data
+
+    def _finish(self) -> None:
+        assert self._hasher is not None
+        actual = B3Digest(self._hasher.digest())
+        self._hasher = None
+        if actual != self._digest:
+            raise IntegrityError(f"blob {self._digest} has contents hashing to {actual}")
+        size = self._inner.size
+        if size is not None and size != self._hashed_upto:
+            raise IntegrityError(
+                f"blob {self._digest}: {self._hashed_upto} bytes, backend said {size}"
+            )
+        self._verified = True
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class BlobService(ABC):
+    @abstractmethod
+    async def has(self, digest: B3Digest) -> bool: ...
+
+    @abstractmethod
+    async def _open_raw(self, digest: B3Digest) -> BlobReader | None:
+        """The backend's reader, or None if the blob is absent."""
+
+    @abstractmethod
+    async def open_write(self) -> BlobWriter: ...
+
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        reader = await self._open_raw(digest)
+        return None if reader is None else VerifyingReader(reader, digest)
+
+    async def put(self, data: bytes) -> B3Digest:
+        writer = await self.open_write()
+        try:
+            await writer.write(data)
+        except BaseException:
+            await writer.abort()
+            raise
+        return await writer.close()
+
+    async def read_all(self, digest: B3Digest) -> bytes | None:
+        """The whole blob, verified. For small blobs and tests."""
+        reader = await self.open_read(digest)
+        if reader is None:
+            return None
+        try:
+            chunks = []
+            offset = 0
+            while True:
+                chunk = await reader.read_at(offset, 1 << 20)
+                chunks.append(chunk)
+                offset += len(chunk)
+                if len(chunk) < 1 << 20:
+                    return b"".join(chunks)
+        finally:
+            await reader.aclose()
+
+    async def aclose(self) -> None:  # noqa: B027 - optional
+        """Release connections and files."""
+
+
+def from_addr(raw: str, *, timeout: float = DEFAULT_TIMEOUT) -> BlobService:
+    """The BlobService an address names. Raises AddressError for a bad address."""
+    addr = parse_address(raw, BLOB_SCHEMES)
+    if addr.scheme == "memory":
+        from tvix_mountd.castore.blobs.memory import MemoryBlobService
+
+        return MemoryBlobService()
+    if addr.scheme == "objectstore+file":
+        from tvix_mountd.castore.blobs.objectstore import FileBlobService
+
+        return FileBlobService(addr.path)
+    from tvix_mountd.castore.blobs.grpc import GrpcBlobService
+
+    return GrpcBlobService(addr, timeout=timeout)

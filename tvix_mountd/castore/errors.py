@@ -1,0 +1,33 @@
+"""The error types of the store layer.
+
+Every failure a backend can cause is a `StoreError`, so callers (the
+filesystem, the CLI) can turn any of them into EIO or a clear message without
+catching everything.
+"""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """A store operation failed (backend unreachable, timed out, or lying)."""
+
+
+class ValidationError(StoreError):
+    """Data breaks the castore rules (names, sorting, digests, sizes)."""
+
+
+class IntegrityError(ValidationError):
+    """Data does not hash to the digest it was asked for."""
+
+
+class BackendUnavailable(StoreError):
+    """The backend could not be reached, or did not answer in time."""
+
+
+class AddressError(ValueError):
+    """A store address is malformed or names something that cannot be used."""
+
+    def __init__(self, addr: str, reason: str) -> None:
+        super().__init__(f"invalid store address {addr!r}: {reason}")
+        self.addr = addr
+        self.reason = reason

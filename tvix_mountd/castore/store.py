@@ -1,0 +1,39 @@
+"""A store: the three services a mount needs, opened from their addresses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tvix_mountd.castore import blobs, directories, pathinfos
+from tvix_mountd.castore.blobs import BlobService
+from tvix_mountd.castore.blocking import DEFAULT_TIMEOUT
+from tvix_mountd.castore.directories import DirectoryService
+from tvix_mountd.castore.pathinfos import PathInfoService
+
+
+@dataclass
+class Store:
+    blobs: BlobService
+    directories: DirectoryService
+    path_infos: PathInfoService
+
+    @classmethod
+    def from_addrs(
+        cls,
+        blob_service_addr: str,
+        directory_service_addr: str,
+        path_info_service_addr: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Store:
+        """Open all three; AddressError (naming the address) if one is bad."""
+        return cls(
+            blobs.from_addr(blob_service_addr, timeout=timeout),
+            directories.from_addr(directory_service_addr, timeout=timeout),
+            pathinfos.from_addr(path_info_service_addr, timeout=timeout),
+        )
+
+    async def aclose(self) -> None:
+        await self.blobs.aclose()
+        await self.directories.aclose()
+        await self.path_infos.aclose()
