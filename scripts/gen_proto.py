@@ -55,7 +55,7 @@ def generated_files(root: Path) -> set[Path]:
     return {
         p.relative_to(root)
         for p in root.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts and p.relative_to(root).name not in KEEP
+        if (p.is_file() and "__pycache__" not in p.parts and p.relative_to(root).name not in KEEP)
         or (p.is_file() and p.parent != root and p.name == "__init__.py")
     }
 

@@ -1,10 +1,10 @@
 """Store addresses, spelled as tvix spells them.
 
-    memory://                      in this process only
-    grpc+unix:///abs/path.sock     a tvix-store (or compatible) on a unix socket
-    grpc+http://host:port          the same over TCP
-    objectstore+file:///abs/dir    embedded blob store
-    sqlite:///abs/file.sqlite      embedded directory / path-info store
+memory://                      in this process only
+grpc+unix:///abs/path.sock     a tvix-store (or compatible) on a unix socket
+grpc+http://host:port          the same over TCP
+objectstore+file:///abs/dir    embedded blob store
+sqlite:///abs/file.sqlite      embedded directory / path-info store
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ class StoreAddress:
         return self.raw
 
 
-def parse_address(raw: str, allowed: frozenset[str] = BLOB_SCHEMES | DIRECTORY_SCHEMES) -> StoreAddress:
+def parse_address(
+    raw: str, allowed: frozenset[str] = BLOB_SCHEMES | DIRECTORY_SCHEMES
+) -> StoreAddress:
     """Parse and check `raw`; every problem is an AddressError naming it."""
     if "://" not in raw:
         raise AddressError(raw, "expected <scheme>://..., e.g. memory:// or sqlite:///abs/file")

@@ -32,7 +32,14 @@ def _limiter() -> trio.CapacityLimiter:
         return limiter
 
 
-async def run_blocking(fn: Callable[..., T], *args: object, timeout: float, what: str) -> T:
+# The deadline is a parameter (not the caller's cancel scope) because it is the
+# store's configured backend_timeout, applied to every call the same way.
+async def run_blocking(
+    fn: Callable[..., T],
+    *args: object,
+    timeout: float,  # noqa: ASYNC109
+    what: str,
+) -> T:
     """Run `fn(*args)` in a worker thread; BackendUnavailable after `timeout` s."""
     try:
         with trio.fail_after(timeout):

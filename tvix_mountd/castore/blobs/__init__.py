@@ -71,7 +71,8 @@ class VerifyingReader(BlobReader):
         if self._hasher is not None and offset == self._hashed_upto:
             self._hasher.update(data)
             self._hashed_upto += len(data)
-            if len(data) < n:
+            size = self._inner.size
+            if len(data) < n or (size is not None and self._hashed_upto >= size):
                 self._finish()
         elif self._verified and len(data) < n and offset + len(data) != self._hashed_upto:
             raise IntegrityError(f"blob {self._digest}: size changed between reads")

@@ -32,9 +32,11 @@ class DirectoryService(ABC):
         checker = ClosureChecker()
         for directory in directories:
             checker.add(directory)
+        # Check the whole upload before storing any of it.
+        root = checker.root()
         for directory in checker.ordered:
             await self.put(directory)
-        return checker.root()
+        return root
 
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         """The tree below `root`, root first, each Directory once.

@@ -1,0 +1,773 @@
+"""The embedded store backends: memory://, objectstore+file:// and sqlite://.
+
+Behaviour every backend shares runs against each kind (parametrized
+fixtures); what only the on-disk backends have (atomic files, corruption on
+disk, several processes on one file) is tested on them alone.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import sqlite3
+import stat
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from tvix_mountd.castore.blobs import BlobService
+from tvix_mountd.castore.blobs.memory import MemoryBlobService
+from tvix_mountd.castore.blobs.objectstore import STALE_TEMP_AGE, FileBlobService
+from tvix_mountd.castore.digests import EMPTY_BLOB_DIGEST, B3Digest
+from tvix_mountd.castore.directories import DirectoryService
+from tvix_mountd.castore.directories.memory import MemoryDirectoryService
+from tvix_mountd.castore.directories.sqlite import SqliteDirectoryService
+from tvix_mountd.castore.errors import (
+    BackendUnavailable,
+    IntegrityError,
+    StoreError,
+    ValidationError,
+)
+from tvix_mountd.castore.nodes import Directory, FileNode, SymlinkNode
+from tvix_mountd.castore.pathinfo import PathInfo
+from tvix_mountd.castore.pathinfos import PathInfoService
+from tvix_mountd.castore.pathinfos.memory import MemoryPathInfoService
+from tvix_mountd.castore.pathinfos.sqlite import LIST_PAGE_SIZE, SqlitePathInfoService
+from tvix_mountd.castore.sqlite_db import SqliteTable
+from tvix_mountd.castore.storepath import StorePath
+
+TIMEOUT = 10.0
+
+
+def blob_bytes(n: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(params=["memory", "file"])
+async def blob_service(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[BlobService]:
+    service: BlobService
+    if request.param == "memory":
+        service = MemoryBlobService()
+    else:
+        service = FileBlobService(str(tmp_path / "blobs"))
+    yield service
+    await service.aclose()
+
+
+@pytest.fixture
+async def file_blobs(tmp_path: Path) -> AsyncIterator[FileBlobService]:
+    service = FileBlobService(str(tmp_path / "blobs"))
+    yield service
+    await service.aclose()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def directory_service(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[DirectoryService]:
+    service: DirectoryService
+    if request.param == "memory":
+        service = MemoryDirectoryService()
+    else:
+        service = SqliteDirectoryService(str(tmp_path / "dirs.sqlite"), timeout=TIMEOUT)
+    yield service
+    await service.aclose()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def path_info_service(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[PathInfoService]:
+    service: PathInfoService
+    if request.param == "memory":
+        service = MemoryPathInfoService()
+    else:
+        service = SqlitePathInfoService(str(tmp_path / "infos.sqlite"), timeout=TIMEOUT)
+    yield service
+    await service.aclose()
+
+
+def corrupt_blob(service: BlobService, digest: B3Digest, change: Callable[[bytes], bytes]) -> None:
+    """Change a stored blob behind the service's back, as a failing disk would."""
+    if isinstance(service, MemoryBlobService):
+        service.blobs[digest] = change(service.blobs[digest])
+        return
+    assert isinstance(service, FileBlobService)
+    path = service.blob_path(digest)
+    data = Path(path).read_bytes()
+    os.chmod(path, 0o644)
+    Path(path).write_bytes(change(data))
+
+
+# Plain blocking file checks, kept out of the async tests' bodies.
+def read(path: str | Path) -> bytes:
+    return Path(path).read_bytes()
+
+
+def exists(path: str | Path) -> bool:
+    return os.path.exists(path)
+
+
+def mode(path: str | Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def flip_byte(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1 :]
+
+
+# ---------------------------------------------------------------- blobs, every backend
+
+
+async def test_blob_roundtrip(blob_service: BlobService) -> None:
+    data = blob_bytes(100_000)
+    digest = await blob_service.put(data)
+    assert digest == B3Digest.of(data)
+    assert await blob_service.has(digest)
+    assert await blob_service.read_all(digest) == data
+    # Putting it again is a no-op with the same answer.
+    assert await blob_service.put(data) == digest
+    assert await blob_service.read_all(digest) == data
+
+
+async def test_blob_missing(blob_service: BlobService) -> None:
+    absent = B3Digest.of(b"never stored")
+    assert not await blob_service.has(absent)
+    assert await blob_service.open_read(absent) is None
+    assert await blob_service.read_all(absent) is None
+
+
+async def test_empty_blob(blob_service: BlobService) -> None:
+    writer = await blob_service.open_write()
+    assert await writer.close() == EMPTY_BLOB_DIGEST
+    assert await blob_service.has(EMPTY_BLOB_DIGEST)
+    assert await blob_service.read_all(EMPTY_BLOB_DIGEST) == b""
+
+
+async def test_blob_written_in_chunks(blob_service: BlobService) -> None:
+    data = blob_bytes(3 * 65536 + 17, seed=1)
+    writer = await blob_service.open_write()
+    for start in range(0, len(data), 65536):
+        await writer.write(data[start : start + 65536])
+    await writer.write(b"")
+    digest = await writer.close()
+    assert digest == B3Digest.of(data)
+    assert await blob_service.read_all(digest) == data
+
+
+async def test_blob_reads_at_any_offset(blob_service: BlobService) -> None:
+    data = blob_bytes(300_001, seed=2)
+    digest = await blob_service.put(data)
+    reader = await blob_service.open_read(digest)
+    assert reader is not None
+    try:
+        assert reader.size == len(data)
+        for offset in [0, 1, 4095, 4096, 131_071, 131_072, 299_999, 300_000, 300_001, 400_000]:
+            for n in [0, 1, 100, 4096, 131_072, 1_000_000]:
+                assert await reader.read_at(offset, n) == data[offset : offset + n], (offset, n)
+        # Backwards and overlapping, as a kernel's readahead may ask.
+        assert await reader.read_at(200_000, 50) == data[200_000:200_050]
+        assert await reader.read_at(10, 50) == data[10:60]
+    finally:
+        await reader.aclose()
+
+
+async def test_blob_sequential_read_is_verified(blob_service: BlobService) -> None:
+    data = blob_bytes(10_000, seed=3)
+    digest = await blob_service.put(data)
+    corrupt_blob(blob_service, digest, flip_byte)
+    reader = await blob_service.open_read(digest)
+    assert reader is not None
+    try:
+        # Bytes before the end cannot be judged yet...
+        first = await reader.read_at(0, 8192)
+        assert first == flip_byte(data)[:8192]
+        # ...reaching the end does.
+        with pytest.raises(IntegrityError, match="hashing to"):
+            await reader.read_at(8192, 8192)
+    finally:
+        await reader.aclose()
+    with pytest.raises(IntegrityError):
+        await blob_service.read_all(digest)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [lambda d: d[:-1], lambda d: d[: len(d) // 2], lambda d: b"", lambda d: d + b"x"],
+    ids=["one-byte-short", "half", "empty", "one-byte-long"],
+)
+async def test_blob_wrong_length_is_an_error(
+    blob_service: BlobService, change: Callable[[bytes], bytes]
+) -> None:
+    data = blob_bytes(5000, seed=4)
+    digest = await blob_service.put(data)
+    corrupt_blob(blob_service, digest, change)
+    with pytest.raises(IntegrityError):
+        await blob_service.read_all(digest)
+
+
+async def test_aborted_or_unfinished_writer_leaves_no_blob(blob_service: BlobService) -> None:
+    data = blob_bytes(1000, seed=5)
+    digest = B3Digest.of(data)
+    aborted = await blob_service.open_write()
+    await aborted.write(data)
+    await aborted.abort()
+    unfinished = await blob_service.open_write()
+    await unfinished.write(data)
+    assert not await blob_service.has(digest)
+    assert await blob_service.open_read(digest) is None
+    await unfinished.abort()
+    assert not await blob_service.has(digest)
+
+
+async def test_concurrent_writers_of_the_same_content(blob_service: BlobService) -> None:
+    data = blob_bytes(200_000, seed=6)
+    writers = [await blob_service.open_write() for _ in range(8)]
+    # Interleave the writes, then race the closes.
+    for start in range(0, len(data), 50_000):
+        for writer in writers:
+            await writer.write(data[start : start + 50_000])
+    results: list[B3Digest] = []
+
+    async def finish(index: int) -> None:
+        results.append(await writers[index].close())
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(writers)):
+            nursery.start_soon(finish, i)
+    assert results == [B3Digest.of(data)] * len(writers)
+    assert await blob_service.read_all(results[0]) == data
+
+
+# ---------------------------------------------------------------- blobs on disk
+
+
+def temp_files(service: FileBlobService) -> list[str]:
+    return os.listdir(os.path.join(service.root, "tmp"))
+
+
+async def test_file_blob_layout(file_blobs: FileBlobService) -> None:
+    data = b"hello world\n"
+    digest = await file_blobs.put(data)
+    hexdigest = digest.hex()
+    path = Path(file_blobs.root, "b3", hexdigest[:2], hexdigest)
+    assert file_blobs.blob_path(digest) == str(path)
+    # Raw, uncompressed bytes: the FUSE read path preads this file.
+    assert read(path) == data
+    assert mode(path) == 0o444
+    assert temp_files(file_blobs) == []
+
+
+async def test_file_blob_directories_created_on_first_use(tmp_path: Path) -> None:
+    root = tmp_path / "deep" / "er" / "blobs"
+    service = FileBlobService(str(root))
+    assert not (tmp_path / "deep").exists()
+    assert not await service.has(EMPTY_BLOB_DIGEST)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert (root / "b3").is_dir() and (root / "tmp").is_dir()
+    digest = await service.put(b"x")
+    assert read(service.blob_path(digest)) == b"x"
+    await service.aclose()
+
+
+async def test_file_blob_location_that_cannot_be_created(tmp_path: Path) -> None:
+    (tmp_path / "plain-file").write_bytes(b"")
+    root = tmp_path / "plain-file" / "blobs"
+    service = FileBlobService(str(root))
+    with pytest.raises(StoreError, match=re.escape(str(root))):
+        await service.put(b"data")
+    with pytest.raises(StoreError, match=re.escape(str(root))):
+        await service.has(EMPTY_BLOB_DIGEST)
+
+
+async def test_file_blob_unfinished_writes_stay_in_tmp(file_blobs: FileBlobService) -> None:
+    data = blob_bytes(70_000, seed=7)
+    digest = B3Digest.of(data)
+    writer = await file_blobs.open_write()
+    await writer.write(data)
+    # The bytes are on disk, but only under tmp/, never under the blob's name.
+    assert not exists(file_blobs.blob_path(digest))
+    [name] = temp_files(file_blobs)
+    assert read(Path(file_blobs.root, "tmp", name)) == data
+    await writer.abort()
+    assert temp_files(file_blobs) == []
+    assert not exists(file_blobs.blob_path(digest))
+    with pytest.raises(StoreError):
+        await writer.write(b"more")
+    with pytest.raises(StoreError):
+        await writer.close()
+
+
+async def test_file_blob_second_write_keeps_the_first_file(file_blobs: FileBlobService) -> None:
+    data = blob_bytes(1000, seed=8)
+    digest = await file_blobs.put(data)
+    inode = os.stat(file_blobs.blob_path(digest)).st_ino
+    assert await file_blobs.put(data) == digest
+    assert os.stat(file_blobs.blob_path(digest)).st_ino == inode
+    assert temp_files(file_blobs) == []
+
+
+async def test_file_blob_put_repairs_a_damaged_file(file_blobs: FileBlobService) -> None:
+    data = blob_bytes(1000, seed=11)
+    digest = await file_blobs.put(data)
+    corrupt_blob(file_blobs, digest, lambda d: d[:10])
+    with pytest.raises(IntegrityError):
+        await file_blobs.read_all(digest)
+    # A file of the wrong size cannot be the blob, so writing it again replaces it.
+    assert await file_blobs.put(data) == digest
+    assert await file_blobs.read_all(digest) == data
+    assert temp_files(file_blobs) == []
+
+
+async def test_file_blob_concurrent_writers_leave_no_temp_files(
+    file_blobs: FileBlobService,
+) -> None:
+    data = blob_bytes(100_000, seed=9)
+
+    async def put() -> None:
+        assert await file_blobs.put(data) == B3Digest.of(data)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(put)
+    assert temp_files(file_blobs) == []
+    assert await file_blobs.read_all(B3Digest.of(data)) == data
+
+
+async def test_file_blob_stale_temp_files_removed_on_start(tmp_path: Path) -> None:
+    tmp = tmp_path / "blobs" / "tmp"
+    tmp.mkdir(parents=True)
+    stale, fresh, foreign = tmp / "old.tmp", tmp / "new.tmp", tmp / "keep-me"
+    for path in (stale, fresh, foreign):
+        path.write_bytes(b"partial")
+    long_ago = time.time() - STALE_TEMP_AGE - 60
+    os.utime(stale, (long_ago, long_ago))
+    os.utime(foreign, (long_ago, long_ago))
+    service = FileBlobService(str(tmp_path / "blobs"))
+    assert not await service.has(EMPTY_BLOB_DIGEST)
+    assert not stale.exists()
+    assert fresh.exists()
+    assert foreign.exists()  # not a name this store writes
+
+
+async def test_file_blob_truncated_file_is_an_error(file_blobs: FileBlobService) -> None:
+    data = blob_bytes(50_000, seed=10)
+    digest = await file_blobs.put(data)
+    reader = await file_blobs.open_read(digest)
+    assert reader is not None
+    # Truncated while open: the size taken at open no longer holds.
+    os.truncate(file_blobs.blob_path(digest), 10_000)
+    try:
+        assert await reader.read_at(0, 5000) == data[:5000]
+        with pytest.raises(IntegrityError):
+            await reader.read_at(5000, 100_000)
+    finally:
+        await reader.aclose()
+
+
+async def test_file_blob_reader_after_close(file_blobs: FileBlobService) -> None:
+    digest = await file_blobs.put(b"abc")
+    reader = await file_blobs.open_read(digest)
+    assert reader is not None
+    assert await reader.read_at(1, 1) == b"b"
+    await reader.aclose()
+    await reader.aclose()  # idempotent
+    with pytest.raises(StoreError, match="closed"):
+        await reader.read_at(0, 1)
+
+
+async def test_file_blob_two_services_share_a_root(tmp_path: Path) -> None:
+    first = FileBlobService(str(tmp_path / "blobs"))
+    second = FileBlobService(str(tmp_path / "blobs"))
+    digest = await first.put(b"shared")
+    assert await second.has(digest)
+    assert await second.read_all(digest) == b"shared"
+
+
+# ---------------------------------------------------------------- directories
+
+LEAF = Directory([(b".keep", FileNode(EMPTY_BLOB_DIGEST, 0))])
+EMPTY = Directory()
+MIDDLE = Directory(
+    [
+        (b"leaf", LEAF.as_node()),
+        (b"empty", EMPTY.as_node()),
+        (b"file", FileNode(B3Digest.of(b"x"), 1, True)),
+    ]
+)
+ROOT = Directory(
+    [
+        (b"middle", MIDDLE.as_node()),
+        (b"leaf-again", LEAF.as_node()),
+        (b"link", SymlinkNode(b"middle/leaf")),
+    ]
+)
+TREE = [LEAF, EMPTY, MIDDLE, ROOT]  # leaves first
+
+
+async def test_directory_roundtrip(directory_service: DirectoryService) -> None:
+    assert await directory_service.get(LEAF.digest) is None
+    assert await directory_service.put(LEAF) == LEAF.digest
+    got = await directory_service.get(LEAF.digest)
+    assert got == LEAF
+    assert got is not None and got.digest == LEAF.digest
+    assert await directory_service.put(LEAF) == LEAF.digest
+    assert await directory_service.put(EMPTY) == EMPTY.digest
+    assert await directory_service.get(EMPTY.digest) == EMPTY
+
+
+async def test_directory_put_tree_and_get_recursive(directory_service: DirectoryService) -> None:
+    assert await directory_service.put_tree(TREE) == ROOT.digest
+    for directory in TREE:
+        assert await directory_service.get(directory.digest) == directory
+    got = [d async for d in directory_service.get_recursive(ROOT.digest)]
+    # Root first, breadth first, LEAF once although two entries point at it.
+    assert got[0] == ROOT
+    assert sorted(d.digest for d in got) == sorted(d.digest for d in TREE)
+    assert len(got) == len(TREE)
+    # Each directory comes after one that refers to it.
+    for i, directory in enumerate(got[1:], start=1):
+        assert any(directory.as_node() in d.values() for d in got[:i])
+    assert [d async for d in directory_service.get_recursive(LEAF.digest)] == [LEAF]
+
+
+async def test_directory_put_tree_with_a_missing_child(
+    directory_service: DirectoryService,
+) -> None:
+    with pytest.raises(ValidationError, match="not sent before"):
+        await directory_service.put_tree([LEAF, MIDDLE, ROOT])  # EMPTY left out
+    # Nothing of a rejected upload is stored.
+    for directory in TREE:
+        assert await directory_service.get(directory.digest) is None
+
+
+async def test_directory_put_tree_rejects_nothing(directory_service: DirectoryService) -> None:
+    with pytest.raises(ValidationError, match="no directories"):
+        await directory_service.put_tree([])
+
+
+async def test_directory_put_tree_rejects_strays(directory_service: DirectoryService) -> None:
+    stray = Directory([(b"x", SymlinkNode(b"y"))])
+    with pytest.raises(ValidationError, match="not reachable"):
+        await directory_service.put_tree([stray, *TREE])
+    assert await directory_service.get(stray.digest) is None
+    assert await directory_service.get(ROOT.digest) is None
+
+
+async def test_directory_get_recursive_with_a_hole(directory_service: DirectoryService) -> None:
+    # put() does not check closure, so a tree with a missing middle can exist.
+    await directory_service.put(LEAF)
+    await directory_service.put(EMPTY)
+    await directory_service.put(ROOT)
+    got: list[Directory] = []
+    with pytest.raises(StoreError, match=re.escape(str(MIDDLE.digest))):
+        async for directory in directory_service.get_recursive(ROOT.digest):
+            got.append(directory)
+    assert got[0] == ROOT
+    assert MIDDLE not in got
+    with pytest.raises(StoreError, match="not found"):
+        async for _ in directory_service.get_recursive(B3Digest.of(b"nothing")):
+            pass
+
+
+# ---------------------------------------------------------------- directories in sqlite
+
+
+def raw_sql(path: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
+    """A query on the file behind the services' backs (as another process would)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+async def test_sqlite_directories_created_on_first_use(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "dirs.sqlite"
+    service = SqliteDirectoryService(str(path), timeout=TIMEOUT)
+    assert not (tmp_path / "a").exists()
+    assert await service.get(LEAF.digest) is None
+    assert path.is_file()
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "a" / "b").stat().st_mode) == 0o700
+    await service.put(LEAF)
+    await service.aclose()
+    assert raw_sql(path, "PRAGMA journal_mode") == [("wal",)]
+    assert raw_sql(path, "SELECT digest, data FROM directories") == [
+        (bytes(LEAF.digest), LEAF.encode())
+    ]
+
+
+@pytest.mark.parametrize("kind", ["directories", "pathinfos"])
+async def test_sqlite_location_that_cannot_be_created(tmp_path: Path, kind: str) -> None:
+    (tmp_path / "plain-file").write_bytes(b"")
+    path = tmp_path / "plain-file" / "db.sqlite"
+    with pytest.raises(StoreError, match=re.escape(str(path))):
+        if kind == "directories":
+            await SqliteDirectoryService(str(path), timeout=TIMEOUT).get(LEAF.digest)
+        else:
+            await SqlitePathInfoService(str(path), timeout=TIMEOUT).get(bytes(20))
+
+
+async def test_sqlite_file_that_is_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.sqlite"
+    path.write_bytes(b"this is not a database, but it is long enough to look like one" * 100)
+    service = SqliteDirectoryService(str(path), timeout=TIMEOUT)
+    with pytest.raises(StoreError, match=re.escape(str(path))):
+        await service.get(LEAF.digest)
+
+
+async def test_sqlite_corrupted_directory_rows(tmp_path: Path) -> None:
+    path = tmp_path / "dirs.sqlite"
+    service = SqliteDirectoryService(str(path), timeout=TIMEOUT)
+    await service.put_tree(TREE)
+    # A flipped bit in a row: the digest check catches it.
+    raw_sql(
+        path,
+        "UPDATE directories SET data = ? WHERE digest = ?",
+        flip_byte(MIDDLE.encode()),
+        bytes(MIDDLE.digest),
+    )
+    with pytest.raises(IntegrityError, match=re.escape(str(path))):
+        await service.get(MIDDLE.digest)
+    # A value that is not even a blob.
+    raw_sql(path, "UPDATE directories SET data = 'text' WHERE digest = ?", bytes(LEAF.digest))
+    with pytest.raises(IntegrityError, match="expected a blob"):
+        await service.get(LEAF.digest)
+    # Garbage stored under its own hash passes the digest check but not decoding.
+    garbage = b"\x12\xff\xff\xff"
+    raw_sql(path, "INSERT INTO directories VALUES (?, ?)", bytes(B3Digest.of(garbage)), garbage)
+    with pytest.raises(IntegrityError, match="undecodable"):
+        await service.get(B3Digest.of(garbage))
+    # The rest of the store is unaffected.
+    assert await service.get(ROOT.digest) == ROOT
+    with pytest.raises(IntegrityError):
+        async for _ in service.get_recursive(ROOT.digest):
+            pass
+    await service.aclose()
+
+
+async def test_sqlite_directory_put_tree_is_one_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    original = SqliteTable.put
+
+    async def counting_put(
+        self: SqliteTable, rows: list[tuple[bytes, bytes]], *, replace: bool
+    ) -> None:
+        calls.append(len(rows))
+        await original(self, rows, replace=replace)
+
+    monkeypatch.setattr(SqliteTable, "put", counting_put)
+    service = SqliteDirectoryService(str(tmp_path / "dirs.sqlite"), timeout=TIMEOUT)
+    await service.put_tree(TREE)
+    assert calls == [len(TREE)]
+    await service.aclose()
+
+
+async def test_sqlite_directories_two_instances_share_a_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "dirs.sqlite")
+    first = SqliteDirectoryService(path, timeout=TIMEOUT)
+    second = SqliteDirectoryService(path, timeout=TIMEOUT)
+    await first.put_tree(TREE)
+    assert [d async for d in second.get_recursive(ROOT.digest)][:1] == [ROOT]
+    other = Directory([(b"from-second", SymlinkNode(b"x"))])
+    await second.put(other)
+    assert await first.get(other.digest) == other
+    await first.aclose()
+    assert await second.get(LEAF.digest) == LEAF
+    await second.aclose()
+
+
+async def test_sqlite_parallel_readers(tmp_path: Path) -> None:
+    service = SqliteDirectoryService(str(tmp_path / "dirs.sqlite"), timeout=TIMEOUT)
+    await service.put_tree(TREE)
+    results: list[Directory | None] = []
+
+    async def read(directory: Directory) -> None:
+        results.append(await service.get(directory.digest))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(25):
+            for directory in TREE:
+                nursery.start_soon(read, directory)
+    assert len(results) == 25 * len(TREE)
+    assert all(r in TREE for r in results)
+    await service.aclose()
+
+
+async def test_sqlite_readers_not_blocked_by_a_writer(tmp_path: Path) -> None:
+    path = tmp_path / "dirs.sqlite"
+    service = SqliteDirectoryService(str(path), timeout=0.3)
+    await service.put(LEAF)
+    # Another process holds the write lock (mid-transaction)...
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        holder.execute(
+            "INSERT INTO directories VALUES (?, ?)", (bytes(EMPTY.digest), EMPTY.encode())
+        )
+        # ...readers still read (WAL), and see only committed rows...
+        assert await service.get(LEAF.digest) == LEAF
+        assert await service.get(EMPTY.digest) is None
+        # ...while a writer waits for the lock, then gives up as unavailable.
+        with pytest.raises(BackendUnavailable):
+            await service.put(MIDDLE)
+        holder.execute("COMMIT")
+    finally:
+        holder.close()
+    assert await service.get(EMPTY.digest) == EMPTY
+    await service.put(MIDDLE)
+    assert await service.get(MIDDLE.digest) == MIDDLE
+    await service.aclose()
+
+
+async def test_sqlite_closed_service(tmp_path: Path) -> None:
+    service = SqliteDirectoryService(str(tmp_path / "dirs.sqlite"), timeout=TIMEOUT)
+    await service.put(LEAF)
+    await service.aclose()
+    with pytest.raises(StoreError, match="closed"):
+        await service.get(LEAF.digest)
+
+
+# ---------------------------------------------------------------- path infos
+
+
+def make_info(i: int, nar_size: int = 0) -> PathInfo:
+    digest = random.Random(i).randbytes(20)
+    return PathInfo(
+        store_path=StorePath(digest, f"pkg-{i}"),
+        node=SymlinkNode(f"/target/{i}".encode()) if i % 2 else LEAF.as_node(),
+        nar_size=nar_size or i,
+        nar_sha256=bytes(32),
+        references=(StorePath(bytes(20), "dep"),) if i % 3 == 0 else (),
+    )
+
+
+async def test_path_info_roundtrip(path_info_service: PathInfoService) -> None:
+    info = make_info(3)
+    assert await path_info_service.get(info.store_path.digest) is None
+    assert await path_info_service.put(info) == info
+    assert await path_info_service.get(info.store_path.digest) == info
+    replacement = make_info(3, nar_size=999)
+    await path_info_service.put(replacement)
+    assert await path_info_service.get(info.store_path.digest) == replacement
+    assert [i async for i in path_info_service.list()] == [replacement]
+
+
+async def test_path_info_list_empty(path_info_service: PathInfoService) -> None:
+    assert [i async for i in path_info_service.list()] == []
+
+
+async def test_path_info_list_many(path_info_service: PathInfoService) -> None:
+    infos = [make_info(i) for i in range(2600)]
+    if isinstance(path_info_service, SqlitePathInfoService):
+        # One transaction instead of 2600 fsynced ones; put() is tested above.
+        await path_info_service._table.put(
+            [(i.store_path.digest, i.encode()) for i in infos], replace=True
+        )
+    else:
+        for info in infos:
+            await path_info_service.put(info)
+    listed = [i async for i in path_info_service.list()]
+    assert len(listed) == len(infos)
+    assert {i.store_path for i in listed} == {i.store_path for i in infos}
+    assert sorted(listed, key=lambda i: i.store_path.digest) == sorted(
+        infos, key=lambda i: i.store_path.digest
+    )
+
+
+async def test_sqlite_path_info_list_pages_by_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = SqlitePathInfoService(str(tmp_path / "infos.sqlite"), timeout=TIMEOUT)
+    infos = [make_info(i) for i in range(2 * LIST_PAGE_SIZE + 500)]
+    await service._table.put([(i.store_path.digest, i.encode()) for i in infos], replace=True)
+    pages: list[tuple[bytes | None, int]] = []
+    original = SqliteTable.page
+
+    async def recording_page(
+        self: SqliteTable, after: bytes | None, limit: int
+    ) -> list[tuple[bytes, bytes]]:
+        rows = await original(self, after, limit)
+        pages.append((after, len(rows)))
+        return rows
+
+    monkeypatch.setattr(SqliteTable, "page", recording_page)
+    listed = [i.store_path.digest async for i in service.list()]
+    assert listed == sorted(i.store_path.digest for i in infos)
+    assert [n for _, n in pages] == [LIST_PAGE_SIZE, LIST_PAGE_SIZE, 500]
+    assert pages[0][0] is None
+    assert pages[1][0] == listed[LIST_PAGE_SIZE - 1]
+    assert pages[2][0] == listed[2 * LIST_PAGE_SIZE - 1]
+    await service.aclose()
+
+
+async def test_sqlite_path_info_list_sees_rows_added_while_listing(tmp_path: Path) -> None:
+    service = SqlitePathInfoService(str(tmp_path / "infos.sqlite"), timeout=TIMEOUT)
+    infos = [make_info(i) for i in range(LIST_PAGE_SIZE + 10)]
+    await service._table.put([(i.store_path.digest, i.encode()) for i in infos], replace=True)
+    late = PathInfo(StorePath(b"\xff" * 20, "late"), SymlinkNode(b"x"), 1, bytes(32))
+    listed: list[PathInfo] = []
+    async for info in service.list():
+        if not listed:
+            await service.put(late)  # sorts after every existing key
+        listed.append(info)
+    assert len(listed) == len(infos) + 1
+    assert listed[-1] == late
+    await service.aclose()
+
+
+async def test_sqlite_corrupted_path_info_rows(tmp_path: Path) -> None:
+    path = tmp_path / "infos.sqlite"
+    service = SqlitePathInfoService(str(path), timeout=TIMEOUT)
+    good, moved, broken = make_info(1), make_info(2), make_info(3)
+    for info in (good, moved, broken):
+        await service.put(info)
+    raw_sql(
+        path,
+        "UPDATE pathinfos SET data = ? WHERE digest = ?",
+        b"\x0a\xff",
+        broken.store_path.digest,
+    )
+    with pytest.raises(IntegrityError, match=broken.store_path.digest.hex()):
+        await service.get(broken.store_path.digest)
+    # A valid PathInfo under another path's key: not an answer to that key.
+    raw_sql(
+        path,
+        "UPDATE pathinfos SET data = ? WHERE digest = ?",
+        good.encode(),
+        moved.store_path.digest,
+    )
+    with pytest.raises(IntegrityError, match="asked for store path"):
+        await service.get(moved.store_path.digest)
+    assert await service.get(good.store_path.digest) == good
+    with pytest.raises(IntegrityError):
+        async for _ in service.list():
+            pass
+    await service.aclose()
+
+
+async def test_sqlite_path_infos_two_instances_share_a_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "infos.sqlite")
+    first = SqlitePathInfoService(path, timeout=TIMEOUT)
+    second = SqlitePathInfoService(path, timeout=TIMEOUT)
+    await first.put(make_info(1))
+    assert await second.get(make_info(1).store_path.digest) == make_info(1)
+    await second.put(make_info(1, nar_size=42))
+    assert await first.get(make_info(1).store_path.digest) == make_info(1, nar_size=42)
+    await second.put(make_info(2))
+    assert len([i async for i in first.list()]) == 2
+    await first.aclose()
+    await second.aclose()

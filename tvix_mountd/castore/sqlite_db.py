@@ -1,0 +1,240 @@
+"""SQLite files of the embedded store, used from trio.
+
+Both sqlite:// services (directories, path infos) keep one key-value table,
+`(digest BLOB PRIMARY KEY, data BLOB)`; `SqliteTable` is that table, and the
+single home of opening and creating the file, its pragmas, and running
+queries in worker threads with the backend timeout.
+
+Concurrency: several processes (the workers, the rootcache, an import) open
+the same file. WAL mode lets readers proceed while one writer commits, and
+`busy_timeout` makes a writer wait for another instead of failing at once.
+Within a process every query runs in a worker thread on a connection taken
+from a small pool, so concurrent FUSE requests read in parallel rather than
+queueing on one connection.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import trio
+
+from tvix_mountd.castore.blocking import run_blocking
+from tvix_mountd.castore.errors import BackendUnavailable, IntegrityError, StoreError
+
+T = TypeVar("T")
+
+# Enough idle connections for a burst of parallel requests; more than this
+# are closed when returned rather than kept open.
+_MAX_IDLE = 16
+_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+class _ConnectionPool:
+    """Connections to one database file, each used by one thread at a time.
+
+    Connections are opened with check_same_thread=False because trio's worker
+    threads come and go: a connection outlives the thread that opened it, but
+    the pool hands it to one thread at a time, which is all SQLite needs.
+    """
+
+    def __init__(self, path: str, schema: str, timeout: float) -> None:
+        self._path = path
+        self._schema = schema
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []
+        self._schema_ready = False
+        self._closed = False
+
+    def _create_parents(self) -> None:
+        # Not os.makedirs: it gives only the last directory the mode asked for.
+        missing = []
+        path = os.path.dirname(self._path)
+        while not os.path.isdir(path):
+            missing.append(path)
+            path = os.path.dirname(path)
+        for path in reversed(missing):
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                if not os.path.isdir(path):
+                    raise
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            self._create_parents()
+        except OSError as e:
+            raise StoreError(
+                f"sqlite database {self._path}: cannot create its directory: {e}"
+            ) from e
+        try:
+            conn = sqlite3.connect(
+                self._path,
+                # Wait for another writer's lock, but give up a little before
+                # the caller's deadline: a write still waiting when run_blocking
+                # abandons its thread would otherwise land after its caller was
+                # told it failed.
+                timeout=self._timeout * 0.8,
+                isolation_level=None,  # autocommit; writes BEGIN explicitly
+                check_same_thread=False,
+            )
+        except sqlite3.Error as e:
+            raise StoreError(f"sqlite database {self._path}: cannot open: {e}") from e
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk when it returns. With NORMAL a power
+            # loss may drop the last commits of one file but not the other's
+            # (a path info surviving the directories it points to).
+            conn.execute("PRAGMA synchronous=FULL")
+            if not self._schema_ready:
+                conn.execute(self._schema)
+                self._schema_ready = True
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def acquire(self) -> sqlite3.Connection:
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"sqlite database {self._path} is closed")
+            if self._idle:
+                return self._idle.pop()
+        return self._open()
+
+    def release(self, conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            # Only after an error: never hand out a connection mid-transaction.
+            try:
+                conn.rollback()
+            except sqlite3.Error:
+                conn.close()
+                return
+        with self._lock:
+            if not self._closed and len(self._idle) < _MAX_IDLE:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def _store_error(path: str, what: str, e: sqlite3.Error) -> StoreError:
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return BackendUnavailable(f"sqlite database {path}: {what}: {e}")
+    return StoreError(f"sqlite database {path}: {what}: {e}")
+
+
+def _blob(value: object, path: str, what: str) -> bytes:
+    """A column that must hold a BLOB; anything else is a damaged row."""
+    if not isinstance(value, bytes):
+        raise IntegrityError(
+            f"sqlite database {path}: {what}: expected a blob, found {type(value).__name__}"
+        )
+    return value
+
+
+class SqliteTable:
+    """The `(digest BLOB PRIMARY KEY, data BLOB)` table `name` in the file `path`.
+
+    Nothing is opened on construction: the file (and its parent directories,
+    0700) is created on the first query, so a bad location fails there with
+    a StoreError naming it.
+    """
+
+    def __init__(self, path: str, name: str, *, timeout: float) -> None:
+        if not _IDENTIFIER.fullmatch(name):
+            raise ValueError(f"invalid table name {name!r}")
+        self.path = path
+        self._name = name
+        self._timeout = timeout
+        self._pool = _ConnectionPool(
+            path,
+            f"CREATE TABLE IF NOT EXISTS {name}"
+            " (digest BLOB PRIMARY KEY NOT NULL, data BLOB NOT NULL) WITHOUT ROWID",
+            timeout,
+        )
+
+    def _with_connection(self, fn: Callable[[sqlite3.Connection], T], what: str) -> T:
+        try:
+            conn = self._pool.acquire()
+            try:
+                return fn(conn)
+            finally:
+                self._pool.release(conn)
+        except sqlite3.Error as e:
+            raise _store_error(self.path, what, e) from e
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], what: str) -> T:
+        return await run_blocking(
+            self._with_connection,
+            fn,
+            what,
+            timeout=self._timeout,
+            what=f"sqlite database {self.path}: {what}",
+        )
+
+    async def get(self, key: bytes) -> bytes | None:
+        """The data stored under `key`, or None."""
+        what = f"reading {self._name} row {key.hex()}"
+
+        def query(conn: sqlite3.Connection) -> object:
+            row = conn.execute(
+                f"SELECT data FROM {self._name} WHERE digest = ?", (bytes(key),)
+            ).fetchone()
+            return None if row is None else row[0]
+
+        value = await self._run(query, what)
+        return None if value is None else _blob(value, self.path, what)
+
+    async def put(self, rows: Sequence[tuple[bytes, bytes]], *, replace: bool) -> None:
+        """Store all `rows` in one transaction; `replace` decides who wins on a
+        key that exists already (the new row, or the old one)."""
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        params = [(bytes(key), bytes(data)) for key, data in rows]
+
+        def write(conn: sqlite3.Connection) -> None:
+            # IMMEDIATE takes the write lock up front, so waiting for another
+            # writer happens in the busy handler rather than failing mid-way.
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(f"{verb} INTO {self._name} (digest, data) VALUES (?, ?)", params)
+            conn.execute("COMMIT")
+
+        await self._run(write, f"writing {len(params)} {self._name} rows")
+
+    async def page(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        """Up to `limit` rows with keys after `after` (None: from the start), by key."""
+        what = f"listing {self._name}"
+
+        def query(conn: sqlite3.Connection) -> list[tuple[object, object]]:
+            if after is None:
+                cursor = conn.execute(
+                    f"SELECT digest, data FROM {self._name} ORDER BY digest LIMIT ?", (limit,)
+                )
+            else:
+                cursor = conn.execute(
+                    f"SELECT digest, data FROM {self._name} WHERE digest > ?"
+                    " ORDER BY digest LIMIT ?",
+                    (bytes(after), limit),
+                )
+            return cursor.fetchall()
+
+        rows = await self._run(query, what)
+        return [(_blob(k, self.path, what), _blob(v, self.path, what)) for k, v in rows]
+
+    async def aclose(self) -> None:
+        # Closing the last connection checkpoints the WAL: file I/O, so in a
+        # thread (without the timeout: it must finish to leave a clean file).
+        await trio.to_thread.run_sync(self._pool.close)
