@@ -1,0 +1,247 @@
+"""`tvix-mountd ...`: the command line.
+
+A user's mistake (bad config, bad address, missing path) ends with one clear
+line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from tvix_mountd.castore.errors import AddressError, StoreError
+from tvix_mountd.castore.store import Store
+from tvix_mountd.supervisor.config import ConfigError, load_config, load_store_config
+
+log = logging.getLogger("tvix_mountd")
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """Ends the command with this message and exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _setup_logging(level: str = "info") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _bool(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+# -- import ---------------------------------------------------------------
+
+
+async def _import(store: Store, paths: list[Path]) -> None:
+    from tvix_mountd.castore.importer import import_path
+
+    try:
+        for path in paths:
+            try:
+                info = await import_path(store, path)
+            except FileNotFoundError:
+                raise CliError(f"{path}: no such file or directory") from None
+            except PermissionError as e:
+                raise CliError(f"{path}: {e.strerror}") from None
+            except StoreError as e:
+                raise CliError(f"{path}: {e}") from None
+            # stdout carries exactly one store path per argument; the rest is for humans.
+            print(info.store_path.absolute, flush=True)
+            log.info(
+                "imported %s: root %s, NAR %d bytes, sha256 %s",
+                path,
+                _describe_node(info.node),
+                info.nar_size,
+                info.nar_sha256.hex(),
+            )
+    finally:
+        await store.aclose()
+
+
+def _describe_node(node: object) -> str:
+    digest = getattr(node, "digest", None)
+    kind = type(node).__name__.removesuffix("Node").lower()
+    return f"{kind} {digest}" if digest is not None else kind
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    try:
+        store_config = load_store_config(args.config, args.store)
+    except ConfigError as e:
+        raise CliError("\n".join(f"{e.source}: {p}" for p in e.problems), EXIT_USAGE) from None
+    store = _open_store(
+        store_config.blob_service_addr,
+        store_config.directory_service_addr,
+        store_config.path_info_service_addr,
+        store_config.backend_timeout,
+    )
+    trio.run(_import, store, [Path(p) for p in args.paths])
+    return 0
+
+
+def _open_store(blob: str, directory: str, path_info: str, timeout: float) -> Store:
+    try:
+        return Store.from_addrs(blob, directory, path_info, timeout=timeout)
+    except AddressError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+
+
+# -- check-config ---------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"{e.source}: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    print(
+        f"{args.file}: valid ({len(config.stores)} stores, {len(config.mounts)} mounts)",
+    )
+    return 0
+
+
+# -- mount ----------------------------------------------------------------
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from tvix_mountd.workers.filesystem import StoreFilesystem
+    from tvix_mountd.workers.mount import MountError, MountOptions, serve_until_signalled
+    from tvix_mountd.workers.rootnodes import PathInfoRootNodes
+
+    store = _open_store(
+        args.blob_service_addr,
+        args.directory_service_addr,
+        args.path_info_service_addr,
+        args.backend_timeout,
+    )
+    fs = StoreFilesystem(
+        store.blobs,
+        store.directories,
+        PathInfoRootNodes(store.path_infos),
+        list_root=args.list_root,
+        show_xattr=args.show_xattr,
+        backend_timeout=args.backend_timeout,
+    )
+    options = MountOptions(fsname=args.fsname, allow_other=args.allow_other)
+
+    async def run() -> None:
+        try:
+            await serve_until_signalled(fs, str(args.mountpoint), options)
+        finally:
+            with trio.CancelScope(shield=True):
+                await store.aclose()
+
+    try:
+        trio.run(run)
+    except MountError as e:
+        raise CliError(str(e)) from None
+    return 0
+
+
+# -- parser ---------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tvix-mountd", description="Serve read-only views of a tvix store over FUSE."
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "import",
+        help="put local trees into a store; print their store paths",
+        description="Import each PATH as `nix-store --add PATH` would, printing one"
+        " /nix/store path per PATH on stdout.",
+    )
+    p.add_argument("--config", required=True, type=Path, help="config file (TOML)")
+    p.add_argument("--store", required=True, help="the [stores.NAME] to import into")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("check-config", help="validate a config file")
+    p.add_argument("file", type=Path, metavar="FILE")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser(
+        "mount",
+        help="mount one store view in the foreground (no supervisor)",
+        description="Flags as `tvix-store mount` spells them; also read from the"
+        " environment (BLOB_SERVICE_ADDR, ...). Ctrl-C or SIGTERM unmounts.",
+    )
+    default_addr = "grpc+http://[::1]:8000"  # tvix-store's default
+    for flag in ("blob-service-addr", "directory-service-addr", "path-info-service-addr"):
+        env = flag.upper().replace("-", "_")
+        p.add_argument(f"--{flag}", default=os.environ.get(env, default_addr), metavar="ADDR")
+    p.add_argument("-l", "--list-root", action="store_true", help="allow listing the root")
+    p.add_argument(
+        "--show-xattr",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        metavar="true|false",
+        help="expose digests as extended attributes (default true)",
+    )
+    p.add_argument(
+        "--allow-other",
+        action="store_true",
+        default=_bool(os.environ.get("ALLOW_OTHER", "false")),
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="accepted for tvix-store parity; unused"
+    )
+    p.add_argument(
+        "--backend-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="fail a backend call (EIO) that makes no progress for this long",
+    )
+    p.add_argument("--fsname", default="tvix-mountd", help=argparse.SUPPRESS)
+    p.add_argument("mountpoint", type=Path, metavar="PATH")
+    p.set_defaults(func=cmd_mount)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        status: int = args.func(args)
+    except CliError as e:
+        print(f"tvix-mountd: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        return 130
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

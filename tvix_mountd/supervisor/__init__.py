@@ -1,0 +1,1 @@
+"""The supervisor: config, processes, the rootcache, health."""

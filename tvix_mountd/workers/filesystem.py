@@ -1,0 +1,497 @@
+"""The read-only filesystem over a store view: tvix's TvixStoreFs, in Python.
+
+A `pyfuse3.Operations` whose handlers hold all the logic and touch the kernel
+only through their return values (and `pyfuse3.readdir_reply` in `readdir`),
+so tests can call them directly, without a mount. `mount.py` is the thin part
+that talks to the kernel.
+
+Where we differ from tvix on purpose (see DESIGN.md): files are keyed by
+digest and executable bit, `st_blocks` is real, the kernel may cache entries,
+attributes and file pages forever (content never changes), negative lookups
+in the root are not cached (a store path may appear later), forget is
+honoured, and data from a backend is checked before it is served.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final, TypeVar
+
+import pyfuse3
+import trio
+
+from tvix_mountd.castore.blobs import BlobReader, BlobService
+from tvix_mountd.castore.digests import B3Digest
+from tvix_mountd.castore.directories import DirectoryService
+from tvix_mountd.castore.errors import StoreError
+from tvix_mountd.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from tvix_mountd.coalesce import Coalescer
+from tvix_mountd.workers.inodes import ROOT_INODE, Inode, InodeTable
+from tvix_mountd.workers.rootnodes import RootNodes
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+XATTR_DIRECTORY_DIGEST: Final = b"user.tvix.castore.directory.digest"
+XATTR_BLOB_DIGEST: Final = b"user.tvix.castore.blob.digest"
+
+# Content never changes: let the kernel keep entries and attributes "forever"
+# (a century; FUSE takes seconds as a u64, pyfuse3 a double).
+FOREVER: Final = 100 * 365 * 24 * 3600.0
+# Root entries pulled from the backend per readdir (a kernel buffer holds ~25).
+ROOT_READDIR_BATCH: Final = 64
+# How many root names (basename -> node) to remember between lookups.
+ROOT_NAME_CACHE_SIZE: Final = 100_000
+# Flags that would modify a file.
+_WRITE_FLAGS: Final = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+def _erofs() -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(errno.EROFS)
+
+
+def entry_attributes(ino: int, node: Node | None) -> pyfuse3.EntryAttributes:
+    """Attributes as in /nix/store: owned by root, times 0, modes 0444/0555.
+
+    `node` None is the mount root.
+    """
+    attr = pyfuse3.EntryAttributes()
+    attr.st_ino = ino
+    attr.entry_timeout = FOREVER
+    attr.attr_timeout = FOREVER
+    match node:
+        case FileNode(_, size, executable):
+            attr.st_mode = 0o100555 if executable else 0o100444
+            attr.st_size = size
+            attr.st_blocks = (size + 511) // 512
+        case DirectoryNode(_, size):
+            attr.st_mode = 0o040555
+            attr.st_size = size
+        case SymlinkNode(target):
+            attr.st_mode = 0o120444
+            attr.st_size = len(target)
+        case None:
+            attr.st_mode = 0o040555
+    return attr
+
+
+@dataclass
+class _OpenFile:
+    node: FileNode
+    reader: BlobReader | None  # None for the empty file: nothing to fetch
+    # The kernel may send reads of one handle concurrently (readahead); a
+    # streaming reader must see them one at a time.
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+@dataclass
+class _RootListing:
+    """An open root directory: a window onto the streamed root listing.
+
+    Only entries from the last offset the kernel asked for on are kept; a
+    request for an earlier offset (rewinddir) restarts the stream.
+    """
+
+    stream: AsyncIterator[tuple[bytes, Node]] | None = None
+    base: int = 0  # listing index of window[0]
+    window: list[tuple[bytes, Node]] = field(default_factory=list)
+    exhausted: bool = False
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+@dataclass
+class _DirListing:
+    inode: Inode
+
+
+class StoreFilesystem(pyfuse3.Operations):
+    """A read-only view of a store: root names from `root_nodes`, trees from
+    `directories`, file contents from `blobs`."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        blobs: BlobService,
+        directories: DirectoryService,
+        root_nodes: RootNodes,
+        *,
+        list_root: bool = False,
+        show_xattr: bool = True,
+        backend_timeout: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self._blobs = blobs
+        self._directories = directories
+        self._root_nodes = root_nodes
+        self.list_root = list_root
+        self.show_xattr = show_xattr
+        self.backend_timeout = backend_timeout
+        self.inodes = InodeTable()
+        self._root_attr = entry_attributes(ROOT_INODE, None)
+        self._root_names: OrderedDict[bytes, Node] = OrderedDict()
+        self._root_lookups: Coalescer[bytes, Node | None] = Coalescer()
+        self._directory_fetches: Coalescer[B3Digest, tuple[tuple[bytes, ...], tuple[Node, ...]]] = (
+            Coalescer()
+        )
+        self._files: dict[int, _OpenFile] = {}
+        self._dirs: dict[int, _RootListing | _DirListing] = {}
+        self._next_handle = 1
+
+    # -- helpers ---------------------------------------------------------
+
+    async def _backend(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run a backend call: any failure or a timeout is EIO and a log line."""
+        try:
+            with trio.fail_after(self.backend_timeout):
+                return await fn()
+        except trio.TooSlowError:
+            log.warning("%s: backend made no progress for %g s", what, self.backend_timeout)
+        except StoreError as e:
+            log.warning("%s: %s", what, e)
+        except Exception:
+            # A bug or an unexpected backend failure must not take the mount down.
+            log.exception("%s: unexpected error", what)
+        raise pyfuse3.FUSEError(errno.EIO)
+
+    def _inode(self, ino: int) -> Inode:
+        inode = self.inodes.get(ino)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return inode
+
+    def _handle(self) -> int:
+        handle = self._next_handle
+        self._next_handle += 1
+        return handle
+
+    def _remember_root_name(self, name: bytes, node: Node) -> None:
+        self._root_names[name] = node
+        self._root_names.move_to_end(name)
+        if len(self._root_names) > ROOT_NAME_CACHE_SIZE:
+            self._root_names.popitem(last=False)
+
+    async def _resolve_root_name(self, name: bytes) -> Node:
+        node = self._root_names.get(name)
+        if node is not None:
+            self._root_names.move_to_end(name)
+            return node
+
+        async def fetch() -> Node | None:
+            return await self._backend(
+                f"root lookup {name!r}", lambda: self._root_nodes.get_by_basename(name)
+            )
+
+        found = await self._root_lookups.run(name, fetch)
+        if found is None:
+            # Not cached, by us or the kernel: the path may be added later.
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        self._remember_root_name(name, found)
+        return found
+
+    async def _children(self, inode: Inode) -> tuple[tuple[bytes, ...], tuple[Node, ...]]:
+        """A directory inode's (names, nodes), fetched on first use."""
+        if inode.children is not None:
+            return inode.children
+        node = inode.node
+        if not isinstance(node, DirectoryNode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        digest = node.digest
+
+        async def fetch() -> tuple[tuple[bytes, ...], tuple[Node, ...]]:
+            directory = await self._backend(
+                f"directory {digest}", lambda: self._directories.get(digest)
+            )
+            if directory is None:
+                # A hole: the directory itself stats fine, its contents fail.
+                log.warning("directory %s not found in the directory service", digest)
+                raise pyfuse3.FUSEError(errno.EIO)
+            return tuple(directory.keys()), tuple(directory.values())
+
+        children = await self._directory_fetches.run(digest, fetch)
+        inode.children = children
+        return children
+
+    # -- attributes and lookups -------------------------------------------
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if inode == ROOT_INODE:
+            return self._root_attr
+        return entry_attributes(inode, self._inode(inode).node)
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if parent_inode == ROOT_INODE:
+            node = await self._resolve_root_name(name)
+        else:
+            names, nodes = await self._children(self._inode(parent_inode))
+            i = bisect.bisect_left(names, name)
+            if i == len(names) or names[i] != name:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            node = nodes[i]
+        inode = self.inodes.ref(node)
+        return entry_attributes(inode.ino, node)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.inodes.forget(ino, count)
+
+    # -- directories -------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        handle = self._handle()
+        if inode == ROOT_INODE:
+            if not self.list_root:
+                raise pyfuse3.FUSEError(errno.EPERM)
+            self._dirs[handle] = _RootListing()
+            return handle
+        dir_inode = self._inode(inode)
+        await self._children(dir_inode)
+        self._dirs[handle] = _DirListing(dir_inode)
+        return handle
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for name, node, next_id in await self.dir_entries(fh, start_id):
+            # readdirplus: each entry the kernel takes counts as a lookup.
+            inode = self.inodes.ref(node)
+            if not pyfuse3.readdir_reply(token, name, entry_attributes(inode.ino, node), next_id):
+                self.inodes.forget(inode.ino, 1)
+                break
+
+    async def dir_entries(
+        self, fh: int, start_id: int, limit: int = 1024
+    ) -> list[tuple[bytes, Node, int]]:
+        """Up to `limit` entries from offset `start_id`: (name, node, next offset).
+
+        Offsets are positions in the name-ordered listing, so a listing
+        resumed at any offset continues exactly where it stopped.
+        """
+        listing = self._dirs.get(fh)
+        if listing is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if isinstance(listing, _RootListing):
+            # Root entries come from a stream; pull only about what fits in
+            # one kernel buffer.
+            items = await self._root_window(listing, start_id, min(limit, ROOT_READDIR_BATCH))
+        else:
+            names, nodes = await self._children(listing.inode)
+            end = min(len(names), start_id + limit)
+            items = list(zip(names[start_id:end], nodes[start_id:end], strict=True))
+        return [(name, node, i) for i, (name, node) in enumerate(items, start_id + 1)]
+
+    async def _root_window(
+        self, listing: _RootListing, start_id: int, limit: int
+    ) -> list[tuple[bytes, Node]]:
+        async with listing.lock:
+            if listing.stream is None or start_id < listing.base:
+                await self._restart_root_stream(listing)
+            while listing.base + len(listing.window) < start_id and not listing.exhausted:
+                await self._pull_root_entry(listing)
+            drop = min(len(listing.window), start_id - listing.base)
+            del listing.window[:drop]
+            listing.base += drop
+            if listing.base < start_id:
+                return []  # the listing ended before start_id
+            while len(listing.window) < limit and not listing.exhausted:
+                await self._pull_root_entry(listing)
+            return listing.window[:limit]
+
+    async def _restart_root_stream(self, listing: _RootListing) -> None:
+        if listing.stream is not None:
+            await _aclose(listing.stream)
+        listing.stream = aiter(self._root_nodes.list())
+        listing.base = 0
+        listing.window.clear()
+        listing.exhausted = False
+
+    async def _pull_root_entry(self, listing: _RootListing) -> None:
+        stream = listing.stream
+        assert stream is not None
+
+        async def step() -> tuple[bytes, Node] | None:
+            try:
+                return await anext(stream)
+            except StopAsyncIteration:
+                return None
+
+        try:
+            item = await self._backend("root listing", step)
+        except pyfuse3.FUSEError:
+            # The stream is in an unknown state now; the next readdir restarts it.
+            listing.stream = None
+            raise
+        if item is None:
+            listing.exhausted = True
+        else:
+            self._remember_root_name(*item)
+            listing.window.append(item)
+
+    async def releasedir(self, fh: int) -> None:
+        listing = self._dirs.pop(fh, None)
+        if isinstance(listing, _RootListing) and listing.stream is not None:
+            await _aclose(listing.stream)
+
+    # -- files -------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if flags & _WRITE_FLAGS:
+            raise _erofs()
+        if inode == ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        node = self._inode(inode).node
+        if isinstance(node, DirectoryNode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if isinstance(node, SymlinkNode):
+            raise pyfuse3.FUSEError(errno.ELOOP)
+        reader = None
+        if node.size > 0:
+            digest = node.digest
+            reader = await self._backend(
+                f"open blob {digest}", lambda: self._blobs.open_read(digest)
+            )
+            if reader is None:
+                log.warning("blob %s not found in the blob service", digest)
+                raise pyfuse3.FUSEError(errno.EIO)
+            if reader.size is not None and reader.size != node.size:
+                log.warning(
+                    "blob %s has %d bytes, its node says %d", digest, reader.size, node.size
+                )
+                await reader.aclose()
+                raise pyfuse3.FUSEError(errno.EIO)
+        handle = self._handle()
+        self._files[handle] = _OpenFile(node, reader)
+        # Content never changes: pages cached by an earlier open stay valid.
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        open_file = self._files.get(fh)
+        if open_file is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        node = open_file.node
+        reader = open_file.reader
+        if off >= node.size or reader is None:
+            return b""
+        want = min(size, node.size - off)
+        # At the end, ask one byte more: a blob longer than its node shows up,
+        # and the reader sees its end (and checks the digest).
+        ask = want + 1 if off + want == node.size else want
+        async with open_file.lock:
+            data = await self._backend(
+                f"read blob {node.digest} at {off}", lambda: reader.read_at(off, ask)
+            )
+        if len(data) != want:
+            log.warning(
+                "blob %s: %d bytes at offset %d, expected %d", node.digest, len(data), off, want
+            )
+            raise pyfuse3.FUSEError(errno.EIO)
+        return data
+
+    async def release(self, fh: int) -> None:
+        open_file = self._files.pop(fh, None)
+        if open_file is not None and open_file.reader is not None:
+            await open_file.reader.aclose()
+
+    async def flush(self, fh: int) -> None:
+        pass
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        pass
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = None if inode == ROOT_INODE else self._inode(inode).node
+        if not isinstance(node, SymlinkNode):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.target
+
+    # -- extended attributes ----------------------------------------------
+
+    def _xattrs(self, inode: int) -> dict[bytes, bytes]:
+        if not self.show_xattr:
+            # Like tvix: ENOSYS tells the kernel to stop asking at all.
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        if inode == ROOT_INODE:
+            return {}
+        node = self._inode(inode).node
+        match node:
+            case DirectoryNode(digest, _):
+                return {XATTR_DIRECTORY_DIGEST: str(digest).encode()}
+            case FileNode(digest, _, _):
+                return {XATTR_BLOB_DIGEST: str(digest).encode()}
+        return {}
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = self._xattrs(inode).get(name)
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return list(self._xattrs(inode))
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        stat = pyfuse3.StatvfsData()
+        stat.f_bsize = 4096
+        stat.f_frsize = 4096
+        stat.f_namemax = 255
+        return stat
+
+    # -- everything that would write: read-only ------------------------------
+
+    async def setattr(self, *args: object) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def mknod(self, *args: object) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def mkdir(self, *args: object) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def unlink(self, *args: object) -> None:
+        raise _erofs()
+
+    async def rmdir(self, *args: object) -> None:
+        raise _erofs()
+
+    async def symlink(self, *args: object) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def rename(self, *args: object) -> None:
+        raise _erofs()
+
+    async def link(self, *args: object) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def create(self, *args: object) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise _erofs()
+
+    async def write(self, *args: object) -> int:
+        raise _erofs()
+
+    async def setxattr(self, *args: object) -> None:
+        raise _erofs()
+
+    async def removexattr(self, *args: object) -> None:
+        raise _erofs()
+
+    async def close(self) -> None:
+        """Release every open handle (at unmount)."""
+        for fh in list(self._files):
+            await self.release(fh)
+        for fh in list(self._dirs):
+            await self.releasedir(fh)
+
+
+async def _aclose(stream: AsyncIterator[object]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()

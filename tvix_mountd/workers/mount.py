@@ -1,0 +1,149 @@
+"""Mounting a StoreFilesystem: the only part that talks to the kernel."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from tvix_mountd.workers.filesystem import StoreFilesystem
+
+log = logging.getLogger(__name__)
+
+# A larger readahead window lets the kernel send 1 MiB reads instead of
+# 128 KiB ones for sequential reads: fewer requests, the main cost here.
+DEFAULT_READ_AHEAD_KB = 1024
+MNT_DETACH = 2
+
+
+class MountError(Exception):
+    """The mountpoint cannot be used (a user's problem, reported plainly)."""
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    fsname: str = "tvix-mountd"
+    allow_other: bool = False
+    read_ahead_kb: int = DEFAULT_READ_AHEAD_KB
+
+    def fuse_options(self) -> set[str]:
+        # ro: the kernel refuses writes itself, without a round trip.
+        # default_permissions: the kernel checks modes, so no access() calls.
+        options = {f"fsname={self.fsname}", "subtype=tvix", "ro", "default_permissions"}
+        if self.allow_other:
+            options.add("allow_other")
+        return options
+
+
+def _mountinfo() -> list[list[str]]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split() for line in f]
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal.
+    return field.encode().decode("unicode_escape")
+
+
+def find_mount(mountpoint: str) -> tuple[str, str] | None:
+    """(major:minor, fstype) of what is mounted at `mountpoint`, if anything."""
+    for fields in _mountinfo():
+        if _unescape(fields[4]) == mountpoint:
+            sep = fields.index("-")
+            return fields[2], fields[sep + 1]
+    return None
+
+
+def detach(mountpoint: str) -> None:
+    """Lazily unmount whatever is at `mountpoint` (umount2 MNT_DETACH)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.umount2(os.fsencode(mountpoint), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
+            raise OSError(err, f"unmounting {mountpoint}: {os.strerror(err)}")
+
+
+def prepare_mountpoint(mountpoint: str) -> None:
+    """Check `mountpoint` is an empty directory; clear a dead FUSE mount left on it."""
+    existing = find_mount(mountpoint)
+    if existing is not None and existing[1].startswith("fuse"):
+        try:
+            os.stat(mountpoint)
+        except OSError as e:
+            if e.errno != errno.ENOTCONN:
+                raise
+            log.warning("%s: clearing a dead FUSE mount left behind", mountpoint)
+            detach(mountpoint)
+        else:
+            raise MountError(f"{mountpoint} is already a mounted FUSE filesystem")
+    path = Path(mountpoint)
+    if not path.is_dir():
+        raise MountError(f"mountpoint {mountpoint} is not a directory")
+    if any(path.iterdir()):
+        raise MountError(f"mountpoint {mountpoint} is not empty")
+
+
+def _set_read_ahead(mountpoint: str, kb: int) -> None:
+    found = find_mount(mountpoint)
+    if found is None:
+        return
+    bdi = Path("/sys/class/bdi") / found[0] / "read_ahead_kb"
+    try:
+        bdi.write_text(str(kb))
+    except OSError as e:
+        log.info("could not set %s to %d: %s", bdi, kb, e)
+
+
+async def serve(
+    fs: StoreFilesystem,
+    mountpoint: str,
+    options: MountOptions,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Mount `fs`, serve until cancelled or `pyfuse3.terminate()`, unmount."""
+    mountpoint = os.path.abspath(mountpoint)  # noqa: ASYNC240 - no I/O, string only
+    prepare_mountpoint(mountpoint)
+    try:
+        pyfuse3.init(fs, mountpoint, options.fuse_options())
+    except RuntimeError as e:
+        raise MountError(f"cannot mount {mountpoint}: {e}") from None
+    try:
+        _set_read_ahead(mountpoint, options.read_ahead_kb)
+        log.info("mounted %s", mountpoint)
+        task_status.started()
+        await pyfuse3.main()
+    finally:
+        with trio.CancelScope(shield=True):
+            await fs.close()
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s", mountpoint)
+
+
+async def serve_until_signalled(
+    fs: StoreFilesystem, mountpoint: str, options: MountOptions
+) -> None:
+    """`serve`, ending cleanly (unmounted) on SIGTERM or SIGINT."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    log.info("received %s, unmounting", signal.Signals(signum).name)
+                    pyfuse3.terminate()
+                    return
+
+            nursery.start_soon(stop_on_signal)
+            await serve(fs, mountpoint, options)
+            nursery.cancel_scope.cancel()
+
+
+__all__ = ["MountError", "MountOptions", "detach", "find_mount", "serve", "serve_until_signalled"]

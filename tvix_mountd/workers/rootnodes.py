@@ -1,0 +1,59 @@
+"""RootNodes: what the names in a mount's root are (store path basenames).
+
+The filesystem knows only this interface; behind it is the store's
+PathInfoService, a static map (tests), or the shared rootcache service.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+
+from tvix_mountd.castore.errors import ValidationError
+from tvix_mountd.castore.nodes import Node
+from tvix_mountd.castore.pathinfos import PathInfoService
+from tvix_mountd.castore.storepath import StorePath
+
+
+class RootNodes(ABC):
+    @abstractmethod
+    async def get_by_basename(self, name: bytes) -> Node | None:
+        """The root node named `name`, None if there is none; StoreError on failure."""
+
+    @abstractmethod
+    def list(self) -> AsyncIterator[tuple[bytes, Node]]:
+        """Every (basename, node), streamed."""
+
+
+class StaticRootNodes(RootNodes):
+    def __init__(self, nodes: Mapping[bytes, Node]) -> None:
+        self._nodes = dict(sorted(nodes.items()))
+
+    async def get_by_basename(self, name: bytes) -> Node | None:
+        return self._nodes.get(name)
+
+    async def list(self) -> AsyncIterator[tuple[bytes, Node]]:
+        for item in list(self._nodes.items()):
+            yield item
+
+
+class PathInfoRootNodes(RootNodes):
+    """Root nodes straight from a PathInfoService."""
+
+    def __init__(self, path_infos: PathInfoService) -> None:
+        self._path_infos = path_infos
+
+    async def get_by_basename(self, name: bytes) -> Node | None:
+        try:
+            store_path = StorePath.parse(name)
+        except ValidationError:
+            return None
+        info = await self._path_infos.get(store_path.digest)
+        # Same digest, other name: a different path as far as the user is concerned.
+        if info is None or info.store_path.name != store_path.name:
+            return None
+        return info.node
+
+    async def list(self) -> AsyncIterator[tuple[bytes, Node]]:
+        async for info in self._path_infos.list():
+            yield info.store_path.basename.encode(), info.node
