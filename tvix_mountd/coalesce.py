@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
-import outcome
 import trio
 
 K = TypeVar("K", bound=Hashable)
@@ -13,11 +12,13 @@ V = TypeVar("V")
 
 
 class _Call(Generic[V]):
-    __slots__ = ("done", "result")
+    __slots__ = ("done", "error", "finished", "value")
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.result: outcome.Outcome[V] | None = None
+        self.finished = False
+        self.value: V | None = None
+        self.error: Exception | None = None
 
 
 class Coalescer(Generic[K, V]):
@@ -27,11 +28,16 @@ class Coalescer(Generic[K, V]):
     def __init__(self) -> None:
         self._inflight: dict[K, _Call[V]] = {}
 
+    def inflight(self) -> int:
+        return len(self._inflight)
+
     async def run(self, key: K, fn: Callable[[], Awaitable[V]]) -> V:
         while (call := self._inflight.get(key)) is not None:
             await call.done.wait()
-            if call.result is not None:
-                return call.result.unwrap()
+            if call.error is not None:
+                raise call.error
+            if call.finished:
+                return call.value  # type: ignore[return-value]  # V may include None
             # The caller doing the work was cancelled: take over.
         call = _Call[V]()
         self._inflight[key] = call
@@ -39,10 +45,11 @@ class Coalescer(Generic[K, V]):
             value = await fn()
         except Exception as e:
             # Only errors are shared; a cancellation belongs to its own caller.
-            call.result = outcome.Error(e)
+            call.error = e
             raise
         else:
-            call.result = outcome.Value(value)
+            call.value = value
+            call.finished = True
             return value
         finally:
             del self._inflight[key]
