@@ -25,7 +25,11 @@ class DirectoryService(ABC):
 
     @abstractmethod
     async def put(self, directory: Directory) -> B3Digest:
-        """Store one Directory (its children should be stored already)."""
+        """Store one Directory.
+
+        Upload trees with `put_tree`: a tvix-store checks each upload on its
+        own and refuses a Directory whose children are not in the same one.
+        """
 
     async def put_tree(self, directories: Iterable[Directory]) -> B3Digest:
         """Store a whole tree given leaves first; returns the root's digest."""
