@@ -38,8 +38,8 @@ def generate(into: Path) -> None:
         f"--plugin=protoc-gen-mypy_grpc={BIN_DIR / 'protoc-gen-mypy_grpc'}",
         f"--python_out={into}",
         f"--grpc_python_out={into}",
-        f"--mypy_out={into}",
-        f"--mypy_grpc_out={into}",
+        f"--mypy_out=quiet:{into}",
+        f"--mypy_grpc_out=quiet:{into}",
         *sources,
     ]
     if protoc.main(args) != 0:
