@@ -1,0 +1,348 @@
+"""Prometheus metrics shared by the supervisor and its workers.
+
+prometheus_client's multiprocess mode: each process writes its figures to
+mmap'ed files in one directory (PROMETHEUS_MULTIPROC_DIR), and the supervisor
+merges them at scrape time. The supervisor calls setup_multiprocess_dir before
+it forks anything; workers inherit the directory and write their own files.
+
+Counters of a worker that died stay in the directory, so totals survive
+restarts; the directory is wiped when the supervisor starts. Figures that live
+in another process's memory (the rootcache's) are read at scrape time by a
+custom collector, not polled.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+import trio
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    values,
+)
+from prometheus_client import multiprocess as _multiprocess
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+ENV_VAR: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+# A FUSE request takes ~50 us in the daemon; backend calls reach seconds, and
+# backend_timeout (default 10 s) bounds the slowest.
+REQUEST_BUCKETS: Final = (
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+# The rootcache's StoreStats fields (rootcache.proto) and how they are exposed.
+ROOTCACHE_COUNTERS: Final = {
+    "hits": "Root-node lookups answered from the rootcache's positive cache",
+    "negative_hits": "Root-node lookups answered 'not found' from the negative cache",
+    "misses": "Root-node lookups that had to ask (or join a question to) the backend",
+    "backend_calls": "Root-node questions actually sent to the backend",
+    "coalesced": "Root-node misses that joined a backend question already in flight",
+    "errors": "Root-node backend questions that failed",
+}
+ROOTCACHE_GAUGES: Final = {
+    "entries": "Root nodes the rootcache holds now",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    """The metric objects; workers write the first four, the supervisor the rest."""
+
+    requests: Counter
+    errors: Counter
+    read_bytes: Counter
+    request_seconds: Histogram
+    restarts: Counter
+    mount_up: Gauge
+
+
+_directory: str | None = None
+_metrics: Metrics | None = None
+
+
+def setup_multiprocess_dir(path: str) -> None:
+    """Wipe and create `path`, and have every metric of this process and of
+    processes forked later write there.
+
+    Metric objects made before this call write elsewhere; metrics() builds
+    fresh ones after it.
+    """
+    global _directory, _metrics
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.environ[ENV_VAR] = path
+    # prometheus_client picks in-process or mmap'ed values once, when it is
+    # first imported; this process may have imported it before the variable
+    # was set. A fresh value class also forgets files of an earlier directory.
+    close_files = getattr(values, "close_all_multiprocess_files", None)  # not in every 0.2x
+    if close_files is not None:
+        close_files()
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    _directory = path
+    _metrics = None
+
+
+def metrics() -> Metrics:
+    """The metric objects, built on first use (after setup_multiprocess_dir)."""
+    global _metrics
+    if _metrics is None:
+        # registry=None: in multiprocess mode the files are the registry;
+        # render() reads them through a fresh CollectorRegistry.
+        _metrics = Metrics(
+            requests=Counter(
+                "tvix_mountd_requests",
+                "FUSE requests handled",
+                ["mount", "op"],
+                registry=None,
+            ),
+            errors=Counter(
+                "tvix_mountd_errors",
+                "FUSE requests answered with an error",
+                ["mount", "op", "errno"],
+                registry=None,
+            ),
+            read_bytes=Counter(
+                "tvix_mountd_read_bytes",
+                "Bytes returned by read requests",
+                ["mount"],
+                registry=None,
+            ),
+            request_seconds=Histogram(
+                "tvix_mountd_request_seconds",
+                "Time spent handling a FUSE request in the daemon",
+                ["mount", "op"],
+                buckets=REQUEST_BUCKETS,
+                registry=None,
+            ),
+            restarts=Counter(
+                "tvix_mountd_restarts",
+                "Times the supervisor restarted a mount's worker",
+                ["mount"],
+                registry=None,
+            ),
+            # The supervisor is the only writer; livesum drops its value with it.
+            mount_up=Gauge(
+                "tvix_mountd_mount_up",
+                "1 while the mount serves, else 0",
+                ["mount"],
+                multiprocess_mode="livesum",
+                registry=None,
+            ),
+        )
+    return _metrics
+
+
+def count_restart(mount: str) -> None:
+    """The supervisor restarted `mount`'s worker."""
+    metrics().restarts.labels(mount).inc()
+
+
+def set_mount_up(mount: str, up: bool) -> None:
+    metrics().mount_up.labels(mount).set(1 if up else 0)
+
+
+def mark_process_dead(pid: int) -> None:
+    """Forget the live gauges of a process that exited (its counters stay)."""
+    if _directory is not None:
+        _multiprocess.mark_process_dead(pid, _directory)  # type: ignore[no-untyped-call]
+
+
+def errno_label(error_errno: int) -> str:
+    return errno.errorcode.get(error_errno, str(error_errno))
+
+
+class _OpFigures:
+    """What one op gathered since the last flush."""
+
+    __slots__ = ("buckets", "count", "histogram", "requests", "sum")
+
+    def __init__(self, requests: Counter, histogram: Histogram) -> None:
+        self.requests = requests
+        self.histogram = histogram
+        self.count = 0
+        self.sum = 0.0
+        # One slot per bucket bound, +Inf last, as Histogram keeps them.
+        self.buckets = [0] * (len(REQUEST_BUCKETS) + 1)
+
+
+class RequestMetrics:
+    """Per-request figures of one mount, written by its worker.
+
+    Writing prometheus_client's mmap'ed values costs ~2-3 us each (a lock, a
+    getpid() and a struct write), 8-11 us per request for a counter and a
+    histogram; a FUSE request costs ~50 us in the daemon. So observe() only adds
+    to plain Python numbers, and flush() writes them out: at least every
+    FLUSH_INTERVAL while requests come in, from `flush_periodically` for the
+    tail after the last request, and at exit. A worker that is killed loses at
+    most the last FLUSH_INTERVAL of figures.
+
+    For one thread (the worker's trio thread); not thread-safe.
+    """
+
+    FLUSH_INTERVAL: Final = 1.0
+    FLUSH_AFTER: Final = 10_000  # observations, whatever the time
+
+    __slots__ = ("_errors", "_last_flush", "_metrics", "_mount", "_ops", "_pending", "_read_bytes")
+
+    def __init__(self, mount: str) -> None:
+        self._mount = mount
+        self._metrics = metrics()
+        self._ops: dict[str, _OpFigures] = {}
+        self._errors: dict[tuple[str, int], int] = {}
+        self._read_bytes = 0
+        self._pending = 0
+        self._last_flush = time.monotonic()
+
+    def observe(
+        self, op: str, seconds: float, error_errno: int | None, read_bytes: int = 0
+    ) -> None:
+        try:
+            figures = self._ops[op]
+        except KeyError:
+            figures = self._ops[op] = _OpFigures(
+                self._metrics.requests.labels(self._mount, op),
+                self._metrics.request_seconds.labels(self._mount, op),
+            )
+        figures.count += 1
+        figures.sum += seconds
+        # Histogram's rule: the first bound >= the value.
+        figures.buckets[bisect_left(REQUEST_BUCKETS, seconds)] += 1
+        if error_errno is not None:
+            key = (op, error_errno)
+            self._errors[key] = self._errors.get(key, 0) + 1
+        if read_bytes:
+            self._read_bytes += read_bytes
+        self._pending += 1
+        if (
+            self._pending >= self.FLUSH_AFTER
+            or time.monotonic() - self._last_flush >= self.FLUSH_INTERVAL
+        ):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what was observed since the last flush to the shared files."""
+        self._last_flush = time.monotonic()
+        if not self._pending:
+            return
+        self._pending = 0
+        for figures in self._ops.values():
+            if not figures.count:
+                continue
+            figures.requests.inc(figures.count)
+            # Histogram has no public way to add many observations at once;
+            # its child keeps a value for the sum and one per bucket (not
+            # cumulative) in every prometheus_client release we allow.
+            histogram: Any = figures.histogram
+            histogram._sum.inc(figures.sum)
+            for i, n in enumerate(figures.buckets):
+                if n:
+                    histogram._buckets[i].inc(n)
+                    figures.buckets[i] = 0
+            figures.count = 0
+            figures.sum = 0.0
+        for (op, error_errno), n in self._errors.items():
+            self._metrics.errors.labels(self._mount, op, errno_label(error_errno)).inc(n)
+        self._errors.clear()
+        if self._read_bytes:
+            self._metrics.read_bytes.labels(self._mount).inc(self._read_bytes)
+            self._read_bytes = 0
+
+    async def flush_periodically(self) -> None:
+        """Flush every FLUSH_INTERVAL until cancelled, and once more then.
+
+        Run in the worker's nursery, so that figures of the last requests
+        before an idle spell show up too.
+        """
+        try:
+            while True:
+                await trio.sleep(self.FLUSH_INTERVAL)
+                self.flush()
+        finally:
+            self.flush()
+
+
+RootcacheStats = Mapping[str, Mapping[str, float]]
+
+
+class RootcacheCollector(Collector):
+    """The rootcache's figures, asked for at scrape time.
+
+    `stats` returns {store: {field: value}} with rootcache.proto's StoreStats
+    field names; None (or an exception) means the rootcache did not answer,
+    and then the rootcache series are left out of the scrape.
+    """
+
+    def __init__(self, stats: Callable[[], RootcacheStats | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            stats = self._stats()
+        except Exception as e:  # a scrape must still show the workers' figures
+            log.debug("rootcache figures unavailable: %s", e)
+            return
+        if stats is None:
+            return
+        for name, help_text in ROOTCACHE_COUNTERS.items():
+            counter = CounterMetricFamily(
+                f"tvix_mountd_rootcache_{name}", help_text, labels=["store"]
+            )
+            for store, fields in sorted(stats.items()):
+                if name in fields:
+                    counter.add_metric([store], fields[name])
+            yield counter
+        for name, help_text in ROOTCACHE_GAUGES.items():
+            gauge = GaugeMetricFamily(f"tvix_mountd_rootcache_{name}", help_text, labels=["store"])
+            for store, fields in sorted(stats.items()):
+                if name in fields:
+                    gauge.add_metric([store], fields[name])
+            yield gauge
+
+
+def rootcache_collector(stats: Callable[[], RootcacheStats | None]) -> RootcacheCollector:
+    return RootcacheCollector(stats)
+
+
+def render(extra_collectors: Iterable[Collector] = ()) -> tuple[bytes, str]:
+    """The exposition for a scrape: every process's files, plus `extra_collectors`."""
+    registry = CollectorRegistry()
+    if _directory is not None:
+        _multiprocess.MultiProcessCollector(registry, path=_directory)  # type: ignore[no-untyped-call]
+    for collector in extra_collectors:
+        registry.register(collector)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
