@@ -7,11 +7,13 @@ line on stderr and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -161,6 +163,94 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- start / status / stop / reload ----------------------------------------
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from tvix_mountd.supervisor.config import default_config
+    from tvix_mountd.supervisor.logs import setup_logging
+    from tvix_mountd.supervisor.service import Supervisor, SupervisorError
+
+    try:
+        config = load_config(args.config) if args.config else default_config()
+    except ConfigError as e:
+        raise CliError("\n".join(f"{e.source}: {p}" for p in e.problems), EXIT_USAGE) from None
+    # One log stream for every process: set up before anything is forked.
+    setup_logging(args.log_level or config.supervisor.log_level, config.supervisor.log_format)
+    supervisor = Supervisor(config, args.config)
+    try:
+        return supervisor.start()
+    except SupervisorError as e:
+        raise CliError(str(e), EXIT_USAGE) from None
+    except OSError as e:
+        raise CliError(f"cannot start: {e}") from None
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    if args.state_dir:
+        return Path(args.state_dir)
+    if args.config:
+        try:
+            return Path(load_config(args.config).supervisor.state_dir)
+        except ConfigError as e:
+            raise CliError("\n".join(f"{e.source}: {p}" for p in e.problems), EXIT_USAGE) from None
+    from tvix_mountd.supervisor.config import DEFAULT_STATE_DIR
+
+    return Path(DEFAULT_STATE_DIR)
+
+
+def _control(args: argparse.Namespace) -> Any:
+    from tvix_mountd.supervisor.control_client import ControlClient, ControlError
+
+    state_dir = _state_dir(args)
+    try:
+        return ControlClient(state_dir)
+    except ControlError as e:
+        raise CliError(str(e)) from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tvix_mountd.supervisor.control_client import ControlError, format_status
+
+    try:
+        document = _control(args).status()
+    except ControlError as e:
+        raise CliError(str(e)) from None
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        print(format_status(document))
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from tvix_mountd.supervisor.control_client import ControlError
+
+    try:
+        _control(args).stop(wait=not args.no_wait)
+    except ControlError as e:
+        raise CliError(str(e)) from None
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from tvix_mountd.supervisor.control_client import ControlError
+
+    try:
+        problems, changes = _control(args).reload()
+    except ControlError as e:
+        raise CliError(str(e)) from None
+    for change in changes:
+        print(change)
+    if problems:
+        for problem in problems:
+            print(f"reload refused: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if not changes:
+        print("no changes")
+    return 0
+
+
 # -- parser ---------------------------------------------------------------
 
 
@@ -168,10 +258,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tvix-mountd", description="Serve read-only views of a tvix store over FUSE."
     )
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
+    parser.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "start",
+        help="run the supervisor and every mount of a config, in the foreground",
+        description="Runs until SIGTERM or SIGINT (or `tvix-mountd stop`), then unmounts"
+        " everything and exits 0. SIGHUP reloads the config. Without --config: one"
+        " embedded store under /var/lib/tvix-mountd, mounted at"
+        " /var/lib/tvix-mountd/mnt/store.",
+    )
+    p.add_argument("--config", type=Path, help="config file (TOML)")
+    p.set_defaults(func=cmd_start)
+
+    for name, help_text, func in [
+        ("status", "show the mounts of a running supervisor", cmd_status),
+        ("stop", "unmount everything and stop a running supervisor", cmd_stop),
+        ("reload", "re-read the config of a running supervisor", cmd_reload),
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        where = p.add_mutually_exclusive_group()
+        where.add_argument("--config", type=Path, help="the config it runs (for its state_dir)")
+        where.add_argument("--state-dir", help="its state_dir (default /run/tvix-mountd)")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="the status document as JSON")
+        if name == "stop":
+            p.add_argument("--no-wait", action="store_true", help="do not wait for it to exit")
+        p.set_defaults(func=func)
 
     p = sub.add_parser(
         "import",
@@ -232,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    if args.command != "start":  # start sets up the supervisor's own logging
+        _setup_logging(args.log_level or "info")
     try:
         status: int = args.func(args)
     except CliError as e:

@@ -72,6 +72,14 @@ class SupervisorConfig(_Strict):
     health_listen: Annotated[str, AfterValidator(_check_listen)] = "127.0.0.1:9137"
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Store paths never change: keep this many resolved root nodes per store.
+    rootcache_entries: int = Field(default=100_000, ge=0)
+    # "Not found" answers are kept this long (seconds), so a path added to the
+    # store shows up soon after.
+    rootcache_negative_ttl: float = Field(default=1.0, ge=0)
+    # A mount that crashes this often within restart_window seconds is failed.
+    max_restarts: int = Field(default=5, ge=1)
+    restart_window: float = Field(default=60.0, gt=0)
 
 
 class StoreConfig(_Strict):

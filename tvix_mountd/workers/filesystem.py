@@ -18,10 +18,11 @@ import bisect
 import errno
 import logging
 import os
+import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Final, TypeVar
+from typing import Any, Concatenate, Final, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
 import trio
@@ -29,7 +30,7 @@ import trio
 from tvix_mountd.castore.blobs import BlobReader, BlobService
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories import DirectoryService
-from tvix_mountd.castore.errors import StoreError
+from tvix_mountd.castore.errors import StoreError, ValidationError
 from tvix_mountd.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvix_mountd.coalesce import Coalescer
 from tvix_mountd.workers.inodes import ROOT_INODE, Inode, InodeTable
@@ -38,6 +39,7 @@ from tvix_mountd.workers.rootnodes import RootNodes
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 XATTR_DIRECTORY_DIGEST: Final = b"user.tvix.castore.directory.digest"
 XATTR_BLOB_DIGEST: Final = b"user.tvix.castore.blob.digest"
@@ -51,6 +53,47 @@ ROOT_READDIR_BATCH: Final = 64
 ROOT_NAME_CACHE_SIZE: Final = 100_000
 # Flags that would modify a file.
 _WRITE_FLAGS: Final = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+class RequestObserver(Protocol):
+    """Where per-request figures go (tvix_mountd.metrics.RequestMetrics)."""
+
+    def observe(
+        self, op: str, seconds: float, error_errno: int | None, read_bytes: int = 0
+    ) -> None: ...
+
+
+def _instrumented(
+    op: str,
+) -> Callable[
+    [Callable[Concatenate[StoreFilesystem, P], Coroutine[Any, Any, T]]],
+    Callable[Concatenate[StoreFilesystem, P], Coroutine[Any, Any, T]],
+]:
+    """Count and time a handler, when the filesystem has an observer."""
+
+    def wrap(
+        method: Callable[Concatenate[StoreFilesystem, P], Coroutine[Any, Any, T]],
+    ) -> Callable[Concatenate[StoreFilesystem, P], Coroutine[Any, Any, T]]:
+        async def handler(self: StoreFilesystem, /, *args: P.args, **kwargs: P.kwargs) -> T:
+            observer = self.observer
+            if observer is None:
+                return await method(self, *args, **kwargs)
+            start = time.perf_counter()
+            try:
+                result = await method(self, *args, **kwargs)
+            except pyfuse3.FUSEError as e:
+                observer.observe(op, time.perf_counter() - start, e.errno)
+                raise
+            size = len(result) if isinstance(result, bytes) and op == "read" else 0
+            observer.observe(op, time.perf_counter() - start, None, size)
+            return result
+
+        # Not functools.wraps: its result type hides the signature from mypy.
+        handler.__name__ = handler.__qualname__ = method.__name__
+        handler.__doc__ = method.__doc__
+        return handler
+
+    return wrap
 
 
 def _erofs() -> pyfuse3.FUSEError:
@@ -89,6 +132,11 @@ class _OpenFile:
     # The kernel may send reads of one handle concurrently (readahead); a
     # streaming reader must see them one at a time.
     lock: trio.Lock = field(default_factory=trio.Lock)
+    # Set once the backend's bytes failed their check: every later read of this
+    # handle fails too. (The kernel retries a failed page read on the same
+    # handle, and that retry, out of order for the verifying reader, would
+    # otherwise pass unchecked and hand the corrupt bytes out.)
+    corrupt: bool = False
 
 
 @dataclass
@@ -128,8 +176,10 @@ class StoreFilesystem(pyfuse3.Operations):
         list_root: bool = False,
         show_xattr: bool = True,
         backend_timeout: float = 10.0,
+        metrics: RequestObserver | None = None,
     ) -> None:
         super().__init__()
+        self.observer = metrics
         self._blobs = blobs
         self._directories = directories
         self._root_nodes = root_nodes
@@ -144,6 +194,9 @@ class StoreFilesystem(pyfuse3.Operations):
             Coalescer()
         )
         self._files: dict[int, _OpenFile] = {}
+        # Blobs whose bytes failed their check once: opened without keep_cache
+        # from then on, so the kernel drops pages cached before the check failed.
+        self._corrupt_blobs: set[B3Digest] = set()
         self._dirs: dict[int, _RootListing | _DirListing] = {}
         self._next_handle = 1
 
@@ -223,11 +276,13 @@ class StoreFilesystem(pyfuse3.Operations):
 
     # -- attributes and lookups -------------------------------------------
 
+    @_instrumented("getattr")
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if inode == ROOT_INODE:
             return self._root_attr
         return entry_attributes(inode, self._inode(inode).node)
 
+    @_instrumented("lookup")
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -248,6 +303,7 @@ class StoreFilesystem(pyfuse3.Operations):
 
     # -- directories -------------------------------------------------------
 
+    @_instrumented("opendir")
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         handle = self._handle()
         if inode == ROOT_INODE:
@@ -260,6 +316,7 @@ class StoreFilesystem(pyfuse3.Operations):
         self._dirs[handle] = _DirListing(dir_inode)
         return handle
 
+    @_instrumented("readdir")
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         for name, node, next_id in await self.dir_entries(fh, start_id):
             # readdirplus: each entry the kernel takes counts as a lookup.
@@ -336,6 +393,7 @@ class StoreFilesystem(pyfuse3.Operations):
             self._remember_root_name(*item)
             listing.window.append(item)
 
+    @_instrumented("releasedir")
     async def releasedir(self, fh: int) -> None:
         listing = self._dirs.pop(fh, None)
         if isinstance(listing, _RootListing) and listing.stream is not None:
@@ -343,6 +401,7 @@ class StoreFilesystem(pyfuse3.Operations):
 
     # -- files -------------------------------------------------------------
 
+    @_instrumented("open")
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & _WRITE_FLAGS:
             raise _erofs()
@@ -370,9 +429,12 @@ class StoreFilesystem(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EIO)
         handle = self._handle()
         self._files[handle] = _OpenFile(node, reader)
-        # Content never changes: pages cached by an earlier open stay valid.
-        return pyfuse3.FileInfo(fh=handle, keep_cache=True)
+        # Content never changes: pages cached by an earlier open stay valid,
+        # unless they may hold bytes of a blob that failed its check.
+        keep_cache = node.digest not in self._corrupt_blobs
+        return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)
 
+    @_instrumented("read")
     async def read(self, fh: int, off: int, size: int) -> bytes:
         open_file = self._files.get(fh)
         if open_file is None:
@@ -385,17 +447,31 @@ class StoreFilesystem(pyfuse3.Operations):
         # At the end, ask one byte more: a blob longer than its node shows up,
         # and the reader sees its end (and checks the digest).
         ask = want + 1 if off + want == node.size else want
+
+        async def read_checked() -> bytes:
+            try:
+                return await reader.read_at(off, ask)
+            except ValidationError:
+                self._caught_corrupt(open_file)
+                raise
+
         async with open_file.lock:
-            data = await self._backend(
-                f"read blob {node.digest} at {off}", lambda: reader.read_at(off, ask)
-            )
-        if len(data) != want:
-            log.warning(
-                "blob %s: %d bytes at offset %d, expected %d", node.digest, len(data), off, want
-            )
-            raise pyfuse3.FUSEError(errno.EIO)
+            if open_file.corrupt:
+                raise pyfuse3.FUSEError(errno.EIO)
+            data = await self._backend(f"read blob {node.digest} at {off}", read_checked)
+            if len(data) != want:
+                log.warning(
+                    "blob %s: %d bytes at offset %d, expected %d", node.digest, len(data), off, want
+                )
+                self._caught_corrupt(open_file)
+                raise pyfuse3.FUSEError(errno.EIO)
         return data
 
+    def _caught_corrupt(self, open_file: _OpenFile) -> None:
+        open_file.corrupt = True
+        self._corrupt_blobs.add(open_file.node.digest)
+
+    @_instrumented("release")
     async def release(self, fh: int) -> None:
         open_file = self._files.pop(fh, None)
         if open_file is not None and open_file.reader is not None:
@@ -407,6 +483,7 @@ class StoreFilesystem(pyfuse3.Operations):
     async def fsync(self, fh: int, datasync: bool) -> None:
         pass
 
+    @_instrumented("readlink")
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = None if inode == ROOT_INODE else self._inode(inode).node
         if not isinstance(node, SymlinkNode):
@@ -429,15 +506,18 @@ class StoreFilesystem(pyfuse3.Operations):
                 return {XATTR_BLOB_DIGEST: str(digest).encode()}
         return {}
 
+    @_instrumented("getxattr")
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         value = self._xattrs(inode).get(name)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
         return value
 
+    @_instrumented("listxattr")
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return list(self._xattrs(inode))
 
+    @_instrumented("statfs")
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         stat = pyfuse3.StatvfsData()
         stat.f_bsize = 4096

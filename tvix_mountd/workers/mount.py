@@ -71,19 +71,30 @@ def detach(mountpoint: str) -> None:
             raise OSError(err, f"unmounting {mountpoint}: {os.strerror(err)}")
 
 
+def is_dead_mount(mountpoint: str) -> bool:
+    """Whether a FUSE mount at `mountpoint` has lost its daemon (ENOTCONN).
+
+    statfs, not stat: the kernel answers stat of a FUSE root from its
+    attribute cache (kept "forever" here) even when the daemon is dead, while
+    statfs always asks the daemon.
+    """
+    try:
+        os.statvfs(mountpoint)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            return True
+        raise
+    return False
+
+
 def prepare_mountpoint(mountpoint: str) -> None:
     """Check `mountpoint` is an empty directory; clear a dead FUSE mount left on it."""
     existing = find_mount(mountpoint)
     if existing is not None and existing[1].startswith("fuse"):
-        try:
-            os.stat(mountpoint)
-        except OSError as e:
-            if e.errno != errno.ENOTCONN:
-                raise
-            log.warning("%s: clearing a dead FUSE mount left behind", mountpoint)
-            detach(mountpoint)
-        else:
+        if not is_dead_mount(mountpoint):
             raise MountError(f"{mountpoint} is already a mounted FUSE filesystem")
+        log.warning("%s: clearing a dead FUSE mount left behind", mountpoint)
+        detach(mountpoint)
     path = Path(mountpoint)
     if not path.is_dir():
         raise MountError(f"mountpoint {mountpoint} is not a directory")
@@ -133,17 +144,32 @@ async def serve_until_signalled(
 ) -> None:
     """`serve`, ending cleanly (unmounted) on SIGTERM or SIGINT."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
+        try:
+            async with trio.open_nursery() as nursery:
 
-            async def stop_on_signal() -> None:
-                async for signum in signals:
-                    log.info("received %s, unmounting", signal.Signals(signum).name)
-                    pyfuse3.terminate()
-                    return
+                async def stop_on_signal() -> None:
+                    async for signum in signals:
+                        log.info("received %s, unmounting", signal.Signals(signum).name)
+                        pyfuse3.terminate()
+                        return
 
-            nursery.start_soon(stop_on_signal)
-            await serve(fs, mountpoint, options)
-            nursery.cancel_scope.cancel()
+                nursery.start_soon(stop_on_signal)
+                await serve(fs, mountpoint, options)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The nursery wraps what `serve` raised; callers expect the error
+            # itself (the CLI reports a MountError as one line, not a traceback).
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
 
 
-__all__ = ["MountError", "MountOptions", "detach", "find_mount", "serve", "serve_until_signalled"]
+__all__ = [
+    "MountError",
+    "MountOptions",
+    "detach",
+    "find_mount",
+    "is_dead_mount",
+    "serve",
+    "serve_until_signalled",
+]

@@ -1,0 +1,44 @@
+"""What every child process of the supervisor does first."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import multiprocessing
+import os
+import signal
+
+PR_SET_PDEATHSIG = 1
+
+log = logging.getLogger(__name__)
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """Have the kernel send `signum` to this process when its parent dies."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+
+
+def prepare_child(name: str, parent_death_signal: int = signal.SIGTERM) -> None:
+    """Reset inherited signal handling, follow the parent's death, tag the logs.
+
+    The parent's signal dispositions and trio's wakeup fd are inherited by a
+    fork; a child sets up its own. SIGTERM on the parent's death lets a worker
+    unmount cleanly when the supervisor (or the spawner) is killed.
+    """
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    with contextlib.suppress(ValueError):  # not the main thread: nothing inherited there
+        signal.set_wakeup_fd(-1)
+    set_parent_death_signal(parent_death_signal)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        # The parent died before prctl took effect.
+        os.kill(os.getpid(), parent_death_signal)
+    from tvix_mountd.supervisor.logs import tag_process
+
+    tag_process(name)

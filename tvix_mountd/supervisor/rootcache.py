@@ -1,0 +1,479 @@
+"""The rootcache: one process that resolves store path basenames to root nodes
+for every worker, over gRPC on a unix socket (tvix.mountd.v1.RootCache).
+
+Store paths never change, so positive answers are kept (a bounded LRU per
+store) for as long as the process lives, and they outlive worker restarts.
+"Not found" is kept only `negative_ttl` seconds, so a path added later shows
+up soon. Concurrent misses for one name become one backend call.
+
+Two halves:
+
+- `RootCache`: the cache itself, plain trio code, testable without gRPC.
+- the gRPC server: grpcio's sync server (its own thread pool). A name that
+  is cached is answered right in the gRPC thread: the hop into trio would
+  cost about as much as the rest of the call, and lookups of cached names
+  are the hot path. Everything else (misses, negative answers, listings)
+  hops into the trio loop of the process's main thread with
+  `trio.from_thread`, where backends and coalescing live. A lock, held only
+  for dict operations, keeps the two sides consistent.
+
+`rootcache_main` is the entry point of the process the supervisor forks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Final, NoReturn, TypeVar
+
+import grpc
+import trio
+
+from tvix_mountd.castore import pathinfos
+from tvix_mountd.castore.errors import BackendUnavailable, StoreError
+from tvix_mountd.castore.nodes import Node, node_to_proto
+from tvix_mountd.castore.pathinfos import PathInfoService
+from tvix_mountd.coalesce import Coalescer
+from tvix_mountd.proto import rootcache_pb2, rootcache_pb2_grpc
+from tvix_mountd.supervisor.config import Config
+from tvix_mountd.workers.rootnodes import PathInfoRootNodes, RootNodes
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Threads serving RPCs. Each one only waits for the trio loop, so they are
+# cheap; enough that many workers' lookups (and a slow listing or two) do not
+# queue behind each other.
+RPC_THREADS: Final = 32
+# Seconds in-flight calls get to finish when the rootcache stops.
+STOP_GRACE: Final = 1.0
+# Entries one trio hop hands to a List stream: few hops for a big listing,
+# little held at a time.
+LIST_BATCH: Final = 256
+# The socket and anything else this process creates while binding: owner only.
+_SOCKET_UMASK: Final = 0o177
+_PR_SET_PDEATHSIG: Final = 1
+# The parent-death signal. Not SIGTERM: the kernel sends it when the *thread*
+# that forked us ends, and the supervisor forks from a helper thread that may
+# end while the supervisor lives on; so on this signal we check getppid()
+# before leaving, which a SIGTERM (a real stop request) must never need.
+PARENT_DEATH_SIGNAL: Final = signal.SIGHUP
+
+
+class UnknownStoreError(LookupError):
+    """A request named a store the rootcache does not serve."""
+
+
+class RootCacheError(Exception):
+    """The rootcache cannot serve (its socket is unusable)."""
+
+
+@dataclass
+class StoreStats:
+    """Counters of one store; the fields of rootcache.proto's StoreStats."""
+
+    hits: int = 0
+    negative_hits: int = 0
+    misses: int = 0
+    backend_calls: int = 0
+    coalesced: int = 0
+    errors: int = 0
+    entries: int = 0
+
+    def to_proto(self) -> rootcache_pb2.StoreStats:
+        return rootcache_pb2.StoreStats(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+
+@dataclass
+class _StoreCache:
+    backend: RootNodes
+    capacity: int
+    negative_ttl: float
+    positive: OrderedDict[bytes, Node] = field(default_factory=OrderedDict)
+    # basename -> expiry. The TTL is constant, so insertion order is expiry
+    # order and expired entries are always at the front.
+    negative: OrderedDict[bytes, float] = field(default_factory=OrderedDict)
+    coalescer: Coalescer[bytes, Node | None] = field(default_factory=Coalescer)
+    stats: StoreStats = field(default_factory=StoreStats)
+    # Guards the two dicts and `stats`; never held across an await.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def hit(self, name: bytes) -> Node | None:
+        with self.lock:
+            node = self.positive.get(name)
+            if node is not None:
+                self.positive.move_to_end(name)
+                self.stats.hits += 1
+            return node
+
+    def cached(self, name: bytes, now: float) -> tuple[bool, Node | None]:
+        node = self.hit(name)
+        if node is not None:
+            return True, node
+        with self.lock:
+            expiry = self.negative.get(name)
+            if expiry is not None:
+                if expiry > now:
+                    self.stats.negative_hits += 1
+                    return True, None
+                del self.negative[name]
+            return False, None
+
+    def remember(self, name: bytes, node: Node | None, now: float) -> None:
+        with self.lock:
+            if node is None:
+                self._remember_absent(name, now)
+                return
+            self.negative.pop(name, None)
+            if self.capacity == 0:
+                return
+            self.positive[name] = node
+            self.positive.move_to_end(name)
+            if len(self.positive) > self.capacity:
+                self.positive.popitem(last=False)
+
+    def _remember_absent(self, name: bytes, now: float) -> None:
+        while self.negative and next(iter(self.negative.values())) <= now:
+            self.negative.popitem(last=False)
+        if self.negative_ttl <= 0 or self.capacity == 0:
+            return
+        self.negative[name] = now + self.negative_ttl
+        self.negative.move_to_end(name)
+        # Random names must not grow memory without bound within one TTL.
+        if len(self.negative) > self.capacity:
+            self.negative.popitem(last=False)
+
+    def seen_in_listing(self, name: bytes, node: Node) -> None:
+        with self.lock:
+            # Only into free room: a big listing must not evict the names in use.
+            if name not in self.positive and len(self.positive) < self.capacity:
+                self.positive[name] = node
+                self.negative.pop(name, None)
+
+    def snapshot(self) -> StoreStats:
+        with self.lock:
+            return replace(self.stats, entries=len(self.positive))
+
+
+class RootCache:
+    """Root nodes of several stores, cached and coalesced.
+
+    `resolve` and `list` belong to one trio run; `cached_node` and `stats`
+    may be called from any thread.
+    """
+
+    def __init__(
+        self, stores: Mapping[str, RootNodes], *, entries: int, negative_ttl: float
+    ) -> None:
+        self._stores = {
+            name: _StoreCache(backend, entries, negative_ttl) for name, backend in stores.items()
+        }
+
+    def _store(self, store: str) -> _StoreCache:
+        try:
+            return self._stores[store]
+        except KeyError:
+            known = ", ".join(sorted(self._stores)) or "none"
+            raise UnknownStoreError(f"unknown store {store!r} (stores: {known})") from None
+
+    def cached_node(self, store: str, basename: bytes) -> Node | None:
+        """The node if `basename` is in the positive cache (counted as a hit);
+        None means: ask `resolve`."""
+        return self._store(store).hit(basename)
+
+    async def resolve(self, store: str, basename: bytes) -> Node | None:
+        """The root node named `basename`, None if there is none; StoreError if
+        the backend fails (never cached), UnknownStoreError for a bad `store`."""
+        s = self._store(store)
+        found, node = s.cached(basename, trio.current_time())
+        if found:
+            return node
+        with s.lock:
+            s.stats.misses += 1
+        asked = False
+
+        async def ask() -> Node | None:
+            nonlocal asked
+            asked = True
+            with s.lock:
+                s.stats.backend_calls += 1
+            try:
+                node = await s.backend.get_by_basename(basename)
+            except Exception:
+                with s.lock:
+                    s.stats.errors += 1
+                raise
+            s.remember(basename, node, trio.current_time())
+            return node
+
+        try:
+            return await s.coalescer.run(basename, ask)
+        finally:
+            if not asked:
+                with s.lock:
+                    s.stats.coalesced += 1
+
+    def list(self, store: str) -> AsyncGenerator[tuple[bytes, Node], None]:
+        """Every (basename, node) of `store`, streamed from the backend.
+
+        UnknownStoreError is raised here, before iterating."""
+        return self._list(self._store(store))
+
+    async def _list(self, s: _StoreCache) -> AsyncGenerator[tuple[bytes, Node], None]:
+        try:
+            async for name, node in s.backend.list():
+                s.seen_in_listing(name, node)
+                yield name, node
+        except Exception:
+            with s.lock:
+                s.stats.errors += 1
+            raise
+
+    def stats(self) -> dict[str, StoreStats]:
+        """A snapshot of every store's counters."""
+        return {name: s.snapshot() for name, s in self._stores.items()}
+
+
+async def _take(items: AsyncIterator[T], limit: int) -> list[T]:
+    batch: list[T] = []
+    while len(batch) < limit:
+        try:
+            batch.append(await anext(items))
+        except StopAsyncIteration:
+            break
+    return batch
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
+    context.abort(code, details)
+    raise AssertionError("context.abort returns only by raising")
+
+
+@contextlib.contextmanager
+def _status_on_error(context: grpc.ServicerContext) -> Iterator[None]:
+    """Abort the call with the status that tells the client what failed."""
+    try:
+        yield
+    except UnknownStoreError as e:
+        _abort(context, grpc.StatusCode.NOT_FOUND, str(e))
+    except BackendUnavailable as e:
+        _abort(context, grpc.StatusCode.UNAVAILABLE, str(e))
+    except StoreError as e:
+        _abort(context, grpc.StatusCode.INTERNAL, str(e))
+    except (trio.RunFinishedError, trio.Cancelled):
+        _abort(context, grpc.StatusCode.UNAVAILABLE, "the rootcache is stopping")
+
+
+class _Servicer(rootcache_pb2_grpc.RootCacheServicer):
+    """Runs in grpcio's threads; all but cache hits happen in the trio loop."""
+
+    def __init__(self, cache: RootCache, token: trio.lowlevel.TrioToken) -> None:
+        self._cache = cache
+        self._token = token
+
+    def _in_trio(
+        self, context: grpc.ServicerContext, fn: Callable[..., Awaitable[T]], *args: object
+    ) -> T:
+        with _status_on_error(context):
+            return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    def Resolve(
+        self, request: rootcache_pb2.ResolveRequest, context: grpc.ServicerContext
+    ) -> rootcache_pb2.ResolveResponse:
+        with _status_on_error(context):
+            node = self._cache.cached_node(request.store, request.basename)
+        if node is None:
+            node = self._in_trio(context, self._cache.resolve, request.store, request.basename)
+        if node is None:
+            return rootcache_pb2.ResolveResponse()
+        return rootcache_pb2.ResolveResponse(node=node_to_proto(request.basename, node))
+
+    def List(
+        self, request: rootcache_pb2.ListRequest, context: grpc.ServicerContext
+    ) -> Iterator[rootcache_pb2.ListResponse]:
+        async def open_listing() -> AsyncGenerator[tuple[bytes, Node], None]:
+            return self._cache.list(request.store)
+
+        items = self._in_trio(context, open_listing)
+        try:
+            while batch := self._in_trio(context, _take, items, LIST_BATCH):
+                for name, node in batch:
+                    yield rootcache_pb2.ListResponse(node=node_to_proto(name, node))
+        finally:
+            # A client that hung up, or a stop: end the backend's listing too.
+            with contextlib.suppress(trio.RunFinishedError, trio.Cancelled, RuntimeError):
+                trio.from_thread.run(items.aclose, trio_token=self._token)
+
+    def Stats(
+        self, request: rootcache_pb2.StatsRequest, context: grpc.ServicerContext
+    ) -> rootcache_pb2.StatsResponse:
+        stats = self._cache.stats()
+        return rootcache_pb2.StatsResponse(stores={name: s.to_proto() for name, s in stats.items()})
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a socket left by a rootcache that died; refuse to take over a live one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise RootCacheError(f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return
+    raise RootCacheError(f"another process is serving {path}")
+
+
+def _start_server(server: Any, path: str) -> int:
+    """Bind and start; the socket's inode, to recognise it when cleaning up."""
+    _remove_stale_socket(path)
+    # umask is per process; nothing else here creates files while we start.
+    old = os.umask(_SOCKET_UMASK)
+    try:
+        try:
+            bound = server.add_insecure_port(f"unix://{path}")
+        except RuntimeError as e:
+            raise RootCacheError(f"cannot listen on {path}: {e}") from None
+        if not bound:
+            raise RootCacheError(f"cannot listen on {path}")
+        server.start()
+    finally:
+        os.umask(old)
+    return os.stat(path).st_ino
+
+
+def _stop_server(server: Any, executor: ThreadPoolExecutor, path: str, ino: int | None) -> None:
+    server.stop(STOP_GRACE).wait()
+    executor.shutdown(wait=False, cancel_futures=True)
+    # Our socket only: a successor may already listen on the same path.
+    with contextlib.suppress(FileNotFoundError):
+        if ino is not None and os.stat(path).st_ino == ino:
+            os.unlink(path)
+
+
+async def serve(
+    cache: RootCache,
+    socket_path: str,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `cache` on the unix socket `socket_path` (mode 0600) until cancelled.
+
+    Must run in the thread that runs trio (normally the main thread); started
+    (task_status) once the socket accepts connections."""
+    token = trio.lowlevel.current_trio_token()
+    executor = ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="rootcache-rpc")
+    server = grpc.server(executor)
+    rootcache_pb2_grpc.add_RootCacheServicer_to_server(_Servicer(cache, token), server)
+    ino: int | None = None
+    try:
+        ino = await trio.to_thread.run_sync(_start_server, server, socket_path)
+        log.info("rootcache serving on %s", socket_path)
+        task_status.started()
+        await trio.sleep_forever()
+    finally:
+        # Shielded: calls in flight need this loop to finish within the grace.
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(_stop_server, server, executor, socket_path, ino)
+
+
+async def serve_rootcache(
+    config: Config,
+    socket_path: str,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the root nodes of every store in `config` until cancelled."""
+    services: dict[str, PathInfoService] = {}
+    try:
+        for name, store in config.stores.items():
+            if store.path_info_service_addr.startswith("memory:"):
+                log.warning(
+                    "store %r: memory:// path infos live in one process; the rootcache"
+                    " sees none of the workers' data",
+                    name,
+                )
+            services[name] = pathinfos.from_addr(
+                store.path_info_service_addr, timeout=store.backend_timeout
+            )
+        cache = RootCache(
+            {name: PathInfoRootNodes(service) for name, service in services.items()},
+            entries=config.supervisor.rootcache_entries,
+            negative_ttl=config.supervisor.rootcache_negative_ttl,
+        )
+        await serve(cache, socket_path, task_status=task_status)
+    finally:
+        with trio.CancelScope(shield=True):
+            for service in services.values():
+                await service.aclose()
+
+
+def _parent_pid() -> int:
+    """The pid of the process that started us, as multiprocessing recorded it
+    before the fork (os.getppid() now may already be a reaper)."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if parent is not None and parent.pid is not None:
+        return parent.pid
+    return os.getppid()
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
+
+
+async def _run_until_signalled(config: Config, socket_path: str, parent: int) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, PARENT_DEATH_SIGNAL) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_rootcache, config, socket_path)
+            # Until the receiver existed the parent-death signal was ignored:
+            # look once more, in case it came in that window.
+            if os.getppid() == parent:
+                async for signum in signals:
+                    if signum != PARENT_DEATH_SIGNAL or os.getppid() != parent:
+                        break
+            log.info("rootcache stopping")
+            nursery.cancel_scope.cancel()
+
+
+def rootcache_main(config_json: str, socket_path: str) -> None:
+    """The rootcache process: serve until SIGTERM or SIGINT (or the parent's
+    death), then remove the socket and return (exit status 0).
+
+    Run in a freshly forked process (multiprocessing, fork start method) that
+    is not inside trio.run; `config_json` is `Config.model_dump_json()`.
+    """
+    parent = _parent_pid()
+    # Inherited from the supervisor: its handlers and trio's wakeup fd.
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
+    # Ignored until trio handles it, so an early parent-death signal sent
+    # because the forking thread ended cannot kill us.
+    signal.signal(PARENT_DEATH_SIGNAL, signal.SIG_IGN)
+    _die_with_parent()
+    if os.getppid() != parent:
+        log.warning("rootcache: the supervisor is gone already; exiting")
+        return
+    config = Config.model_validate_json(config_json)
+    trio.run(_run_until_signalled, config, socket_path, parent)

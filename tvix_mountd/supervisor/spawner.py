@@ -1,0 +1,166 @@
+"""The spawner: a small process that forks the workers and the rootcache.
+
+Why a separate process: the supervisor runs trio and gRPC (control socket,
+rootcache client), and a process that holds gRPC threads or a trio loop must
+not fork children that use gRPC and trio themselves. The spawner is forked
+from the supervisor's main thread before either exists, stays single-threaded
+and free of both, and forks on request. Its children inherit the supervisor's
+logging queue (multiprocessing-logging needs fork) and nothing else.
+
+Protocol over a duplex pipe, one pickled tuple per message:
+    supervisor -> spawner   ("spawn", request_id, kind, name, args) | ("quit",)
+    spawner -> supervisor   ("spawned", request_id, pid) | ("failed", request_id, error)
+                            | ("exited", pid, exitcode)
+The supervisor signals and watches the children itself, by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import trio
+
+from tvix_mountd import procutil
+
+log = logging.getLogger(__name__)
+
+_FORK = multiprocessing.get_context("fork")
+
+
+def _entry_point(kind: str) -> Callable[..., None]:
+    # Imported here so that the spawner carries nothing it does not run.
+    if kind == "worker":
+        from tvix_mountd.workers.process import worker_main
+
+        return worker_main
+    if kind == "rootcache":
+        from tvix_mountd.supervisor.rootcache import rootcache_main
+
+        return rootcache_main
+    raise ValueError(f"unknown process kind {kind!r}")
+
+
+def _run_child(kind: str, *args: Any) -> None:
+    """A child's body: its entry point, with a crash logged through the log stream
+    (multiprocessing would print it to stderr, untagged)."""
+    try:
+        _entry_point(kind)(*args)
+    except SystemExit:
+        raise
+    except BaseException:
+        log.exception("%s process crashed", kind)
+        logging.shutdown()
+        os._exit(1)
+
+
+def _spawner_main(conn: multiprocessing.connection.Connection) -> None:
+    procutil.prepare_child("spawner")
+    children: dict[int, BaseProcess] = {}
+    while True:
+        ready = multiprocessing.connection.wait([conn, *(p.sentinel for p in children.values())])
+        for pid, process in list(children.items()):
+            if process.sentinel in ready:
+                process.join()
+                del children[pid]
+                conn.send(("exited", pid, process.exitcode))
+        if conn not in ready:
+            continue
+        try:
+            message = conn.recv()
+        except EOFError:
+            break  # the supervisor is gone; our children follow us (parent watch)
+        if message[0] == "quit":
+            break
+        _, request_id, kind, name, args = message
+        try:
+            _entry_point(kind)  # an unknown kind fails here, not in the child
+            # daemon: should the spawner leave first, multiprocessing's exit
+            # handler SIGTERMs the children instead of waiting for them.
+            process = _FORK.Process(
+                target=_run_child, args=(kind, *args), name=f"tvix-mountd {name}", daemon=True
+            )
+            process.start()
+        except Exception as e:
+            conn.send(("failed", request_id, f"{type(e).__name__}: {e}"))
+            continue
+        assert process.pid is not None
+        children[process.pid] = process
+        conn.send(("spawned", request_id, process.pid))
+    # Leaving: the children notice through their parent watch and exit.
+
+
+class SpawnError(Exception):
+    pass
+
+
+class Spawner:
+    """The supervisor's handle on the spawner process."""
+
+    def __init__(self, process: BaseProcess, conn: multiprocessing.connection.Connection) -> None:
+        self.process = process
+        self._conn = conn
+        self._next_request = 0
+        self._pending: dict[int, trio.MemorySendChannel[int | str]] = {}
+        self._exit_send, self.exits = trio.open_memory_channel[tuple[int, int | None]](1000)
+
+    @classmethod
+    def start(cls) -> Spawner:
+        """Fork the spawner. Call it from the main thread, before trio and gRPC start."""
+        parent_conn, child_conn = _FORK.Pipe(duplex=True)
+        process = _FORK.Process(
+            target=_spawner_main, args=(child_conn,), name="tvix-mountd spawner"
+        )
+        process.start()
+        child_conn.close()
+        return cls(process, parent_conn)
+
+    async def spawn(self, kind: str, name: str, *args: Any) -> int:
+        """Start a child running `kind`'s entry point with `args`; its PID."""
+        request_id = self._next_request
+        self._next_request += 1
+        send, receive = trio.open_memory_channel[int | str](1)
+        self._pending[request_id] = send
+        try:
+            self._conn.send(("spawn", request_id, kind, name, args))
+            result = await receive.receive()
+        finally:
+            del self._pending[request_id]
+        if isinstance(result, str):
+            raise SpawnError(f"could not start {name}: {result}")
+        return result
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read the spawner's messages until it exits (then raise SpawnError)."""
+        task_status.started()
+        fd = self._conn.fileno()
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                raise SpawnError("the spawner process died") from None
+            if message[0] == "exited":
+                await self._exit_send.send((message[1], message[2]))
+            else:
+                _, request_id, result = message
+                waiter = self._pending.get(request_id)
+                if waiter is not None:
+                    waiter.send_nowait(result)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._conn.send(("quit",))
+        self._conn.close()
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            assert self.process.pid is not None
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.join()
