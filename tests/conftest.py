@@ -26,3 +26,14 @@ def grpc_store_server_tcp() -> Iterator[GrpcStoreServer]:
     """The same server on 127.0.0.1 (a grpc+http:// address)."""
     with GrpcStoreServer(tcp=True) as server:
         yield server
+
+
+# --- FUSE integration tests (tests/mounting.py, tests/test_fuse_*.py) ----------
+
+
+@pytest.fixture(scope="module", params=["embedded", "grpc"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """Which store a FUSE test mounts: "embedded" (objectstore+file blobs and
+    sqlite files under tmp_path) or "grpc" (the in-process gRPC test server)."""
+    kind: str = request.param
+    return kind

@@ -23,6 +23,8 @@ from typing import Any
 
 import trio
 
+from tvix_mountd.castore.digests import B3Digest
+from tvix_mountd.castore.store import Store
 from tvix_mountd.metrics import count_restart, mark_process_dead, set_mount_up
 from tvix_mountd.supervisor import systemd
 from tvix_mountd.supervisor.config import (
@@ -55,6 +57,9 @@ HEALTHY_AFTER = 30.0
 # Deadline for a stat of a mount's root (start-up and /readyz).
 STAT_TIMEOUT = 2.0
 POLL_INTERVAL = 0.02
+
+
+EMPTY_DIRECTORY_DIGEST = B3Digest.of(b"")
 
 
 class SupervisorError(Exception):
@@ -262,6 +267,9 @@ class Supervisor:
         self.mounts: dict[str, MountRunner] = {}
         self.rootcache_pid: int | None = None
         self._rootcache: _Child | None = None
+        # Services for readiness probes, per store, opened on first use.
+        self._probe_stores: dict[str, Store] = {}
+        self._probe_configs: dict[str, StoreConfig] = {}
         self.rootcache_restarts = 0
         self._children: dict[int, _Child] = {}
         self._shutdown = trio.Event()
@@ -397,6 +405,8 @@ class Supervisor:
                     for runner in list(self.mounts.values()):
                         stopping.start_soon(runner.stop)
                 await self._stop_rootcache()
+                for store in self._probe_stores.values():
+                    await store.aclose()
                 nursery.cancel_scope.cancel()
         log.info("stopped")
 
