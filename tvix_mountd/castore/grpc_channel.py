@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar, cast
 
 import grpc
+import trio
 
 from tvix_mountd.castore.addr import StoreAddress
 from tvix_mountd.castore.blocking import run_blocking
@@ -116,7 +117,9 @@ class _Shared:
 
 
 _lock = threading.Lock()
-_channels: dict[tuple[int, str], _Shared] = {}
+ChannelOptions = tuple[tuple[str, int], ...]
+# By (pid, target, options): services that want other options get their own channel.
+_channels: dict[tuple[int, str, ChannelOptions], _Shared] = {}
 
 
 class GrpcConnection:
@@ -124,14 +127,17 @@ class GrpcConnection:
 
     The channel is opened on first use in the process that uses it; a claim
     inherited across a fork is dropped, never touched, and the child opens its
-    own. Services sharing an address share the channel; the last `close`
-    closes it.
+    own. Services sharing an address (and options) share the channel; the
+    last `close` closes it.
     """
 
-    def __init__(self, addr: StoreAddress, *, timeout: float) -> None:
+    def __init__(
+        self, addr: StoreAddress, *, timeout: float, options: ChannelOptions = CHANNEL_OPTIONS
+    ) -> None:
         self.addr = addr
         self.timeout = timeout
         self._target = addr.grpc_target  # raises AddressError for non-gRPC addresses
+        self._options = options
         self._pid = 0
         self._channel: grpc.Channel | None = None
         self._stubs: dict[Callable[[grpc.Channel], Any], Any] = {}
@@ -147,10 +153,11 @@ class GrpcConnection:
         if self._closed:
             raise StoreError(f"{self.addr}: the service was closed")
         with _lock:
-            shared = _channels.get((pid, self._target))
+            key = (pid, self._target, self._options)
+            shared = _channels.get(key)
             if shared is None:
-                shared = _Shared(grpc.insecure_channel(self._target, options=CHANNEL_OPTIONS))
-                _channels[(pid, self._target)] = shared
+                shared = _Shared(grpc.insecure_channel(self._target, options=self._options))
+                _channels[key] = shared
             shared.refs += 1
         self._channel, self._pid = shared.channel, pid
         self._stubs.clear()
@@ -171,7 +178,7 @@ class GrpcConnection:
         self._stubs.clear()
         if channel is None or self._pid != os.getpid():
             return
-        key = (self._pid, self._target)
+        key = (self._pid, self._target, self._options)
         with _lock:
             shared = _channels.get(key)
             if shared is None or shared.channel is not channel:
@@ -182,18 +189,45 @@ class GrpcConnection:
             del _channels[key]
         channel.close()
 
-    async def unary(self, method: Callable[..., Resp], request: object, *, what: str) -> Resp:
-        """A unary (or client-streaming, given an iterator) call with a deadline."""
+    async def unary(
+        self,
+        method: Callable[..., Resp],
+        request: object,
+        *,
+        what: str,
+        wait_for_ready: bool = False,
+    ) -> Resp:
+        """A unary (or client-streaming, given an iterator) call with a deadline.
+
+        grpcio completes the call on its own threads and wakes trio from there:
+        no worker thread per call, which would cost about as much again as a
+        call over a local socket.
+        """
         what = self.describe(what)
-
-        def call() -> Resp:
-            # The gRPC deadline ends the thread even after trio stopped waiting.
-            return method(request, timeout=self.timeout)
-
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        # A grpcio multi-callable: calling it blocks, `.future` does not.
+        future = cast(Any, method).future(
+            request, timeout=self.timeout, wait_for_ready=wait_for_ready
+        )
+        future.add_done_callback(lambda _: token.run_sync_soon(done.set))
         try:
-            return await run_blocking(call, timeout=self.timeout, what=what)
+            # The gRPC deadline ends the call; the trio one is a backstop.
+            with trio.fail_after(self.timeout + 1.0):
+                await done.wait()
+        except trio.TooSlowError:
+            future.cancel()
+            raise BackendUnavailable(f"{what}: no answer within {self.timeout:g} s") from None
+        except BaseException:
+            future.cancel()
+            raise
+        try:
+            result: Resp = future.result()
         except grpc.RpcError as e:
             raise rpc_error(e, what) from None
+        except grpc.FutureCancelledError:
+            raise BackendUnavailable(f"{what}: call cancelled") from None
+        return result
 
     def open_stream(
         self, method: Callable[[Req], Any], request: Req, *, what: str

@@ -23,8 +23,8 @@ Two halves:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -39,6 +39,7 @@ from typing import Any, Final, NoReturn, TypeVar
 import grpc
 import trio
 
+from tvix_mountd import procutil
 from tvix_mountd.castore import pathinfos
 from tvix_mountd.castore.errors import BackendUnavailable, StoreError
 from tvix_mountd.castore.nodes import Node, node_to_proto
@@ -63,12 +64,13 @@ STOP_GRACE: Final = 1.0
 LIST_BATCH: Final = 256
 # The socket and anything else this process creates while binding: owner only.
 _SOCKET_UMASK: Final = 0o177
-_PR_SET_PDEATHSIG: Final = 1
-# The parent-death signal. Not SIGTERM: the kernel sends it when the *thread*
-# that forked us ends, and the supervisor forks from a helper thread that may
-# end while the supervisor lives on; so on this signal we check getppid()
-# before leaving, which a SIGTERM (a real stop request) must never need.
-PARENT_DEATH_SIGNAL: Final = signal.SIGHUP
+# The parent-death signal. The kernel sends it when the *thread* that forked
+# us ends, and a parent that forks from a helper thread lives on after that
+# thread; so on this signal we check getppid() before leaving, which a
+# SIGTERM (a real stop request) must never need. Its default action is to be
+# ignored, so one arriving before trio listens cannot kill us either; a
+# parent that died then is caught by the getppid() checks around it.
+PARENT_DEATH_SIGNAL: Final = signal.SIGURG
 
 
 class UnknownStoreError(LookupError):
@@ -146,6 +148,7 @@ class _StoreCache:
     def _remember_absent(self, name: bytes, now: float) -> None:
         while self.negative and next(iter(self.negative.values())) <= now:
             self.negative.popitem(last=False)
+        # entries = 0 turns caching off altogether.
         if self.negative_ttl <= 0 or self.capacity == 0:
             return
         self.negative[name] = now + self.negative_ttl
@@ -427,19 +430,10 @@ async def serve_rootcache(
 def _parent_pid() -> int:
     """The pid of the process that started us, as multiprocessing recorded it
     before the fork (os.getppid() now may already be a reaper)."""
-    import multiprocessing
-
     parent = multiprocessing.parent_process()
     if parent is not None and parent.pid is not None:
         return parent.pid
     return os.getppid()
-
-
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, int(PARENT_DEATH_SIGNAL), 0, 0, 0) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
 
 
 async def _run_until_signalled(config: Config, socket_path: str, parent: int) -> None:
@@ -447,7 +441,7 @@ async def _run_until_signalled(config: Config, socket_path: str, parent: int) ->
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve_rootcache, config, socket_path)
             # Until the receiver existed the parent-death signal was ignored:
-            # look once more, in case it came in that window.
+            # look once more, in case the parent died in that window.
             if os.getppid() == parent:
                 async for signum in signals:
                     if signum != PARENT_DEATH_SIGNAL or os.getppid() != parent:
@@ -463,15 +457,8 @@ def rootcache_main(config_json: str, socket_path: str) -> None:
     Run in a freshly forked process (multiprocessing, fork start method) that
     is not inside trio.run; `config_json` is `Config.model_dump_json()`.
     """
+    procutil.prepare_child("rootcache", parent_death_signal=PARENT_DEATH_SIGNAL)
     parent = _parent_pid()
-    # Inherited from the supervisor: its handlers and trio's wakeup fd.
-    signal.set_wakeup_fd(-1)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, signal.SIG_DFL)
-    # Ignored until trio handles it, so an early parent-death signal sent
-    # because the forking thread ended cannot kill us.
-    signal.signal(PARENT_DEATH_SIGNAL, signal.SIG_IGN)
-    _die_with_parent()
     if os.getppid() != parent:
         log.warning("rootcache: the supervisor is gone already; exiting")
         return

@@ -2,9 +2,8 @@
 
 While the rootcache is down (crashed, being restarted) calls wait for it to
 listen again, up to `timeout`, then fail with BackendUnavailable: a restarted
-rootcache is used as soon as it listens, without the worker noticing more
-than a slow lookup. The channel's reconnect backoff is short (see
-grpc_channel.CHANNEL_OPTIONS), which bounds how late "as soon as" can be.
+rootcache is used as soon as the channel's next reconnect attempt finds it,
+without the worker noticing more than a slow lookup.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from typing import Final
 
 from tvix_mountd.castore.addr import parse_address
 from tvix_mountd.castore.errors import IntegrityError
-from tvix_mountd.castore.grpc_channel import GrpcConnection, naming
+from tvix_mountd.castore.grpc_channel import CHANNEL_OPTIONS, GrpcConnection, naming
 from tvix_mountd.castore.nodes import Node, node_from_proto
 from tvix_mountd.proto import rootcache_pb2, rootcache_pb2_grpc
 from tvix_mountd.workers.rootnodes import RootNodes
@@ -23,9 +22,21 @@ from tvix_mountd.workers.rootnodes import RootNodes
 # Entries one worker-thread hop collects from a List stream.
 _LIST_BATCH: Final = 256
 
+# The backoff between reconnect attempts bounds how long a worker keeps
+# failing after the rootcache is back. The stores' 2 s cap (plus gRPC's 20%
+# jitter) would alone exceed the 2 s a restart may take; attempts on a local
+# socket cost next to nothing.
+_RECONNECT: Final = {"grpc.initial_reconnect_backoff_ms": 100, "grpc.max_reconnect_backoff_ms": 500}
+_CHANNEL_OPTIONS: Final = (
+    *((key, value) for key, value in CHANNEL_OPTIONS if key not in _RECONNECT),
+    *_RECONNECT.items(),
+)
+
 
 def _connection(socket_path: str, timeout: float) -> GrpcConnection:
-    return GrpcConnection(parse_address(f"grpc+unix://{socket_path}"), timeout=timeout)
+    return GrpcConnection(
+        parse_address(f"grpc+unix://{socket_path}"), timeout=timeout, options=_CHANNEL_OPTIONS
+    )
 
 
 class RootCacheRootNodes(RootNodes):
@@ -46,9 +57,10 @@ class RootCacheRootNodes(RootNodes):
     async def get_by_basename(self, name: bytes) -> Node | None:
         what = f"Resolve {name.decode(errors='replace')!r} in store {self._store!r}"
         msg = await self._conn.unary(
-            partial(self._stub().Resolve, wait_for_ready=True),
+            self._stub().Resolve,
             rootcache_pb2.ResolveRequest(store=self._store, basename=name),
             what=what,
+            wait_for_ready=True,
         )
         if not msg.HasField("node"):
             return None
