@@ -219,7 +219,7 @@ async def test_a_live_unix_socket_is_not_stolen(tmp_path: Path) -> None:
         live.listen()
         with pytest.raises(HealthError) as e:
             await serve_health(f"unix:{path}", make_app(FakeSource()))
-    assert str(e.value) == f"cannot listen on unix:{path}: another process is listening there"
+    assert str(e.value) == f"cannot listen on unix:{path}: another process is listening on {path}"
 
 
 async def test_a_file_in_the_way_is_not_removed(tmp_path: Path) -> None:

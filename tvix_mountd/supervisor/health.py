@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import socket
-import stat
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol, TypeVar
 
@@ -29,6 +28,8 @@ from hypercorn.typing import (
     Scope,
     WWWScope,
 )
+
+from tvix_mountd.unixsock import clear_stale_socket
 
 log = logging.getLogger(__name__)
 
@@ -257,22 +258,10 @@ def _describe(listen: str, sock: socket.socket) -> str:
 
 
 def _clear_unix_path(listen: str, path: str) -> None:
-    """Remove a socket left by a dead process; refuse a live one or a non-socket."""
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise HealthError(f"cannot listen on {listen}: {path} exists and is not a socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            pass  # nobody listens: stale
-        else:
-            raise HealthError(f"cannot listen on {listen}: another process is listening there")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        clear_stale_socket(path)
+    except OSError as e:
+        raise HealthError(f"cannot listen on {listen}: {e}") from None
 
 
 def _bind(listen: str) -> tuple[_Config, hypercorn.config.Sockets]:

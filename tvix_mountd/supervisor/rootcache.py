@@ -27,14 +27,11 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
-import stat
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Final, NoReturn, TypeVar
+from typing import Final, NoReturn, TypeVar
 
 import grpc
 import trio
@@ -45,6 +42,7 @@ from tvix_mountd.castore.errors import BackendUnavailable, StoreError
 from tvix_mountd.castore.nodes import Node, node_to_proto
 from tvix_mountd.castore.pathinfos import PathInfoService
 from tvix_mountd.coalesce import Coalescer
+from tvix_mountd.grpc_server import serve_unix
 from tvix_mountd.proto import rootcache_pb2, rootcache_pb2_grpc
 from tvix_mountd.supervisor.config import Config
 from tvix_mountd.workers.rootnodes import PathInfoRootNodes, RootNodes
@@ -57,13 +55,9 @@ T = TypeVar("T")
 # cheap; enough that many workers' lookups (and a slow listing or two) do not
 # queue behind each other.
 RPC_THREADS: Final = 32
-# Seconds in-flight calls get to finish when the rootcache stops.
-STOP_GRACE: Final = 1.0
 # Entries one trio hop hands to a List stream: few hops for a big listing,
 # little held at a time.
 LIST_BATCH: Final = 256
-# The socket and anything else this process creates while binding: owner only.
-_SOCKET_UMASK: Final = 0o177
 # The parent-death signal. The kernel sends it when the *thread* that forked
 # us ends, and a parent that forks from a helper thread lives on after that
 # thread; so on this signal we check getppid() before leaving, which a
@@ -75,10 +69,6 @@ PARENT_DEATH_SIGNAL: Final = signal.SIGURG
 
 class UnknownStoreError(LookupError):
     """A request named a store the rootcache does not serve."""
-
-
-class RootCacheError(Exception):
-    """The rootcache cannot serve (its socket is unusable)."""
 
 
 @dataclass
@@ -325,51 +315,6 @@ class _Servicer(rootcache_pb2_grpc.RootCacheServicer):
         return rootcache_pb2.StatsResponse(stores={name: s.to_proto() for name, s in stats.items()})
 
 
-def _remove_stale_socket(path: str) -> None:
-    """Unlink a socket left by a rootcache that died; refuse to take over a live one."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise RootCacheError(f"{path} exists and is not a socket")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            return
-    raise RootCacheError(f"another process is serving {path}")
-
-
-def _start_server(server: Any, path: str) -> int:
-    """Bind and start; the socket's inode, to recognise it when cleaning up."""
-    _remove_stale_socket(path)
-    # umask is per process; nothing else here creates files while we start.
-    old = os.umask(_SOCKET_UMASK)
-    try:
-        try:
-            bound = server.add_insecure_port(f"unix://{path}")
-        except RuntimeError as e:
-            raise RootCacheError(f"cannot listen on {path}: {e}") from None
-        if not bound:
-            raise RootCacheError(f"cannot listen on {path}")
-        server.start()
-    finally:
-        os.umask(old)
-    return os.stat(path).st_ino
-
-
-def _stop_server(server: Any, executor: ThreadPoolExecutor, path: str, ino: int | None) -> None:
-    server.stop(STOP_GRACE).wait()
-    executor.shutdown(wait=False, cancel_futures=True)
-    # Our socket only: a successor may already listen on the same path.
-    with contextlib.suppress(FileNotFoundError):
-        if ino is not None and os.stat(path).st_ino == ino:
-            os.unlink(path)
-
-
 async def serve(
     cache: RootCache,
     socket_path: str,
@@ -380,20 +325,14 @@ async def serve(
 
     Must run in the thread that runs trio (normally the main thread); started
     (task_status) once the socket accepts connections."""
-    token = trio.lowlevel.current_trio_token()
-    executor = ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="rootcache-rpc")
-    server = grpc.server(executor)
-    rootcache_pb2_grpc.add_RootCacheServicer_to_server(_Servicer(cache, token), server)
-    ino: int | None = None
-    try:
-        ino = await trio.to_thread.run_sync(_start_server, server, socket_path)
-        log.info("rootcache serving on %s", socket_path)
-        task_status.started()
-        await trio.sleep_forever()
-    finally:
-        # Shielded: calls in flight need this loop to finish within the grace.
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(_stop_server, server, executor, socket_path, ino)
+    servicer = _Servicer(cache, trio.lowlevel.current_trio_token())
+    await serve_unix(
+        lambda server: rootcache_pb2_grpc.add_RootCacheServicer_to_server(servicer, server),
+        socket_path,
+        max_workers=RPC_THREADS,
+        name="rootcache",
+        task_status=task_status,
+    )
 
 
 async def serve_rootcache(
