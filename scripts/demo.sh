@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
-# The demo on the embedded store: import a sample tree, mount it, look inside.
-# Runs until Ctrl-C (then unmounts); DEMO_ONESHOT=1 unmounts right away.
+# The demo on the embedded store: import a sample tree, start the supervisor
+# with two mounts of it (configs/demo.toml), look inside, ask for status and
+# health. Runs until Ctrl-C (then stops and unmounts); DEMO_ONESHOT=1 stops
+# right away.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CONFIG=configs/demo.toml
 DEMO_DIR=/tmp/tvix-mountd-demo
-MNT=$DEMO_DIR/mnt/listed
+LISTED=$DEMO_DIR/mnt/listed
+STORE=$DEMO_DIR/mnt/store
+HEALTH=http://127.0.0.1:9137
 BIN=${VENV:-.venv}/bin/tvix-mountd
-STORE_ADDRS=(
-    --blob-service-addr "objectstore+file://$DEMO_DIR/data/blobs"
-    --directory-service-addr "sqlite://$DEMO_DIR/data/directories.sqlite"
-    --path-info-service-addr "sqlite://$DEMO_DIR/data/pathinfo.sqlite"
-)
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run() { printf '$ %s\n' "$*"; "$@"; }
 
 # A sample tree with every kind of entry.
 sample=$DEMO_DIR/sample/hello-tvix
@@ -30,41 +30,45 @@ head -c 1048576 /dev/zero | tr '\0' 'x' > "$sample/share/big.txt"
 say "Importing $sample into the embedded store"
 store_path=$("$BIN" import --config "$CONFIG" --store local "$sample")
 echo "store path: $store_path  (nix-store --add would print the same)"
+base=$(basename "$store_path")
 
-say "Mounting the store at $MNT"
-mkdir -p "$MNT"
-if grep -qs " $MNT " /proc/mounts; then umount -l "$MNT" || true; fi
-"$BIN" mount "${STORE_ADDRS[@]}" --list-root "$MNT" &
-mount_pid=$!
+say "Starting the supervisor: $BIN start --config $CONFIG"
+"$BIN" start --config "$CONFIG" &
+supervisor=$!
 cleanup() {
-    if kill -0 "$mount_pid" 2>/dev/null; then
-        kill -TERM "$mount_pid"
-        wait "$mount_pid" || true
+    if kill -0 "$supervisor" 2>/dev/null; then
+        say "Stopping: $BIN stop"
+        "$BIN" stop --config "$CONFIG" || kill -TERM "$supervisor"
+        wait "$supervisor" || true
     fi
 }
 trap cleanup EXIT
-for _ in $(seq 100); do
-    grep -qs " $MNT fuse" /proc/mounts && break
-    kill -0 "$mount_pid" 2>/dev/null || { echo "mount failed" >&2; exit 1; }
+for _ in $(seq 200); do
+    curl -sf "$HEALTH/readyz" >/dev/null 2>&1 && break
+    kill -0 "$supervisor" 2>/dev/null || { echo "the supervisor exited" >&2; exit 1; }
     sleep 0.1
 done
 
-base=$(basename "$store_path")
-say "ls -l $MNT"
-ls -l "$MNT"
-say "ls -lR $MNT/$base"
-ls -lR "$MNT/$base"
-say "cat $MNT/$base/share/doc/README"
-cat "$MNT/$base/share/doc/README"
-say "$MNT/$base/hello   (a symlink to an executable, run through the mount)"
-"$MNT/$base/hello"
-say "getfattr -d $MNT/$base"
-getfattr -d "$MNT/$base" 2>/dev/null
-say "touch $MNT/$base/new   (read-only)"
-touch "$MNT/$base/new" 2>&1 || true
+say "Status"
+run "$BIN" status --config "$CONFIG"
+say "The mount that lists its root"
+run ls -l "$LISTED"
+run ls -lR "$LISTED/$base"
+say "The mount that does not (as tvix-store mounts by default)"
+run ls "$STORE" 2>&1 || true
+run cat "$STORE/$base/share/doc/README"
+run "$STORE/$base/hello"
+run getfattr -d "$STORE/$base"
+run touch "$STORE/$base/new" 2>&1 || true
+say "Health"
+run curl -s "$HEALTH/healthz"
+run curl -s "$HEALTH/readyz"
+run curl -s "$HEALTH/status"
+echo
+run sh -c "curl -s $HEALTH/metrics | grep -E '^tvix_mountd_(mount_up|restarts_total|rootcache_hits_total)'"
 
 if [[ -n "${DEMO_ONESHOT:-}" ]]; then
     exit 0
 fi
-say "Mounted at $MNT. Press Ctrl-C to unmount and exit."
-wait "$mount_pid"
+say "Serving at $LISTED and $STORE. Press Ctrl-C to stop and unmount."
+wait "$supervisor"
