@@ -180,6 +180,9 @@ class StoreFilesystem(pyfuse3.Operations):
     ) -> None:
         super().__init__()
         self.observer = metrics
+        # The largest read the kernel sent (logged at unmount): how well
+        # readahead and max_pages let sequential reads batch up.
+        self.largest_read = 0
         self._blobs = blobs
         self._directories = directories
         self._root_nodes = root_nodes
@@ -439,6 +442,8 @@ class StoreFilesystem(pyfuse3.Operations):
         open_file = self._files.get(fh)
         if open_file is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        if size > self.largest_read:
+            self.largest_read = size
         node = open_file.node
         reader = open_file.reader
         if off >= node.size or reader is None:
@@ -565,6 +570,8 @@ class StoreFilesystem(pyfuse3.Operations):
 
     async def close(self) -> None:
         """Release every open handle (at unmount)."""
+        if self.largest_read:
+            log.info("largest read request: %d bytes", self.largest_read)
         for fh in list(self._files):
             await self.release(fh)
         for fh in list(self._dirs):
