@@ -19,7 +19,12 @@ import trio
 
 from tvix_mountd.castore.errors import AddressError, StoreError
 from tvix_mountd.castore.store import Store
-from tvix_mountd.supervisor.config import ConfigError, load_config, load_store_config
+from tvix_mountd.supervisor.config import (
+    ConfigError,
+    load_config,
+    load_state_dir,
+    load_store_config,
+)
 
 log = logging.getLogger("tvix_mountd")
 
@@ -191,7 +196,7 @@ def _state_dir(args: argparse.Namespace) -> Path:
         return Path(args.state_dir)
     if args.config:
         try:
-            return Path(load_config(args.config).supervisor.state_dir)
+            return Path(load_state_dir(args.config))
         except ConfigError as e:
             raise CliError("\n".join(f"{e.source}: {p}" for p in e.problems), EXIT_USAGE) from None
     from tvix_mountd.supervisor.config import DEFAULT_STATE_DIR

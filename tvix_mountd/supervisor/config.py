@@ -238,6 +238,20 @@ def load_store_config(path: Path, store: str) -> StoreConfig:
         raise ConfigError(str(path), [f"stores.{store}.{p}" for p in _describe(e)]) from None
 
 
+def load_state_dir(path: Path) -> str:
+    """Only `supervisor.state_dir`: status, stop and reload need nothing else, and
+    must reach the running supervisor even while its config is being edited into
+    something invalid (reload then reports why, from the supervisor)."""
+    supervisor = _read_toml(path).get("supervisor", {})
+    value = supervisor.get("state_dir", DEFAULT_STATE_DIR) if isinstance(supervisor, dict) else None
+    try:
+        if not isinstance(value, str):
+            raise ValueError("must be a string")
+        return _absolute(value)
+    except ValueError as e:
+        raise ConfigError(str(path), [f"supervisor.state_dir: {e}"]) from None
+
+
 def default_config(data_dir: str = DEFAULT_DATA_DIR) -> Config:
     """What `start` runs without --config: one embedded store, mounted once."""
     return Config(

@@ -24,8 +24,9 @@ class ControlError(Exception):
 
 class ControlClient:
     def __init__(self, state_dir: Path) -> None:
-        self.state_dir = state_dir
-        self.socket = state_dir / CONTROL_SOCKET
+        # Absolute: gRPC reads unix://relative/path as a host name, not a path.
+        self.state_dir = state_dir.absolute()
+        self.socket = self.state_dir / CONTROL_SOCKET
         if not self.socket.exists():
             raise ControlError(
                 f"no tvix-mountd is running with state_dir {state_dir} (no {self.socket})"

@@ -16,14 +16,17 @@ import os
 import signal
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from tvix_mountd.castore.digests import B3Digest
+from tvix_mountd.castore.errors import StoreError
 from tvix_mountd.castore.store import Store
 from tvix_mountd.metrics import count_restart, mark_process_dead, set_mount_up
 from tvix_mountd.supervisor import systemd
@@ -57,6 +60,8 @@ HEALTHY_AFTER = 30.0
 # Deadline for a stat of a mount's root (start-up and /readyz).
 STAT_TIMEOUT = 2.0
 POLL_INTERVAL = 0.02
+# Stop (SIGTERM, SIGINT) and reload (SIGHUP).
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 EMPTY_DIRECTORY_DIGEST = B3Digest.of(b"")
@@ -166,7 +171,11 @@ class MountRunner:
         error_file = self.supervisor.error_file(self.name)
         while not self.stopping:
             await self.clear_mountpoint()
-            await trio.Path(self.mount.mountpoint).mkdir(parents=True, exist_ok=True)
+            # A mountpoint that cannot be made (a file is in the way) is the
+            # worker's to report: it fails, and that counts as this mount's crash,
+            # never as the supervisor's.
+            with contextlib.suppress(OSError):
+                await trio.Path(self.mount.mountpoint).mkdir(parents=True, exist_ok=True)
             await trio.Path(error_file).unlink(missing_ok=True)
             try:
                 child = await self.supervisor.spawn(
@@ -278,6 +287,7 @@ class Supervisor:
         self._reload_lock = trio.Lock()
         self.exit_status = 0
         self._rootcache_stats: dict[str, dict[str, int]] = {}
+        self._early_signals: list[int] = []
 
     # -- bookkeeping -------------------------------------------------------
 
@@ -359,6 +369,20 @@ class Supervisor:
 
     def start(self) -> int:
         """Run until SIGTERM/SIGINT or `stop`; the exit status."""
+        # Until trio listens (in _run), these signals would end the process at
+        # once, leaving the pid file and half a start behind: note them, and
+        # act on them once trio runs.
+        previous = {signum: signal.signal(signum, self._early_signal) for signum in _SIGNALS}
+        try:
+            return self._start()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _early_signal(self, signum: int, frame: object) -> None:
+        self._early_signals.append(signum)
+
+    def _start(self) -> int:
         self.prepare_state_dir()
         try:
             problems = self.check_mountpoints(self.config.mounts)
@@ -381,23 +405,38 @@ class Supervisor:
         from tvix_mountd.supervisor.control import serve_control
         from tvix_mountd.supervisor.health import HealthError, serve_health
 
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        failed: SupervisorError | None = None
+        with trio.open_signal_receiver(*_SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                # Signals that came before trio listened: a stop, before anything starts.
+                for signum in self._early_signals:
+                    if signum != signal.SIGHUP:
+                        await self._on_signal(signum)
                 nursery.start_soon(self._watch_spawner)
                 nursery.start_soon(self._dispatch_exits)
                 nursery.start_soon(self._handle_signals, signals)
                 nursery.start_soon(self._run_rootcache)
-                for mount in self.config.mounts:
-                    self._start_mount(mount)
+                # Known (status, readiness) from now on; started once the
+                # endpoints listen, so that nothing mounts when they cannot.
+                runners = [] if self._shutdown.is_set() else self._add_mounts(self.config.mounts)
                 await nursery.start(serve_control, self, self.control_socket)
                 try:
                     await nursery.start(
                         serve_health, self.config.supervisor.health_listen, self.health_app()
                     )
                 except HealthError as e:
-                    raise SupervisorError(str(e)) from None
-                nursery.start_soon(self._notify_systemd)
+                    # Raised once everything started so far is stopped, outside
+                    # the nursery (which would wrap it in an exception group).
+                    failed = SupervisorError(str(e))
+                    self.mounts.clear()
+                    self.request_shutdown()
+                else:
+                    for runner in runners:
+                        nursery.start_soon(runner.run)
+                    nursery.start_soon(self._notify_systemd)
+                    if signal.SIGHUP in self._early_signals:  # a reload, once mounts run
+                        nursery.start_soon(self._on_signal, signal.SIGHUP)
                 await self._shutdown.wait()
                 log.info("shutting down")
                 systemd.notify("STOPPING=1")
@@ -408,6 +447,8 @@ class Supervisor:
                 for store in self._probe_stores.values():
                     await store.aclose()
                 nursery.cancel_scope.cancel()
+        if failed is not None:
+            raise failed
         log.info("stopped")
 
     def health_app(self) -> Any:
@@ -420,13 +461,16 @@ class Supervisor:
 
     async def _handle_signals(self, signals: Any) -> None:
         async for signum in signals:
-            if signum == signal.SIGHUP:
-                result = await self.reload()
-                for line in result["problems"]:
-                    log.error("reload refused: %s", line)
-            else:
-                log.info("received %s", signal.Signals(signum).name)
-                self.request_shutdown()
+            await self._on_signal(signum)
+
+    async def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGHUP:
+            result = await self.reload()
+            for line in result["problems"]:
+                log.error("reload refused: %s", line)
+        else:
+            log.info("received %s", signal.Signals(signum).name)
+            self.request_shutdown()
 
     async def _watch_spawner(self) -> None:
         try:
@@ -437,10 +481,14 @@ class Supervisor:
             self.exit_status = 1
             self.request_shutdown()
 
+    def _add_mounts(self, mounts: list[MountConfig]) -> list[MountRunner]:
+        runners = [MountRunner(self, m, self.config.stores[m.store]) for m in mounts]
+        self.mounts.update((runner.name, runner) for runner in runners)
+        return runners
+
     def _start_mount(self, mount: MountConfig) -> MountRunner:
         assert self._nursery is not None
-        runner = MountRunner(self, mount, self.config.stores[mount.store])
-        self.mounts[mount.name] = runner
+        (runner,) = self._add_mounts([mount])
         self._nursery.start_soon(runner.run)
         return runner
 
@@ -495,6 +543,8 @@ class Supervisor:
     async def reload(self) -> dict[str, list[str]]:
         """Re-read the config and apply the difference; nothing changes if it is invalid."""
         async with self._reload_lock:
+            if self._shutdown.is_set():
+                return {"problems": ["the supervisor is stopping"], "changes": []}
             if self.config_path is None:
                 return {"problems": ["started without --config: nothing to reload"], "changes": []}
             try:
@@ -516,7 +566,12 @@ class Supervisor:
 
             added = [m for n, m in new_mounts.items() if n not in old_mounts]
             removed = [n for n in old_mounts if n not in new_mounts]
-            restarted = [n for n in new_mounts if n in old_mounts and changed(n)]
+            # A failed mount is tried again ("reload to try again"), changed or not.
+            restarted = [
+                n
+                for n in new_mounts
+                if n in old_mounts and (changed(n) or self.mounts[n].state == "failed")
+            ]
             # Mountpoints that become free in this reload may be reused by new mounts.
             problems = self.check_mountpoints(
                 [
@@ -535,6 +590,10 @@ class Supervisor:
             for name in removed:
                 del self.mounts[name]
                 changes.append(f"stopped {name}")
+            if self._shutdown.is_set():
+                # SIGTERM came while mounts stopped: start nothing behind the
+                # shutdown's back (it has taken its list of mounts to stop).
+                return {"problems": ["the supervisor is stopping"], "changes": changes}
             for name in restarted:
                 del self.mounts[name]
                 self._start_mount(new_mounts[name])
@@ -576,6 +635,12 @@ class Supervisor:
 
     async def readiness(self) -> list[str]:
         problems: list[str] = []
+        # A mount whose store does not answer is up but degraded: its root
+        # stats fine, every new name fails (EIO).
+        degraded: dict[str, str | None] = {}
+
+        async def probe(store: str) -> None:
+            degraded[store] = await self._probe_store(store)
 
         async def check(runner: MountRunner) -> None:
             if runner.state != "serving":
@@ -589,9 +654,51 @@ class Supervisor:
                 problems.append(f"{runner.name}: {problem}")
 
         async with trio.open_nursery() as nursery:
+            for store in {r.mount.store for r in self.mounts.values() if r.state == "serving"}:
+                nursery.start_soon(probe, store)
             for runner in self.mounts.values():
                 nursery.start_soon(check, runner)
+        for runner in self.mounts.values():
+            why = degraded.get(runner.mount.store)
+            if why is not None and runner.state == "serving":
+                problems.append(f"{runner.name}: degraded: {why}")
         return sorted(problems)
+
+    async def _probe_store(self, name: str) -> str | None:
+        """None if every backend of store `name` answers within STAT_TIMEOUT, else why not.
+
+        Each service is asked for something that need not exist (the empty
+        directory, a null path digest): any answer, found or not, will do.
+        """
+        config = self.config.stores[name]
+        store = self._probe_stores.get(name)
+        if store is not None and self._probe_configs.get(name) != config:
+            del self._probe_stores[name]  # changed by a reload
+            await store.aclose()
+            store = None
+        if store is None:
+            timeout = min(config.backend_timeout, STAT_TIMEOUT)
+            store = Store.from_addrs(
+                config.blob_service_addr,
+                config.directory_service_addr,
+                config.path_info_service_addr,
+                timeout=timeout,
+            )
+            self._probe_stores[name], self._probe_configs[name] = store, config
+        checks: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("blob service", partial(store.blobs.has, EMPTY_DIRECTORY_DIGEST)),
+            ("directory service", partial(store.directories.get, EMPTY_DIRECTORY_DIGEST)),
+            ("path info service", partial(store.path_infos.get, bytes(20))),
+        ]
+        for what, call in checks:
+            try:
+                with trio.fail_after(STAT_TIMEOUT):
+                    await call()
+            except trio.TooSlowError:
+                return f"the {what} of store {name!r} did not answer within {STAT_TIMEOUT:g} s"
+            except StoreError as e:
+                return f"the {what} of store {name!r} is unavailable: {e}"
+        return None
 
     async def metrics(self) -> tuple[bytes, str]:
         from tvix_mountd.metrics import render, rootcache_collector

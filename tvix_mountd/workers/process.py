@@ -71,8 +71,18 @@ def worker_main(mount_json: str, store_json: str, rootcache_socket: str, error_f
     procutil.prepare_child(mount.name)
     try:
         trio.run(serve_worker, mount, store, rootcache_socket)
-    except MountError as e:
-        log.error("%s", e)
+    except BaseException as e:
+        error = _mount_error(e)
+        if error is None:
+            raise
+        log.error("%s", error)
         # The supervisor shows this in status as the mount's error.
-        Path(error_file).write_text(str(e))
+        Path(error_file).write_text(str(error))
         sys.exit(EXIT_MOUNT_ERROR)
+
+
+def _mount_error(e: BaseException) -> MountError | None:
+    """The MountError `e` is, also when serve_worker's nursery wrapped it in a group."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e if isinstance(e, MountError) else None
