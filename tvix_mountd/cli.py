@@ -13,18 +13,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from tvix_mountd.castore.errors import AddressError, StoreError
-from tvix_mountd.castore.store import Store
-from tvix_mountd.supervisor.config import (
-    ConfigError,
-    load_config,
-    load_state_dir,
-    load_store_config,
-)
+# Commands import what they use, so that `mount` (a long-running daemon)
+# carries no config or supervisor machinery in its memory.
+if TYPE_CHECKING:
+    from tvix_mountd.castore.store import Store
 
 log = logging.getLogger("tvix_mountd")
 
@@ -61,6 +57,7 @@ def _bool(value: str) -> bool:
 
 
 async def _import(store: Store, paths: list[Path]) -> None:
+    from tvix_mountd.castore.errors import StoreError
     from tvix_mountd.castore.importer import import_path
 
     try:
@@ -93,6 +90,8 @@ def _describe_node(node: object) -> str:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from tvix_mountd.supervisor.config import ConfigError, load_store_config
+
     try:
         store_config = load_store_config(args.config, args.store)
     except ConfigError as e:
@@ -108,6 +107,9 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def _open_store(blob: str, directory: str, path_info: str, timeout: float) -> Store:
+    from tvix_mountd.castore.errors import AddressError
+    from tvix_mountd.castore.store import Store
+
     try:
         return Store.from_addrs(blob, directory, path_info, timeout=timeout)
     except AddressError as e:
@@ -118,6 +120,8 @@ def _open_store(blob: str, directory: str, path_info: str, timeout: float) -> St
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from tvix_mountd.supervisor.config import ConfigError, load_config
+
     try:
         config = load_config(args.file)
     except ConfigError as e:
@@ -172,7 +176,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from tvix_mountd.supervisor.config import default_config
+    from tvix_mountd.supervisor.config import ConfigError, default_config, load_config
     from tvix_mountd.supervisor.logs import setup_logging
     from tvix_mountd.supervisor.service import Supervisor, SupervisorError
 
@@ -192,6 +196,8 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
+    from tvix_mountd.supervisor.config import DEFAULT_STATE_DIR, ConfigError, load_state_dir
+
     if args.state_dir:
         return Path(args.state_dir)
     if args.config:
@@ -199,8 +205,6 @@ def _state_dir(args: argparse.Namespace) -> Path:
             return Path(load_state_dir(args.config))
         except ConfigError as e:
             raise CliError("\n".join(f"{e.source}: {p}" for p in e.problems), EXIT_USAGE) from None
-    from tvix_mountd.supervisor.config import DEFAULT_STATE_DIR
-
     return Path(DEFAULT_STATE_DIR)
 
 

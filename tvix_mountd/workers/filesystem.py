@@ -321,17 +321,31 @@ class StoreFilesystem(pyfuse3.Operations):
 
     @_instrumented("readdir")
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        for name, node, next_id in await self.dir_entries(fh, start_id):
+        names, nodes, first = await self._listing(fh, start_id)
+        ref = self.inodes.ref
+        # Entries are built one at a time until the kernel's buffer is full:
+        # a big directory's readdir costs only what one buffer holds.
+        for i in range(start_id - first, len(names)):
+            node = nodes[i]
             # readdirplus: each entry the kernel takes counts as a lookup.
-            inode = self.inodes.ref(node)
-            if not pyfuse3.readdir_reply(token, name, entry_attributes(inode.ino, node), next_id):
+            inode = ref(node)
+            if not pyfuse3.readdir_reply(
+                token, names[i], entry_attributes(inode.ino, node), first + i + 1
+            ):
                 self.inodes.forget(inode.ino, 1)
                 break
 
     async def dir_entries(
         self, fh: int, start_id: int, limit: int = 1024
     ) -> list[tuple[bytes, Node, int]]:
-        """Up to `limit` entries from offset `start_id`: (name, node, next offset).
+        """Up to `limit` entries from offset `start_id`: (name, node, next offset),
+        as `readdir` hands them to the kernel (without counting lookups)."""
+        names, nodes, first = await self._listing(fh, start_id)
+        end = min(len(names), start_id - first + limit)
+        return [(names[i], nodes[i], first + i + 1) for i in range(start_id - first, end)]
+
+    async def _listing(self, fh: int, start_id: int) -> tuple[Sequence[bytes], Sequence[Node], int]:
+        """(names, nodes, offset of names[0]) covering offset `start_id` on.
 
         Offsets are positions in the name-ordered listing, so a listing
         resumed at any offset continues exactly where it stopped.
@@ -340,14 +354,11 @@ class StoreFilesystem(pyfuse3.Operations):
         if listing is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         if isinstance(listing, _RootListing):
-            # Root entries come from a stream; pull only about what fits in
-            # one kernel buffer.
-            items = await self._root_window(listing, start_id, min(limit, ROOT_READDIR_BATCH))
-        else:
-            names, nodes = await self._children(listing.inode)
-            end = min(len(names), start_id + limit)
-            items = list(zip(names[start_id:end], nodes[start_id:end], strict=True))
-        return [(name, node, i) for i, (name, node) in enumerate(items, start_id + 1)]
+            # Root entries come from a stream: pull about one kernel buffer.
+            window = await self._root_window(listing, start_id, ROOT_READDIR_BATCH)
+            return [name for name, _ in window], [node for _, node in window], start_id
+        names, nodes = await self._children(listing.inode)
+        return names, nodes, 0
 
     async def _root_window(
         self, listing: _RootListing, start_id: int, limit: int
@@ -482,11 +493,8 @@ class StoreFilesystem(pyfuse3.Operations):
         if open_file is not None and open_file.reader is not None:
             await open_file.reader.aclose()
 
-    async def flush(self, fh: int) -> None:
-        pass
-
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        pass
+    # flush and fsync are left to pyfuse3's default (ENOSYS): the kernel then
+    # stops sending them at all, one round trip less per close().
 
     @_instrumented("readlink")
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
