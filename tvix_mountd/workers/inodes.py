@@ -14,43 +14,35 @@ from __future__ import annotations
 
 from typing import Final
 
-from tvix_mountd.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from tvix_mountd.castore.nodes import Node
 
 ROOT_INODE: Final = 1
 
-_InodeKey = tuple[object, ...]
-
-
-def inode_key(node: Node) -> _InodeKey:
-    match node:
-        case DirectoryNode(digest, _):
-            return (0, digest)
-        case FileNode(digest, size, executable):
-            return (1, digest, executable, size)
-        case SymlinkNode(target):
-            return (2, target)
-
 
 class Inode:
-    """One live inode: its node, the kernel's lookup count, and (for a
-    directory, once read) its children in name order."""
+    """One live inode: its node, the kernel's lookup count, (for a directory,
+    once read) its children in name order, and its attributes once built."""
 
-    __slots__ = ("children", "ino", "key", "lookups", "node")
+    __slots__ = ("attr", "children", "ino", "lookups", "node")
 
-    def __init__(self, ino: int, node: Node, key: _InodeKey) -> None:
+    def __init__(self, ino: int, node: Node) -> None:
         self.ino = ino
         self.node = node
-        self.key = key
         self.lookups = 0
         # (names, nodes), both in name order: bisect finds a name, an index
         # is a stable readdir offset.
         self.children: tuple[tuple[bytes, ...], tuple[Node, ...]] | None = None
+        # Content never changes, so neither do the attributes: built once.
+        self.attr: object | None = None
 
 
 class InodeTable:
     def __init__(self) -> None:
         self._by_ino: dict[int, Inode] = {}
-        self._by_key: dict[_InodeKey, Inode] = {}
+        # Nodes are frozen dataclasses that compare by kind and every field,
+        # so the node itself is the sharing key: directories by digest (and
+        # size), symlinks by target, files by digest, size and executable bit.
+        self._by_node: dict[Node, Inode] = {}
         self._next_ino = ROOT_INODE + 1
 
     def __len__(self) -> int:
@@ -61,13 +53,12 @@ class InodeTable:
 
     def ref(self, node: Node) -> Inode:
         """The inode for `node` (allocated if new), its lookup count raised by one."""
-        key = inode_key(node)
-        inode = self._by_key.get(key)
+        inode = self._by_node.get(node)
         if inode is None:
-            inode = Inode(self._next_ino, node, key)
+            inode = Inode(self._next_ino, node)
             self._next_ino += 1
             self._by_ino[inode.ino] = inode
-            self._by_key[key] = inode
+            self._by_node[node] = inode
         inode.lookups += 1
         return inode
 
@@ -78,4 +69,4 @@ class InodeTable:
         inode.lookups -= count
         if inode.lookups <= 0:
             del self._by_ino[ino]
-            del self._by_key[inode.key]
+            del self._by_node[inode.node]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import gc
 import logging
 import os
 import signal
@@ -113,6 +114,30 @@ def _set_read_ahead(mountpoint: str, kb: int) -> None:
         log.info("could not set %s to %d: %s", bdi, kb, e)
 
 
+async def _after_init(mountpoint: str, read_ahead_kb: int) -> None:
+    """Raise the mount's readahead once the kernel has processed FUSE INIT.
+
+    The INIT reply lowers the bdi's readahead to what the daemon offers
+    (libfuse passes on the kernel's 128 KiB), so a value written before it is
+    lost. A statfs is answered only after INIT, so its return marks the moment.
+    """
+    await trio.to_thread.run_sync(os.statvfs, mountpoint)
+    _set_read_ahead(mountpoint, read_ahead_kb)
+
+
+def _tune_gc() -> None:
+    """Keep the cyclic GC from rescanning what a mount accumulates.
+
+    Inodes, nodes and listings hold no reference cycles, but every one is a
+    container the collector would walk again and again as 100,000s pile up.
+    Freeze what exists (the imported modules) and collect the young
+    generation far less often.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
+
+
 async def serve(
     fs: StoreFilesystem,
     mountpoint: str,
@@ -128,10 +153,13 @@ async def serve(
     except RuntimeError as e:
         raise MountError(f"cannot mount {mountpoint}: {e}") from None
     try:
-        _set_read_ahead(mountpoint, options.read_ahead_kb)
         log.info("mounted %s", mountpoint)
-        task_status.started()
-        await pyfuse3.main()
+        _tune_gc()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_after_init, mountpoint, options.read_ahead_kb)
+            task_status.started()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await fs.close()
