@@ -102,6 +102,21 @@ class _Child:
     exitcode: int | None = None
 
 
+async def terminate(child: _Child, what: str) -> None:
+    """SIGTERM a child (a worker unmounts), SIGKILL if it does not go in time."""
+    if child.exited.is_set():
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(child.pid, signal.SIGTERM)
+    with trio.move_on_after(STOP_TIMEOUT):
+        await child.exited.wait()
+    if not child.exited.is_set():
+        log.warning("%s %d ignored SIGTERM, killing it", what, child.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGKILL)
+        await child.exited.wait()
+
+
 class MountRunner:
     """Keeps one mount's worker running; its state is what `status` shows."""
 
@@ -119,6 +134,7 @@ class MountRunner:
         self.done = trio.Event()
         self._crashes: deque[float] = deque()
         self._child: _Child | None = None
+        self._spawning = False
 
     @property
     def name(self) -> str:
@@ -178,19 +194,27 @@ class MountRunner:
                 await trio.Path(self.mount.mountpoint).mkdir(parents=True, exist_ok=True)
             await trio.Path(error_file).unlink(missing_ok=True)
             try:
-                child = await self.supervisor.spawn(
-                    "worker",
-                    self.name,
-                    self.mount.model_dump_json(),
-                    self.store.model_dump_json(),
-                    self.supervisor.rootcache_socket,
-                    str(error_file),
-                )
+                # Shielded and never cancelled by stop(): a worker being forked
+                # must come back with its PID, or nobody could stop it.
+                self._spawning = True
+                with trio.CancelScope(shield=True):
+                    child = await self.supervisor.spawn(
+                        "worker",
+                        self.name,
+                        self.mount.model_dump_json(),
+                        self.store.model_dump_json(),
+                        self.supervisor.rootcache_socket,
+                        str(error_file),
+                    )
             except SpawnError as e:
                 self._set_state("failed", str(e))
                 return
+            finally:
+                self._spawning = False
             self._child = child
             self.pid = child.pid
+            if self.stopping:  # stop() came while forking: it waits for us
+                await terminate(child, f"mount {self.name}: worker")
             started = time.monotonic()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_start, child, nursery.cancel_scope)
@@ -245,20 +269,12 @@ class MountRunner:
         self._set_state("starting", f"not mounted after {START_TIMEOUT:g} s")
 
     async def stop(self) -> None:
-        """SIGTERM the worker (it unmounts), SIGKILL if it does not go in time."""
+        """Stop the worker and keep it stopped; returns once it is gone."""
         self.stopping = True
         child = self._child
-        if child is not None and not child.exited.is_set():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signal.SIGTERM)
-            with trio.move_on_after(STOP_TIMEOUT):
-                await child.exited.wait()
-            if not child.exited.is_set():
-                log.warning("mount %s: worker %d ignored SIGTERM, killing it", self.name, child.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.pid, signal.SIGKILL)
-                await child.exited.wait()
-        else:
+        if child is not None:
+            await terminate(child, f"mount {self.name}: worker")
+        elif not self._spawning:
             self.cancel_scope.cancel()
         await self.done.wait()
         await self.clear_mountpoint()
@@ -276,6 +292,7 @@ class Supervisor:
         self.mounts: dict[str, MountRunner] = {}
         self.rootcache_pid: int | None = None
         self._rootcache: _Child | None = None
+        self._rootcache_lock = trio.Lock()
         # Services for readiness probes, per store, opened on first use.
         self._probe_stores: dict[str, Store] = {}
         self._probe_configs: dict[str, StoreConfig] = {}
@@ -497,11 +514,20 @@ class Supervisor:
         crashes = 0
         while not self._shutdown.is_set():
             await trio.Path(self.rootcache_socket).unlink(missing_ok=True)
-            child = await self.spawn(
-                "rootcache", "rootcache", self.config.model_dump_json(), self.rootcache_socket
-            )
-            self.rootcache_pid = child.pid
-            self._rootcache = child
+            # Shielded, and under the lock _stop_rootcache takes: a fork in
+            # flight must come back with its PID, or nobody could stop it.
+            async with self._rootcache_lock:
+                if self._shutdown.is_set():
+                    return
+                with trio.CancelScope(shield=True):
+                    child = await self.spawn(
+                        "rootcache",
+                        "rootcache",
+                        self.config.model_dump_json(),
+                        self.rootcache_socket,
+                    )
+                self.rootcache_pid = child.pid
+                self._rootcache = child
             started = time.monotonic()
             await child.exited.wait()
             self.rootcache_pid = None
@@ -513,17 +539,10 @@ class Supervisor:
             await trio.sleep(restart_delay(crashes))
 
     async def _stop_rootcache(self) -> None:
-        child = self._rootcache
-        if child is None or child.exited.is_set():
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signal.SIGTERM)
-        with trio.move_on_after(STOP_TIMEOUT):
-            await child.exited.wait()
-            return
-        log.warning("rootcache %d ignored SIGTERM, killing it", child.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signal.SIGKILL)
+        async with self._rootcache_lock:  # waits for a fork in flight
+            child = self._rootcache
+        if child is not None:
+            await terminate(child, "rootcache")
 
     async def _notify_systemd(self) -> None:
         while not all(r.state == "serving" for r in self.mounts.values()):
