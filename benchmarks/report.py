@@ -1,0 +1,252 @@
+"""Medians, ratios and targets: the table, as text for the terminal and as Markdown."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from benchmarks.data import DataSpec
+
+PEER_LABELS: Final = {
+    "native": "native",
+    "bindfs": "bindfs",
+    "squashfuse": "squashfuse_ll",
+    "tvix": "tvix-mountd",
+    "tvix-whatif": "tvix-mountd what-if",
+}
+SHORT: Final = {
+    "native": "native",
+    "bindfs": "bindfs",
+    "squashfuse": "sqfs",
+    "tvix": "tvix",
+    "tvix-whatif": "what-if",
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str  # "<workload>_<cold|warm>" or "rss"
+    workload: str
+    phase: str
+    target: float  # ratio to native; for rss, MB
+    design_ref: str  # the reference ratios in DESIGN.md (bindfs / squashfuse_ll)
+
+
+ROWS: Final = (
+    Row("read_cold", "read", "cold", 2.0, "4.6x / 2.8x"),
+    Row("read_warm", "read", "warm", 2.0, "2.0x / 2.4x"),
+    Row("walk_cold", "walk", "cold", 2.0, "4.3x / 2.1x"),
+    Row("walk_warm", "walk", "warm", 2.0, "1.7x / 1.8x"),
+    Row("ls_cold", "ls", "cold", 2.0, "1.2x / 0.5x"),
+    Row("ls_warm", "ls", "warm", 2.0, "1.4x / 0.8x"),
+    Row("cat_cold", "cat", "cold", 1.5, "3.0x / 1.0x"),
+    Row("rss", "walk", "rss", 60.0, "20 MB / 3 MB"),
+)
+
+
+def row_label(row: Row, spec: DataSpec) -> str:
+    big = (
+        f"{spec.big_bytes >> 30} GiB"
+        if spec.big_bytes % (1 << 30) == 0
+        else f"{spec.big_bytes >> 20} MiB"
+    )
+    labels = {
+        "read": f"{big} sequential read",
+        "walk": f"stat walk of {_count(spec.small_files)} files",
+        "ls": f"`ls -f` of a {_count(spec.wide_files)}-entry directory",
+        "cat": f"cat every one of {_count(spec.small_files)} small files",
+    }
+    if row.key == "rss":
+        return "daemon peak RSS (VmHWM) after the walks"
+    return f"{labels[row.workload]}, {row.phase}"
+
+
+def _count(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else f"{n:,}"
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+@dataclass(frozen=True)
+class Cell:
+    value: float | None  # seconds, or MB for rss
+    spread: tuple[float, float] | None  # (min, max)
+    n: int
+
+
+def summarize(samples: list[dict[str, Any]], peers: list[str]) -> dict[str, dict[str, Cell]]:
+    """row key -> peer -> median cell, from the raw samples."""
+    table: dict[str, dict[str, Cell]] = {}
+    for row in ROWS:
+        cells: dict[str, Cell] = {}
+        for peer in peers:
+            values: list[float] = []
+            for s in samples:
+                if s["workload"] != row.workload or s["peer"] != peer:
+                    continue
+                if row.key == "rss":
+                    if s.get("vmhwm_kb") is not None:
+                        values.append(s["vmhwm_kb"] / 1024)
+                elif s.get(row.phase) is not None:
+                    values.append(s[row.phase]["seconds"])
+            cells[peer] = Cell(
+                median(values), (min(values), max(values)) if values else None, len(values)
+            )
+        if any(c.value is not None for c in cells.values()):
+            table[row.key] = cells
+    return table
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _fmt_time(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds:.2f} s"
+
+
+def _fmt_ratio(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+TVIX_PEERS: Final = ("tvix", "tvix-whatif")
+
+
+def table_rows(
+    table: dict[str, dict[str, Cell]], peers: list[str], spec: DataSpec
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: absolute medians per peer, ratios to native and to
+    bindfs, tvix-mountd against the fastest C peer, the target and whether it is met."""
+    fuse_peers = [p for p in peers if p != "native"]
+    header = ["workload", *(PEER_LABELS[p] for p in peers)]
+    ratio_native = fuse_peers if "native" in peers else []
+    ratio_bindfs = [p for p in fuse_peers if p != "bindfs"] if "bindfs" in peers else []
+    header += [f"{SHORT[p]}/native" for p in ratio_native]
+    header += [f"{SHORT[p]}/bindfs" for p in ratio_bindfs]
+    c_peers = [p for p in ("bindfs", "squashfuse") if p in peers]
+    tvix_peers = [p for p in TVIX_PEERS if p in peers]
+    if c_peers:
+        header += [f"{SHORT[p]}/best C" for p in tvix_peers]
+    header.append("target")
+    header += ["met" if p == "tvix" else f"met ({SHORT[p]})" for p in tvix_peers]
+    header.append("DESIGN ref bindfs/sqfs")
+
+    rows: list[list[str]] = []
+    for row in ROWS:
+        cells = table.get(row.key)
+        if cells is None:
+            continue
+        out = [row_label(row, spec)]
+        rss = row.key == "rss"
+        if rss:
+            out += [_fmt_mb(cells[p].value) for p in peers]
+            out += ["-"] * (len(ratio_native) + len(ratio_bindfs))
+        else:
+            out += [_fmt_time(cells[p].value) for p in peers]
+            native = cells["native"].value if "native" in cells else None
+            bindfs = cells["bindfs"].value if "bindfs" in cells else None
+            out += [_fmt_ratio(_ratio(cells[p].value, native)) for p in ratio_native]
+            out += [_fmt_ratio(_ratio(cells[p].value, bindfs)) for p in ratio_bindfs]
+        if c_peers:
+            best = _best(cells, c_peers)
+            out += [_fmt_ratio(_ratio(cells[p].value, best)) for p in tvix_peers]
+        out.append(f"<= {row.target:.0f} MB" if rss else f"<= {row.target:.1f}x")
+        for p in tvix_peers:
+            value = cells[p].value if rss else _ratio(cells[p].value, native)
+            out.append(_fmt_met(None if value is None else value <= row.target))
+        out.append(row.design_ref)
+        rows.append(out)
+    return header, rows
+
+
+def _fmt_mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} MB"
+
+
+def _best(cells: dict[str, Cell], peers: Sequence[str]) -> float | None:
+    values = [v for p in peers if (v := cells[p].value) is not None]
+    return min(values) if values else None
+
+
+def _fmt_met(met: bool | None) -> str:
+    if met is None:
+        return "-"
+    return "yes" if met else "NO"
+
+
+def ratios(table: dict[str, dict[str, Cell]]) -> dict[str, dict[str, float | None]]:
+    """row key -> {"<peer>/native": ratio, ...} for the JSON results."""
+    out: dict[str, dict[str, float | None]] = {}
+    for key, cells in table.items():
+        if key == "rss":
+            continue
+        native = cells["native"].value if "native" in cells else None
+        bindfs = cells["bindfs"].value if "bindfs" in cells else None
+        out[key] = {}
+        for peer, cell in cells.items():
+            if peer != "native":
+                out[key][f"{peer}/native"] = _ratio(cell.value, native)
+            if peer not in ("native", "bindfs"):
+                out[key][f"{peer}/bindfs"] = _ratio(cell.value, bindfs)
+    return out
+
+
+def render_text(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w)
+            for i, (h, w) in enumerate(zip(header, widths, strict=True))
+        )
+    ]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    return "\n".join(lines)
+
+
+def render_markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
+    for r in rows:
+        lines.append("| " + " | ".join(r) + " |")
+    return "\n".join(lines)
+
+
+def render_spread_markdown(
+    table: dict[str, dict[str, Cell]], peers: list[str], spec: DataSpec
+) -> str:
+    """min / median / max of every cell, to show how stable each median is."""
+    header = ["workload", *(PEER_LABELS[p] for p in peers)]
+    lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * len(peers) + "|"]
+    for row in ROWS:
+        cells = table.get(row.key)
+        if cells is None:
+            continue
+        parts = [row_label(row, spec)]
+        for p in peers:
+            c = cells[p]
+            if c.value is None or c.spread is None:
+                parts.append("-")
+            elif row.key == "rss":
+                parts.append(f"{c.spread[0]:.1f} / {c.value:.1f} / {c.spread[1]:.1f} MB (n={c.n})")
+            else:
+                lo, hi = c.spread
+                parts.append(f"{_fmt_time(lo)} / {_fmt_time(c.value)} / {_fmt_time(hi)} (n={c.n})")
+        lines.append("| " + " | ".join(parts) + " |")
+    return "\n".join(lines)
