@@ -87,16 +87,16 @@ def _nofailafter() -> None:
 
     log = logging.getLogger("tvix_mountd.workers.filesystem")
 
-    async def _backend(self: Any, what: str, fn: Callable[[], Any]) -> Any:
+    async def _backend(self: Any, fn: Callable[[], Any], what: str, *args: object) -> Any:
         try:
             return await fn()
         except StoreError as e:
-            log.warning("%s: %s", what, e)
+            log.warning("%s: %s", what % args, e)
         except Exception:
-            log.exception("%s: unexpected error", what)
+            log.exception("%s: unexpected error", what % args)
         raise pyfuse3.FUSEError(errno.EIO)
 
-    StoreFilesystem._backend = _backend  # type: ignore[method-assign]
+    StoreFilesystem._backend = _backend  # type: ignore[method-assign, assignment]
 
 
 _APPLY: Final[dict[str, Callable[[], None]]] = {
