@@ -96,7 +96,7 @@ def _nofailafter() -> None:
             log.exception("%s: unexpected error", what % args)
         raise pyfuse3.FUSEError(errno.EIO)
 
-    StoreFilesystem._backend = _backend  # type: ignore[method-assign, assignment]
+    StoreFilesystem._backend = _backend  # type: ignore[method-assign]
 
 
 _APPLY: Final[dict[str, Callable[[], None]]] = {
