@@ -32,6 +32,7 @@ from typing import Final, TypeVar
 
 import trio
 
+from tests.grpc_server import GrpcStoreServer
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.importer import import_path
 from tvix_mountd.castore.nodes import Directory
@@ -39,11 +40,6 @@ from tvix_mountd.castore.pathinfo import PathInfo
 from tvix_mountd.castore.store import Store
 from tvix_mountd.castore.storepath import source_store_path
 from tvix_mountd.workers.mount import detach
-
-try:
-    from tests.grpc_server import GrpcStoreServer
-except ModuleNotFoundError:  # tests/ is no package, so pytest put tests/ itself on sys.path
-    from grpc_server import GrpcStoreServer  # type: ignore[import-not-found, no-redef]
 
 T = TypeVar("T")
 

@@ -39,16 +39,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
+from tests.mounting import BackingStore, StoreAddrs, wait_until
 from tvix_mountd.workers.mount import detach
-
-try:
-    from tests.mounting import BackingStore, StoreAddrs, wait_until
-except ModuleNotFoundError:  # tests/ is no package, so pytest put tests/ itself on sys.path
-    from mounting import (  # type: ignore[import-not-found, no-redef]
-        BackingStore,
-        StoreAddrs,
-        wait_until,
-    )
 
 CLI: Final = (sys.executable, "-m", "tvix_mountd.cli")
 # Generous: a loaded CI machine under `pytest -n 2` may take seconds to start
@@ -710,3 +702,38 @@ def readers(
     finally:
         for reader in started:
             reader.kill()
+
+
+@dataclass
+class World:
+    """A service over an embedded store holding some trees."""
+
+    svc: Service
+    sources: dict[str, Path]  # store path basename -> the tree it was imported from
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.sources)
+
+    def path(self, mount: str, name: str | None = None) -> Path:
+        return self.svc.mountpoint(mount) / (name or self.names[0])
+
+    def check_serves(self, mount: str) -> None:
+        """Every tree reads back exactly, through `mount`."""
+        for name, source in self.sources.items():
+            assert tree_files(self.path(mount, name)) == tree_files(source), (mount, name)
+
+
+@contextlib.contextmanager
+def world(
+    tmp_path: Path, mounts: tuple[str, ...] = ("a", "b"), trees: int = 2, **supervisor: object
+) -> Iterator[World]:
+    """A running service with `mounts` of one embedded store holding `trees` trees."""
+    sources = [make_tree(tmp_path / "src" / f"tree{i}") for i in range(trees)]
+    addrs, names = embedded_store(tmp_path / "store", sources)
+    with Service(tmp_path / "svc") as svc:
+        svc.supervisor.update(supervisor)
+        svc.add_store("local", addrs)
+        for name in mounts:
+            svc.add_mount(name)
+        yield World(svc, dict(zip(names, sources, strict=True)))

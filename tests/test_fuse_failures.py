@@ -21,43 +21,26 @@ from typing import Final
 
 import pytest
 
+from tests.mounting import (
+    BackingStore,
+    Mount,
+    StoreAddrs,
+    assert_errno,
+    backing_store,
+    errno_of,
+    is_mounted,
+    mounted,
+    pinned,
+    run_mount_expecting_failure,
+    wait_until,
+)
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.nodes import DirectoryNode
 from tvix_mountd.castore.pathinfo import PathInfo
 from tvix_mountd.castore.store import Store
 
-try:
-    from tests.mounting import (
-        BackingStore,
-        Mount,
-        StoreAddrs,
-        assert_errno,
-        backing_store,
-        errno_of,
-        is_mounted,
-        mounted,
-        pinned,
-        run_mount_expecting_failure,
-        wait_until,
-    )
-except ModuleNotFoundError:  # tests/ is no package, so pytest put tests/ itself on sys.path
-    from mounting import (  # type: ignore[import-not-found, no-redef]
-        BackingStore,
-        Mount,
-        StoreAddrs,
-        assert_errno,
-        backing_store,
-        errno_of,
-        is_mounted,
-        mounted,
-        pinned,
-        run_mount_expecting_failure,
-        wait_until,
-    )
-
 pytestmark = [
     pytest.mark.fuse,
-    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
 ]
 
 # A functional bound for an operation on a hung backend (timeout 1 s), not a benchmark.

@@ -24,6 +24,18 @@ from typing import Final
 import pytest
 import trio
 
+from tests.mounting import (
+    BackingStore,
+    DirStream,
+    Mount,
+    assert_errno,
+    backing_store,
+    errno_of,
+    listdir_bytes,
+    mounted,
+    pinned,
+    read_with_positions,
+)
 from tvix_mountd.castore.blobs.memory import MemoryBlobService
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories.memory import MemoryDirectoryService
@@ -34,36 +46,8 @@ from tvix_mountd.castore.pathinfos.memory import MemoryPathInfoService
 from tvix_mountd.castore.store import Store
 from tvix_mountd.castore.storepath import StorePath
 
-try:
-    from tests.mounting import (
-        BackingStore,
-        DirStream,
-        Mount,
-        assert_errno,
-        backing_store,
-        errno_of,
-        listdir_bytes,
-        mounted,
-        pinned,
-        read_with_positions,
-    )
-except ModuleNotFoundError:  # tests/ is no package, so pytest put tests/ itself on sys.path
-    from mounting import (  # type: ignore[import-not-found, no-redef]
-        BackingStore,
-        DirStream,
-        Mount,
-        assert_errno,
-        backing_store,
-        errno_of,
-        listdir_bytes,
-        mounted,
-        pinned,
-        read_with_positions,
-    )
-
 pytestmark = [
     pytest.mark.fuse,
-    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
 ]
 
 DIR_XATTR: Final = "user.tvix.castore.directory.digest"

@@ -6,7 +6,6 @@ functional requirements (DESIGN.md, "Reliability"), not benchmarks.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import itertools
 import os
@@ -14,52 +13,30 @@ import re
 import signal
 import statistics
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Final
 
 import pytest
 
+from tests.grpc_server import GrpcStoreServer
+from tests.mounting import BackingStore, StoreAddrs, errno_of, wait_until
+from tests.supervising import (
+    Service,
+    embedded_store,
+    make_tree,
+    mounts_under,
+    process_figures,
+    readers,
+    start_time,
+    tree_files,
+    world,
+)
 from tvix_mountd.supervisor.service import RESTART_BASE, RESTART_CAP, restart_delay
 from tvix_mountd.workers.mount import detach
 
-try:
-    from tests.grpc_server import GrpcStoreServer
-    from tests.mounting import BackingStore, StoreAddrs, errno_of, wait_until
-    from tests.supervising import (
-        Service,
-        embedded_store,
-        make_tree,
-        mounts_under,
-        process_figures,
-        readers,
-        start_time,
-        tree_files,
-    )
-except ModuleNotFoundError:  # tests/ is no package, so pytest put tests/ itself on sys.path
-    from grpc_server import GrpcStoreServer  # type: ignore[import-not-found, no-redef]
-    from mounting import (  # type: ignore[import-not-found, no-redef]
-        BackingStore,
-        StoreAddrs,
-        errno_of,
-        wait_until,
-    )
-    from supervising import (  # type: ignore[import-not-found, no-redef]
-        Service,
-        embedded_store,
-        make_tree,
-        mounts_under,
-        process_figures,
-        readers,
-        start_time,
-        tree_files,
-    )
-
 pytestmark = [
     pytest.mark.fuse,
-    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
 ]
 
 # DESIGN.md: a killed worker serves again, and a restarted rootcache resolves
@@ -71,33 +48,6 @@ LOAD_SECONDS: Final = 60.0
 # Under the load test's 16 readers (on 2 cores) a replaced worker may take a
 # little longer; failures later than this mean it did not recover.
 LOAD_RECOVERY_BOUND: Final = 5.0
-
-
-@dataclass
-class World:
-    svc: Service
-    sources: dict[str, Path]  # store path basename -> the tree it was imported from
-
-    @property
-    def names(self) -> list[str]:
-        return sorted(self.sources)
-
-    def path(self, mount: str, name: str | None = None) -> Path:
-        return self.svc.mountpoint(mount) / (name or self.names[0])
-
-
-@contextlib.contextmanager
-def world(
-    tmp_path: Path, mounts: tuple[str, ...] = ("a", "b"), trees: int = 2, **supervisor: object
-) -> Iterator[World]:
-    sources = [make_tree(tmp_path / "src" / f"tree{i}") for i in range(trees)]
-    addrs, names = embedded_store(tmp_path / "store", sources)
-    with Service(tmp_path / "svc") as svc:
-        svc.supervisor.update(supervisor)
-        svc.add_store("local", addrs)
-        for name in mounts:
-            svc.add_mount(name)
-        yield World(svc, dict(zip(names, sources, strict=True)))
 
 
 def _pid(svc: Service, mount: str) -> int:

@@ -16,40 +16,26 @@ import socket
 import stat
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
 
+from tests.supervising import (
+    Reader,
+    Service,
+    embedded_store,
+    make_tree,
+    mounts_under,
+    start_time,
+    tree_files,
+    world,
+)
 from tvix_mountd.supervisor.config import SupervisorConfig
-
-try:
-    from tests.supervising import (
-        Reader,
-        Service,
-        embedded_store,
-        make_tree,
-        mounts_under,
-        start_time,
-        tree_files,
-    )
-except ModuleNotFoundError:  # tests/ is no package, so pytest put tests/ itself on sys.path
-    from supervising import (  # type: ignore[import-not-found, no-redef]
-        Reader,
-        Service,
-        embedded_store,
-        make_tree,
-        mounts_under,
-        start_time,
-        tree_files,
-    )
 
 pytestmark = [
     pytest.mark.fuse,
-    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
 ]
 
 MOUNT_KEYS: Final = {"name", "mountpoint", "store", "pid", "state", "restarts", "since", "error"}
@@ -58,40 +44,6 @@ RECORD: Final = re.compile(
     r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL)"
     r" \[(?P<tag>[^\]]+)\] (?P<logger>\S+): (?P<msg>.*)$"
 )
-
-
-@dataclass
-class World:
-    """A service over an embedded store holding two trees."""
-
-    svc: Service
-    sources: dict[str, Path]  # store path basename -> the tree it was imported from
-
-    @property
-    def names(self) -> list[str]:
-        return sorted(self.sources)
-
-    def path(self, mount: str, name: str | None = None) -> Path:
-        return self.svc.mountpoint(mount) / (name or self.names[0])
-
-    def check_serves(self, mount: str) -> None:
-        """Every tree reads back exactly, through `mount`."""
-        for name, source in self.sources.items():
-            assert tree_files(self.path(mount, name)) == tree_files(source), (mount, name)
-
-
-@contextlib.contextmanager
-def world(
-    tmp_path: Path, mounts: tuple[str, ...] = ("a", "b"), **supervisor: object
-) -> Iterator[World]:
-    sources = [make_tree(tmp_path / "src" / n) for n in ("alpha", "beta")]
-    addrs, names = embedded_store(tmp_path / "store", sources)
-    with Service(tmp_path / "svc") as svc:
-        svc.supervisor.update(supervisor)
-        svc.add_store("local", addrs)
-        for name in mounts:
-            svc.add_mount(name)
-        yield World(svc, dict(zip(names, sources, strict=True)))
 
 
 def _no_errors(svc: Service) -> None:
