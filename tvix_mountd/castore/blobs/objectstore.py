@@ -78,7 +78,10 @@ class FileBlobReader(BlobReader):
             raise ValueError(f"invalid read of {n} bytes at {offset}")
         try:
             data = os.pread(self._fd, n, offset)
-            if 0 < len(data) < n:
+            # Short only at the end of the file (the size fstat gave): then there
+            # is nothing more to read, and a second pread would cost a syscall
+            # on every small file's last read.
+            if 0 < len(data) < n and offset + len(data) < self._size:
                 # A regular file reads short only at its end, but keep the
                 # "exactly n bytes" contract even if it does not.
                 parts = [data]
