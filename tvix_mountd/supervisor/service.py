@@ -170,7 +170,7 @@ class MountRunner:
         found = find_mount(self.mount.mountpoint)
         if (
             found is not None
-            and found[1].startswith("fuse")
+            and found.fstype.startswith("fuse")
             and is_dead_mount(self.mount.mountpoint)
         ):
             log.info("mount %s: detaching the dead mount at %s", self.name, self.mount.mountpoint)
@@ -260,7 +260,7 @@ class MountRunner:
         with trio.move_on_after(START_TIMEOUT):
             while True:
                 found = find_mount(self.mount.mountpoint)
-                if found is not None and found[1] == "fuse.tvix":
+                if found is not None and found.fstype == "fuse.tvix":
                     problem = await stat_with_deadline(self.mount.mountpoint)
                     if problem is None:
                         self._set_state("serving")
@@ -356,11 +356,8 @@ class Supervisor:
             found = find_mount(mount.mountpoint)
             if (
                 found is not None
-                and found[1].startswith("fuse")
-                and (
-                    is_dead_mount(mount.mountpoint)
-                    or _mount_source(mount.mountpoint) == fsname(mount.name)
-                )
+                and found.fstype.startswith("fuse")
+                and (is_dead_mount(mount.mountpoint) or found.source == fsname(mount.name))
             ):
                 log.warning("clearing a stale mount left at %s", mount.mountpoint)
                 detach(mount.mountpoint)
@@ -724,15 +721,6 @@ class Supervisor:
 
         await self._refresh_rootcache_stats()
         return render([rootcache_collector(lambda: self._rootcache_stats)])
-
-
-def _mount_source(mountpoint: str) -> str | None:
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == mountpoint:
-                return fields[fields.index("-") + 2]
-    return None
 
 
 def _is_tvix_mountd(pid: int) -> bool:

@@ -11,6 +11,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pyfuse3
 import trio
@@ -54,13 +55,20 @@ def _unescape(field: str) -> str:
     return field.encode().decode("unicode_escape")
 
 
-def find_mount(mountpoint: str) -> tuple[str, str] | None:
-    """(major:minor, fstype) of what is mounted at `mountpoint`, if anything."""
+class MountEntry(NamedTuple):
+    device: str  # major:minor
+    fstype: str  # fuse.tvix for ours
+    source: str  # tvix-mountd:NAME for ours
+
+
+def find_mount(mountpoint: str) -> MountEntry | None:
+    """What is mounted at `mountpoint` (the topmost), if anything."""
+    found = None
     for fields in _mountinfo():
         if _unescape(fields[4]) == mountpoint:
             sep = fields.index("-")
-            return fields[2], fields[sep + 1]
-    return None
+            found = MountEntry(fields[2], fields[sep + 1], _unescape(fields[sep + 2]))
+    return found
 
 
 def detach(mountpoint: str) -> None:
@@ -91,7 +99,7 @@ def is_dead_mount(mountpoint: str) -> bool:
 def prepare_mountpoint(mountpoint: str) -> None:
     """Check `mountpoint` is an empty directory; clear a dead FUSE mount left on it."""
     existing = find_mount(mountpoint)
-    if existing is not None and existing[1].startswith("fuse"):
+    if existing is not None and existing.fstype.startswith("fuse"):
         if not is_dead_mount(mountpoint):
             raise MountError(f"{mountpoint} is already a mounted FUSE filesystem")
         log.warning("%s: clearing a dead FUSE mount left behind", mountpoint)
@@ -107,7 +115,7 @@ def _set_read_ahead(mountpoint: str, kb: int) -> None:
     found = find_mount(mountpoint)
     if found is None:
         return
-    bdi = Path("/sys/class/bdi") / found[0] / "read_ahead_kb"
+    bdi = Path("/sys/class/bdi") / found.device / "read_ahead_kb"
     try:
         bdi.write_text(str(kb))
     except OSError as e:
@@ -193,6 +201,7 @@ async def serve_until_signalled(
 
 
 __all__ = [
+    "MountEntry",
     "MountError",
     "MountOptions",
     "detach",
