@@ -18,11 +18,6 @@ Patches:
               objects leave the collector's view) and gen0 threshold 20,000
               instead of 700: fewer and shorter cyclic collections while
               100k inodes pile up.
-  nofailafter StoreFilesystem._backend without trio.fail_after: the same
-              error mapping (StoreError or any exception -> EIO and a log
-              line) but no cancel scope with a deadline, which costs ~20 us
-              per call here; a local objectstore+file/sqlite backend never
-              awaits anything a deadline could cancel.
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -34,7 +29,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Final
 
-PATCHES: Final = ("noflush", "attrcache", "gc", "nofailafter", "readahead")
+PATCHES: Final = ("noflush", "attrcache", "gc", "readahead")
 HARNESS_ONLY: Final = frozenset({"readahead"})
 
 
@@ -76,31 +71,7 @@ def _gc() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
-def _nofailafter() -> None:
-    import errno
-    import logging
-
-    import pyfuse3
-
-    from tvix_mountd.castore.errors import StoreError
-    from tvix_mountd.workers.filesystem import StoreFilesystem
-
-    log = logging.getLogger("tvix_mountd.workers.filesystem")
-
-    async def _backend(self: Any, fn: Callable[[], Any], what: str, *args: object) -> Any:
-        try:
-            return await fn()
-        except StoreError as e:
-            log.warning("%s: %s", what % args, e)
-        except Exception:
-            log.exception("%s: unexpected error", what % args)
-        raise pyfuse3.FUSEError(errno.EIO)
-
-    StoreFilesystem._backend = _backend  # type: ignore[method-assign]
-
-
 _APPLY: Final[dict[str, Callable[[], None]]] = {
-    "nofailafter": _nofailafter,
     "noflush": _noflush,
     "attrcache": _attrcache,
     "gc": _gc,

@@ -11,6 +11,7 @@ import pyfuse3
 import pytest
 import trio
 
+from tvix_mountd.castore.blobs import BlobReader
 from tvix_mountd.castore.blobs.memory import MemoryBlobService
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories.memory import MemoryDirectoryService
@@ -308,6 +309,70 @@ async def test_hanging_backend_is_eio_after_the_timeout(autojump_clock: trio.abc
     start = trio.current_time()
     assert await fuse_errno(fs.lookup(attr.st_ino, b"hello", CTX)) == errno.EIO
     assert trio.current_time() - start == pytest.approx(5)
+
+
+class SlowRemoteBlobs(MemoryBlobService):
+    """Blobs whose reads wait on something, as a remote backend's do."""
+
+    local_reads = False
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+        self.reading = 0
+        self.most_at_once = 0
+
+    async def _open_raw(self, digest: B3Digest) -> BlobReader | None:
+        reader = await super()._open_raw(digest)
+        if reader is None:
+            return None
+        service = self
+        inner_read = reader.read_at
+
+        async def read_at(offset: int, n: int) -> bytes:
+            service.reading += 1
+            service.most_at_once = max(service.most_at_once, service.reading)
+            try:
+                await trio.sleep(service.delay)
+                return await inner_read(offset, n)
+            finally:
+                service.reading -= 1
+
+        reader.read_at = read_at  # type: ignore[method-assign]
+        return reader
+
+
+async def test_hanging_blob_read_is_eio_after_the_timeout(autojump_clock: trio.abc.Clock) -> None:
+    tree = Tree()
+    tree.blobs = SlowRemoteBlobs(delay=float("inf"))
+    roots = await tree.build()
+    fs = tree.fs(StaticRootNodes(roots), backend_timeout=5)
+    attr = await lookup_path(fs, store_name(1, "a"), b"hello")
+    info = await fs.open(attr.st_ino, os.O_RDONLY, CTX)
+    start = trio.current_time()
+    assert await fuse_errno(fs.read(info.fh, 0, 4096)) == errno.EIO
+    assert trio.current_time() - start == pytest.approx(5)
+
+
+async def test_concurrent_reads_of_one_handle_reach_the_reader_one_at_a_time(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    tree = Tree()
+    blobs = tree.blobs = SlowRemoteBlobs(delay=1)
+    roots = await tree.build()
+    fs = tree.fs(StaticRootNodes(roots))
+    attr = await lookup_path(fs, store_name(1, "a"), b"big")
+    info = await fs.open(attr.st_ino, os.O_RDONLY, CTX)
+    chunks: dict[int, bytes] = {}
+
+    async def read(off: int) -> None:
+        chunks[off] = await fs.read(info.fh, off, 65536)
+
+    async with trio.open_nursery() as nursery:
+        for off in range(0, 256 * 4096, 65536):
+            nursery.start_soon(read, off)
+    assert blobs.most_at_once == 1
+    assert b"".join(chunks[off] for off in sorted(chunks)) == bytes(range(256)) * 4096
 
 
 class CountingDirectories(MemoryDirectoryService):

@@ -213,15 +213,20 @@ class StoreFilesystem(pyfuse3.Operations):
 
     # -- helpers ---------------------------------------------------------
 
-    async def _backend(self, fn: Callable[[], Awaitable[T]], what: str, *args: object) -> T:
+    async def _backend(
+        self, fn: Callable[[], Awaitable[T]], what: str, *args: object, deadline: bool = True
+    ) -> T:
         """Run a backend call: any failure or a timeout is EIO and a log line.
 
         `what % args` describes the call; it is formatted only for a log line,
         since digests print through a base64 encode. The deadline is a bare
-        CancelScope: trio.fail_after's context manager costs ~20 us, as much
-        as a whole read of a cached blob.
+        CancelScope (trio.fail_after's context manager costs twice as much);
+        `deadline=False` is for calls that cannot wait on anything (local
+        reads done inline), where even the bare scope costs as much as the call.
         """
         try:
+            if not deadline:
+                return await fn()
             with trio.CancelScope(deadline=trio.current_time() + self.backend_timeout):
                 return await fn()
             log.warning("%s: backend made no progress for %g s", what % args, self.backend_timeout)
@@ -439,7 +444,10 @@ class StoreFilesystem(pyfuse3.Operations):
         if node.size > 0:
             digest = node.digest
             reader = await self._backend(
-                lambda: self._blobs.open_read(digest), "open blob %s", digest
+                lambda: self._blobs.open_read(digest),
+                "open blob %s",
+                digest,
+                deadline=not self._blobs.local_reads,
             )
             if reader is None:
                 log.warning("blob %s not found in the blob service", digest)
@@ -480,16 +488,32 @@ class StoreFilesystem(pyfuse3.Operations):
                 self._caught_corrupt(open_file)
                 raise
 
-        async with open_file.lock:
+        # Uncontended (every read of a local blob, which never yields), the
+        # lock is taken without a trip through trio's scheduler, which
+        # `async with lock` makes even when the lock is free.
+        lock = open_file.lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             if open_file.corrupt:
                 raise pyfuse3.FUSEError(errno.EIO)
-            data = await self._backend(read_checked, "read blob %s at %d", node.digest, off)
+            data = await self._backend(
+                read_checked,
+                "read blob %s at %d",
+                node.digest,
+                off,
+                deadline=not self._blobs.local_reads,
+            )
             if len(data) != want:
                 log.warning(
                     "blob %s: %d bytes at offset %d, expected %d", node.digest, len(data), off, want
                 )
                 self._caught_corrupt(open_file)
                 raise pyfuse3.FUSEError(errno.EIO)
+        finally:
+            lock.release()
         return data
 
     def _caught_corrupt(self, open_file: _OpenFile) -> None:

@@ -8,6 +8,7 @@ its BLAKE3 digest, and a blob shorter or longer than it claims is an error.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import blake3
 
@@ -96,6 +97,11 @@ class VerifyingReader(BlobReader):
 
 
 class BlobService(ABC):
+    # Reads are local syscalls or memory copies done inline: they cannot wait
+    # on a peer, and a deadline could not interrupt them anyway, so callers
+    # skip the deadline (trio's CancelScope costs as much as a cached read).
+    local_reads: ClassVar[bool] = False
+
     @abstractmethod
     async def has(self, digest: B3Digest) -> bool: ...
 

@@ -40,6 +40,8 @@ class _MemoryWriter(BlobWriter):
 
 
 class MemoryBlobService(BlobService):
+    local_reads = True
+
     def __init__(self) -> None:
         self.blobs: dict[B3Digest, bytes] = {}
 

@@ -201,6 +201,8 @@ class FileBlobService(BlobService):
     stale temp files of dead writers removed) on the first operation.
     """
 
+    local_reads = True
+
     def __init__(self, root: str) -> None:
         self.root = root
         self._blob_dir = os.path.join(root, "b3")
