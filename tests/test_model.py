@@ -236,10 +236,13 @@ def test_node_name_rejected(name: bytes, match: str) -> None:
     # ...and wherever a name enters: constructing a Directory, or from the wire.
     with pytest.raises(ValidationError):
         Directory([(name, SymlinkNode(b"t"))])
-    with pytest.raises(ValidationError):
-        Directory.from_proto(
-            castore_pb2.Directory(symlinks=[castore_pb2.SymlinkNode(name=name, target=b"t")])
-        )
+    for msg in (
+        castore_pb2.Directory(symlinks=[castore_pb2.SymlinkNode(name=name, target=b"t")]),
+        castore_pb2.Directory(files=[castore_pb2.FileNode(name=name, digest=DUMMY)]),
+        castore_pb2.Directory(directories=[castore_pb2.DirectoryNode(name=name, digest=DUMMY)]),
+    ):
+        with pytest.raises(ValidationError, match=match):
+            Directory.from_proto(msg)
 
 
 @pytest.mark.parametrize("name", [b"x" * 255, b"...", b".a", b"a.", b"\xff\xfe", b" ", b"\\"])
@@ -291,6 +294,25 @@ def test_node_from_proto_rejects_empty_and_bad_digests() -> None:
         )
     with pytest.raises(ValidationError, match="length"):
         node_from_proto(castore_pb2.Node(directory=castore_pb2.DirectoryNode(name=b"d")))
+
+
+def test_from_proto_rejects_bad_digest_lengths() -> None:
+    for msg in (
+        castore_pb2.Directory(files=[castore_pb2.FileNode(name=b"f", digest=b"\0" * 31)]),
+        castore_pb2.Directory(directories=[castore_pb2.DirectoryNode(name=b"d", digest=b"")]),
+    ):
+        with pytest.raises(ValidationError, match="length"):
+            Directory.from_proto(msg)
+
+
+def test_nodes_of_different_kinds_never_compare_equal() -> None:
+    # The inode table keys by node: a directory and a file with the same
+    # digest and size must not share an inode.
+    nodes: list[Node] = [DirectoryNode(DUMMY, 0), FileNode(DUMMY, 0), SymlinkNode(DUMMY)]
+    for a in nodes:
+        for b in nodes:
+            assert (a == b) == (a is b)
+    assert len({*nodes}) == 3
 
 
 @pytest.mark.parametrize(

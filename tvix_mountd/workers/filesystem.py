@@ -117,19 +117,20 @@ def entry_attributes(ino: int, node: Node | None) -> pyfuse3.EntryAttributes:
     attr.st_ino = ino
     attr.entry_timeout = FOREVER
     attr.attr_timeout = FOREVER
-    match node:
-        case FileNode(_, size, executable):
-            attr.st_mode = 0o100555 if executable else 0o100444
-            attr.st_size = size
-            attr.st_blocks = (size + 511) // 512
-        case DirectoryNode(_, size):
-            attr.st_mode = 0o040555
-            attr.st_size = size
-        case SymlinkNode(target):
-            attr.st_mode = 0o120444
-            attr.st_size = len(target)
-        case None:
-            attr.st_mode = 0o040555
+    # `type(...) is`, not `match`: a class pattern costs ~1 us, and a cold
+    # listing builds attributes for every entry.
+    if type(node) is FileNode:
+        attr.st_mode = 0o100555 if node.executable else 0o100444
+        attr.st_size = node.size
+        attr.st_blocks = (node.size + 511) // 512
+    elif type(node) is DirectoryNode:
+        attr.st_mode = 0o040555
+        attr.st_size = node.size
+    elif type(node) is SymlinkNode:
+        attr.st_mode = 0o120444
+        attr.st_size = len(node.target)
+    else:
+        attr.st_mode = 0o040555
     return attr
 
 

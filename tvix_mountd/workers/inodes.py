@@ -39,7 +39,7 @@ class Inode:
 class InodeTable:
     def __init__(self) -> None:
         self._by_ino: dict[int, Inode] = {}
-        # Nodes are frozen dataclasses that compare by kind and every field,
+        # Nodes are NamedTuples that compare by kind and every field,
         # so the node itself is the sharing key: directories by digest (and
         # size), symlinks by target, files by digest, size and executable bit.
         self._by_node: dict[Node, Inode] = {}
