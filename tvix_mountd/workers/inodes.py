@@ -20,10 +20,10 @@ ROOT_INODE: Final = 1
 
 
 class Inode:
-    """One live inode: its node, the kernel's lookup count, (for a directory,
-    once read) its children in name order, and its attributes once built."""
+    """One live inode: its node, the kernel's lookup count and (for a
+    directory, once read) its children in name order."""
 
-    __slots__ = ("attr", "children", "ino", "lookups", "node")
+    __slots__ = ("children", "ino", "lookups", "node")
 
     def __init__(self, ino: int, node: Node) -> None:
         self.ino = ino
@@ -32,8 +32,6 @@ class Inode:
         # (names, nodes), both in name order: bisect finds a name, an index
         # is a stable readdir offset.
         self.children: tuple[tuple[bytes, ...], tuple[Node, ...]] | None = None
-        # Content never changes, so neither do the attributes: built once.
-        self.attr: object | None = None
 
 
 class InodeTable:
