@@ -15,6 +15,7 @@ import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -604,6 +605,73 @@ async def test_sqlite_parallel_readers(tmp_path: Path) -> None:
                 nursery.start_soon(read, directory)
     assert len(results) == 25 * len(TREE)
     assert all(r in TREE for r in results)
+    await service.aclose()
+
+
+def count_threaded_queries(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every query SqliteTable sends through a worker thread."""
+    calls: list[str] = []
+    original = SqliteTable._run
+
+    async def counting_run(self: SqliteTable, fn: Callable[..., object], what: str) -> object:
+        calls.append(what)
+        return await original(self, fn, what)
+
+    monkeypatch.setattr(SqliteTable, "_run", counting_run)
+    return calls
+
+
+async def test_sqlite_reads_go_inline_and_see_other_writers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "dirs.sqlite")
+    reader = SqliteDirectoryService(path, timeout=TIMEOUT)
+    writer = SqliteDirectoryService(path, timeout=TIMEOUT)
+    await writer.put(LEAF)
+    threaded = count_threaded_queries(monkeypatch)
+    assert await reader.get(LEAF.digest) == LEAF  # the first read creates nothing inline
+    assert await reader.get(EMPTY.digest) is None
+    assert len(threaded) == 1
+    # Another writer's commit is visible to the next inline read: no read
+    # transaction was left open on the old snapshot.
+    await writer.put(EMPTY)
+    threaded.clear()
+    assert await reader.get(EMPTY.digest) == EMPTY
+    assert await reader.get(LEAF.digest) == LEAF
+    assert threaded == []
+    await reader.aclose()
+    await writer.aclose()
+
+
+class BusyConnection(sqlite3.Connection):
+    """A connection whose every query finds the database locked."""
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if not sql.startswith("SELECT"):
+            return super().execute(sql, *args)
+        error = sqlite3.OperationalError("database is locked")
+        error.sqlite_errorcode = sqlite3.SQLITE_BUSY
+        raise error
+
+
+async def test_sqlite_busy_inline_read_goes_through_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = SqliteDirectoryService(str(tmp_path / "dirs.sqlite"), timeout=TIMEOUT)
+    await service.put_tree(TREE)  # opens the thread pool's (real) connection
+    threaded = count_threaded_queries(monkeypatch)
+    assert await service.get(MIDDLE.digest) == MIDDLE
+    # The inline connection, opened on the next read, finds the database
+    # locked on every query: each read then goes through a thread.
+    real_connect = sqlite3.connect
+    monkeypatch.setattr(
+        sqlite3,
+        "connect",
+        lambda *args, **kwargs: real_connect(*args, **kwargs, factory=BusyConnection),
+    )
+    assert await service.get(ROOT.digest) == ROOT
+    assert await service.get(LEAF.digest) == LEAF
+    assert len(threaded) == 3
     await service.aclose()
 
 

@@ -10,11 +10,13 @@ the same file. WAL mode lets readers proceed while one writer commits, and
 `busy_timeout` makes a writer wait for another instead of failing at once.
 Within a process every query runs in a worker thread on a connection taken
 from a small pool, so concurrent FUSE requests read in parallel rather than
-queueing on one connection.
+queueing on one connection. The exception is the hot path, `get`: it first
+reads inline, on a connection that never waits (see `SqliteTable.get`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
@@ -130,9 +132,13 @@ class _ConnectionPool:
             conn.close()
 
 
-def _store_error(path: str, what: str, e: sqlite3.Error) -> StoreError:
+def _is_busy(e: sqlite3.Error) -> bool:
     code = getattr(e, "sqlite_errorcode", None)
-    if code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+    return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def _store_error(path: str, what: str, e: sqlite3.Error) -> StoreError:
+    if _is_busy(e):
         return BackendUnavailable(f"sqlite database {path}: {what}: {e}")
     return StoreError(f"sqlite database {path}: {what}: {e}")
 
@@ -166,6 +172,11 @@ class SqliteTable:
             " (digest BLOB PRIMARY KEY NOT NULL, data BLOB NOT NULL) WITHOUT ROWID",
             timeout,
         )
+        self._get_sql = f"SELECT data FROM {name} WHERE digest = ?"
+        self._inline: sqlite3.Connection | None = None
+        self._inline_thread: int | None = None
+        self._inline_ready = False
+        self._inline_failed = False
 
     def _with_connection(self, fn: Callable[[sqlite3.Connection], T], what: str) -> T:
         try:
@@ -187,17 +198,65 @@ class SqliteTable:
         )
 
     async def get(self, key: bytes) -> bytes | None:
-        """The data stored under `key`, or None."""
+        """The data stored under `key`, or None.
+
+        Read inline first, on a connection of the event loop's thread: in WAL
+        mode a reader does not wait for writers, so this is a ~20 us query
+        where a round trip through a worker thread costs ~500 us (a cold
+        directory walk makes one per directory). A page not yet cached blocks
+        the loop for one disk read, the price FileBlobReader pays too. Should
+        SQLite have to wait after all (a lock held through WAL recovery), the
+        inline connection, whose busy timeout is 0, fails at once and the read
+        goes through a worker thread with the deadline, like every other query.
+        """
+        sql = self._get_sql
+        params = (bytes(key),)
+        conn = self._inline_connection()
+        if conn is not None:
+            try:
+                # fetchall, not fetchone: stepping to the end ends the read
+                # transaction, so later reads see what other processes wrote.
+                rows = conn.execute(sql, params).fetchall()
+            except sqlite3.Error as e:
+                if not _is_busy(e):
+                    raise _store_error(self.path, f"reading {self._name} row {key.hex()}", e) from e
+            else:
+                if not rows:
+                    return None
+                value = rows[0][0]
+                if type(value) is bytes:
+                    return value
+                return _blob(value, self.path, f"reading {self._name} row {key.hex()}")
+
         what = f"reading {self._name} row {key.hex()}"
 
         def query(conn: sqlite3.Connection) -> object:
-            row = conn.execute(
-                f"SELECT data FROM {self._name} WHERE digest = ?", (bytes(key),)
-            ).fetchone()
-            return None if row is None else row[0]
+            rows = conn.execute(sql, params).fetchall()
+            return rows[0][0] if rows else None
 
         value = await self._run(query, what)
+        # The threaded query created the file and its table if they were
+        # missing; from now on reads may go inline.
+        self._inline_ready = not self._inline_failed
         return None if value is None else _blob(value, self.path, what)
+
+    def _inline_connection(self) -> sqlite3.Connection | None:
+        """The non-waiting read connection, opened by the first caller after a
+        threaded query succeeded. None in other threads (a connection belongs
+        to one) and if it cannot be opened: then reads go through threads."""
+        if not self._inline_ready:
+            return None
+        if self._inline is None:
+            try:
+                conn = sqlite3.connect(self.path, timeout=0, isolation_level=None)
+                conn.execute("PRAGMA query_only = 1")
+            except sqlite3.Error:
+                self._inline_failed = True
+                self._inline_ready = False
+                return None
+            self._inline = conn
+            self._inline_thread = threading.get_ident()
+        return self._inline if threading.get_ident() == self._inline_thread else None
 
     async def put(self, rows: Sequence[tuple[bytes, bytes]], *, replace: bool) -> None:
         """Store all `rows` in one transaction; `replace` decides who wins on a
@@ -235,6 +294,11 @@ class SqliteTable:
         return [(_blob(k, self.path, what), _blob(v, self.path, what)) for k, v in rows]
 
     async def aclose(self) -> None:
+        inline, self._inline = self._inline, None
+        self._inline_ready = False
+        if inline is not None:
+            with contextlib.suppress(sqlite3.ProgrammingError):  # another thread's
+                inline.close()
         # Closing the last connection checkpoints the WAL: file I/O, so in a
         # thread (without the timeout: it must finish to leave a clean file).
         await trio.to_thread.run_sync(self._pool.close)
