@@ -20,6 +20,7 @@ test:
 bench:
 	@scripts/setup.sh --bench
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.dispatch_floor
 	$(BIN)/python -m benchmarks.service
 
 setup:
