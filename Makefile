@@ -21,6 +21,7 @@ bench:
 	@scripts/setup.sh --bench
 	$(BIN)/python -m benchmarks.run
 	$(BIN)/python -m benchmarks.dispatch_floor
+	$(BIN)/python -m benchmarks.bigwalk
 	$(BIN)/python -m benchmarks.service
 
 setup:
