@@ -408,11 +408,11 @@ async def test_forget_drops_inodes() -> None:
     fs, _ = await make_fs()
     a = await lookup_path(fs, store_name(1, "a"))
     hello = await fs.lookup(a.st_ino, b"hello", CTX)
-    assert fs.inodes.get(hello.st_ino) is not None
+    assert fs.inodes.node(hello.st_ino) is not None
     await fs.forget([(hello.st_ino, 1)])
-    assert fs.inodes.get(hello.st_ino) is None
+    assert fs.inodes.node(hello.st_ino) is None
     assert await fuse_errno(fs.getattr(hello.st_ino, CTX)) == errno.ENOENT
-    # Looked up again, it comes back (with a new number).
+    # Looked up again, it comes back.
     again = await fs.lookup(a.st_ino, b"hello", CTX)
     assert again.st_size == 6
 
@@ -459,15 +459,45 @@ async def test_xattrs() -> None:
 def test_inode_table_keys_and_forget() -> None:
     table = InodeTable()
     digest = B3Digest.of(b"x")
-    plain = table.ref(FileNode(digest, 1))
-    assert table.ref(FileNode(digest, 1)) is plain
-    assert plain.lookups == 2
-    assert table.ref(FileNode(digest, 1, executable=True)) is not plain
-    assert table.ref(SymlinkNode(b"t")) is table.ref(SymlinkNode(b"t"))
-    assert table.ref(DirectoryNode(digest, 0)).ino != plain.ino
-    table.forget(plain.ino, 1)
-    assert table.get(plain.ino) is plain
-    table.forget(plain.ino, 1)
-    assert table.get(plain.ino) is None
-    assert table.ref(FileNode(digest, 1)).ino != plain.ino  # numbers are not reused
-    table.forget(12345, 1)  # unknown inodes are ignored
+    plain_node = FileNode(digest, 1)
+    plain = table.ref(plain_node)
+    assert plain > ROOT_INODE
+    assert table.ref(FileNode(digest, 1)) == plain
+    assert table.lookups(plain) == 2
+    assert table.ref(FileNode(digest, 1, executable=True)) != plain
+    assert table.ref(SymlinkNode(b"t")) == table.ref(SymlinkNode(b"t"))
+    directory = DirectoryNode(digest, 0)
+    dir_ino = table.ref(directory)
+    assert dir_ino != plain
+    assert len(table) == 4
+    table.forget(plain, 1)
+    assert table.node(plain) == plain_node
+    table.forget(plain, 1)
+    assert table.node(plain) is None
+    assert table.lookups(plain) == 0
+    assert len(table) == 3
+    # A forgotten number is free for the next new node, with a fresh count.
+    other = SymlinkNode(b"other")
+    assert table.ref(other) == plain
+    assert table.node(plain) == other
+    assert table.lookups(plain) == 1
+    for unknown in (0, ROOT_INODE, 12345, -1):
+        table.forget(unknown, 1)  # ignored
+        assert table.node(unknown) is None
+
+
+def test_inode_table_children_belong_to_the_live_inode() -> None:
+    table = InodeTable()
+    directory = DirectoryNode(B3Digest.of(b"d"), 1)
+    children = ((b"a",), (SymlinkNode(b"t"),))
+    ino = table.ref(directory)
+    table.set_children(ino, directory, children)
+    assert table.children(ino) == children
+    # Forgotten, then the number reused by another node while a fetch for the
+    # old one was in flight: the late result is not attached to the new one.
+    table.forget(ino, 1)
+    assert table.children(ino) is None
+    other = DirectoryNode(B3Digest.of(b"e"), 1)
+    assert table.ref(other) == ino
+    table.set_children(ino, directory, children)
+    assert table.children(ino) is None

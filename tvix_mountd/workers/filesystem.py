@@ -33,7 +33,7 @@ from tvix_mountd.castore.directories import DirectoryService
 from tvix_mountd.castore.errors import StoreError, ValidationError
 from tvix_mountd.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvix_mountd.coalesce import Coalescer
-from tvix_mountd.workers.inodes import ROOT_INODE, Inode, InodeTable
+from tvix_mountd.workers.inodes import ROOT_INODE, Children, InodeTable
 from tvix_mountd.workers.rootnodes import RootNodes
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,9 @@ class _RootListing:
 
 @dataclass
 class _DirListing:
-    inode: Inode
+    # The contents themselves, not the inode number: an open directory's
+    # listing must not depend on the table.
+    children: Children
 
 
 class StoreFilesystem(pyfuse3.Operations):
@@ -231,11 +233,11 @@ class StoreFilesystem(pyfuse3.Operations):
             log.exception("%s: unexpected error", what % args)
         raise pyfuse3.FUSEError(errno.EIO)
 
-    def _inode(self, ino: int) -> Inode:
-        inode = self.inodes.get(ino)
-        if inode is None:
+    def _node(self, ino: int) -> Node:
+        node = self.inodes.node(ino)
+        if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return inode
+        return node
 
     def _handle(self) -> int:
         handle = self._next_handle
@@ -266,16 +268,17 @@ class StoreFilesystem(pyfuse3.Operations):
         self._remember_root_name(name, found)
         return found
 
-    async def _children(self, inode: Inode) -> tuple[tuple[bytes, ...], tuple[Node, ...]]:
+    async def _children(self, ino: int) -> Children:
         """A directory inode's (names, nodes), fetched on first use."""
-        if inode.children is not None:
-            return inode.children
-        node = inode.node
+        children = self.inodes.children(ino)
+        if children is not None:
+            return children
+        node = self._node(ino)
         if not isinstance(node, DirectoryNode):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         digest = node.digest
 
-        async def fetch() -> tuple[tuple[bytes, ...], tuple[Node, ...]]:
+        async def fetch() -> Children:
             directory = await self._backend(
                 lambda: self._directories.get(digest), "directory %s", digest
             )
@@ -286,7 +289,7 @@ class StoreFilesystem(pyfuse3.Operations):
             return tuple(directory.keys()), tuple(directory.values())
 
         children = await self._directory_fetches.run(digest, fetch)
-        inode.children = children
+        self.inodes.set_children(ino, node, children)
         return children
 
     # -- attributes and lookups -------------------------------------------
@@ -295,7 +298,7 @@ class StoreFilesystem(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if inode == ROOT_INODE:
             return self._root_attr
-        return entry_attributes(inode, self._inode(inode).node)
+        return entry_attributes(inode, self._node(inode))
 
     @_instrumented("lookup")
     async def lookup(
@@ -304,13 +307,12 @@ class StoreFilesystem(pyfuse3.Operations):
         if parent_inode == ROOT_INODE:
             node = await self._resolve_root_name(name)
         else:
-            names, nodes = await self._children(self._inode(parent_inode))
+            names, nodes = await self._children(parent_inode)
             i = bisect.bisect_left(names, name)
             if i == len(names) or names[i] != name:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             node = nodes[i]
-        inode = self.inodes.ref(node)
-        return entry_attributes(inode.ino, node)
+        return entry_attributes(self.inodes.ref(node), node)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
@@ -326,9 +328,7 @@ class StoreFilesystem(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EPERM)
             self._dirs[handle] = _RootListing()
             return handle
-        dir_inode = self._inode(inode)
-        await self._children(dir_inode)
-        self._dirs[handle] = _DirListing(dir_inode)
+        self._dirs[handle] = _DirListing(await self._children(inode))
         return handle
 
     @_instrumented("readdir")
@@ -340,11 +340,11 @@ class StoreFilesystem(pyfuse3.Operations):
         for i in range(start_id - first, len(names)):
             # readdirplus: each entry the kernel takes counts as a lookup.
             node = nodes[i]
-            inode = ref(node)
+            ino = ref(node)
             if not pyfuse3.readdir_reply(
-                token, names[i], entry_attributes(inode.ino, node), first + i + 1
+                token, names[i], entry_attributes(ino, node), first + i + 1
             ):
-                self.inodes.forget(inode.ino, 1)
+                self.inodes.forget(ino, 1)
                 break
 
     async def dir_entries(
@@ -369,7 +369,7 @@ class StoreFilesystem(pyfuse3.Operations):
             # Root entries come from a stream: pull about one kernel buffer.
             window = await self._root_window(listing, start_id, ROOT_READDIR_BATCH)
             return [name for name, _ in window], [node for _, node in window], start_id
-        names, nodes = await self._children(listing.inode)
+        names, nodes = listing.children
         return names, nodes, 0
 
     async def _root_window(
@@ -433,7 +433,7 @@ class StoreFilesystem(pyfuse3.Operations):
             raise _erofs()
         if inode == ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        node = self._inode(inode).node
+        node = self._node(inode)
         if isinstance(node, DirectoryNode):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if isinstance(node, SymlinkNode):
@@ -529,7 +529,7 @@ class StoreFilesystem(pyfuse3.Operations):
 
     @_instrumented("readlink")
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        node = None if inode == ROOT_INODE else self._inode(inode).node
+        node = None if inode == ROOT_INODE else self._node(inode)
         if not isinstance(node, SymlinkNode):
             raise pyfuse3.FUSEError(errno.EINVAL)
         return node.target
@@ -542,7 +542,7 @@ class StoreFilesystem(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSYS)
         if inode == ROOT_INODE:
             return {}
-        node = self._inode(inode).node
+        node = self._node(inode)
         match node:
             case DirectoryNode(digest, _):
                 return {XATTR_DIRECTORY_DIGEST: str(digest).encode()}

@@ -2,69 +2,96 @@
 
 Same content, same inode: directories by digest, symlinks by target, files by
 digest *and* executable bit (and size, so a backend that reuses a digest with
-another size cannot alias two different files). Numbers are never reused, so
-the generation is always 0.
+another size cannot alias two different files).
 
 The kernel holds a lookup count per inode (every entry we hand it counts one);
 `forget` gives counts back, and an inode whose count reaches zero is dropped,
-which keeps memory bounded by what the kernel keeps cached.
+which keeps memory bounded by what the kernel keeps cached. Its number is then
+free for another node: the kernel forgot it, so nothing can ask about the old
+one any more (libfuse's passthrough_ll does the same with its pointers).
+
+A table of a million live inodes is most of a worker's memory, so it holds no
+object per inode: a node and a lookup count per number in two flat arrays,
+and one dict from node to number for the sharing. About 100 bytes per inode,
+where an object per inode with two dict entries was about 200.
 """
 
 from __future__ import annotations
 
+from array import array
 from typing import Final
 
 from tvix_mountd.castore.nodes import Node
 
 ROOT_INODE: Final = 1
 
-
-class Inode:
-    """One live inode: its node, the kernel's lookup count and (for a
-    directory, once read) its children in name order."""
-
-    __slots__ = ("children", "ino", "lookups", "node")
-
-    def __init__(self, ino: int, node: Node) -> None:
-        self.ino = ino
-        self.node = node
-        self.lookups = 0
-        # (names, nodes), both in name order: bisect finds a name, an index
-        # is a stable readdir offset.
-        self.children: tuple[tuple[bytes, ...], tuple[Node, ...]] | None = None
+# A directory's (names, nodes), both in name order: bisect finds a name, an
+# index is a stable readdir offset.
+Children = tuple[tuple[bytes, ...], tuple[Node, ...]]
 
 
 class InodeTable:
     def __init__(self) -> None:
-        self._by_ino: dict[int, Inode] = {}
-        # Nodes are NamedTuples that compare by kind and every field,
-        # so the node itself is the sharing key: directories by digest (and
-        # size), symlinks by target, files by digest, size and executable bit.
-        self._by_node: dict[Node, Inode] = {}
-        self._next_ino = ROOT_INODE + 1
+        # Indexed by inode number; 0 and the root (1) are never handed out.
+        self._nodes: list[Node | None] = [None] * (ROOT_INODE + 1)
+        self._lookups = array("q", bytes(8 * (ROOT_INODE + 1)))
+        # Nodes are NamedTuples that compare by kind and every field, so the
+        # node itself is the sharing key.
+        self._by_node: dict[Node, int] = {}
+        # Numbers free for reuse, as machine integers: a list would keep an
+        # int object alive per forgotten inode.
+        self._free = array("q")
+        # Only directories whose contents were read have an entry.
+        self._children: dict[int, Children] = {}
 
     def __len__(self) -> int:
-        return len(self._by_ino)
+        return len(self._by_node)
 
-    def get(self, ino: int) -> Inode | None:
-        return self._by_ino.get(ino)
+    def node(self, ino: int) -> Node | None:
+        """The node of a live inode, None for any other number."""
+        if 0 <= ino < len(self._nodes):
+            return self._nodes[ino]
+        return None
 
-    def ref(self, node: Node) -> Inode:
-        """The inode for `node` (allocated if new), its lookup count raised by one."""
-        inode = self._by_node.get(node)
-        if inode is None:
-            inode = Inode(self._next_ino, node)
-            self._next_ino += 1
-            self._by_ino[inode.ino] = inode
-            self._by_node[node] = inode
-        inode.lookups += 1
-        return inode
+    def lookups(self, ino: int) -> int:
+        return self._lookups[ino] if self.node(ino) is not None else 0
+
+    def ref(self, node: Node) -> int:
+        """The inode number for `node` (allocated if new), its lookup count raised by one."""
+        ino = self._by_node.get(node)
+        if ino is None:
+            if self._free:
+                ino = self._free.pop()
+                self._nodes[ino] = node
+            else:
+                ino = len(self._nodes)
+                self._nodes.append(node)
+                self._lookups.append(0)
+            self._by_node[node] = ino
+        self._lookups[ino] += 1
+        return ino
 
     def forget(self, ino: int, count: int) -> None:
-        inode = self._by_ino.get(ino)
-        if inode is None:
+        node = self.node(ino)
+        if node is None:
             return
-        inode.lookups -= count
-        if inode.lookups <= 0:
-            del self._by_ino[ino]
-            del self._by_node[inode.node]
+        left = self._lookups[ino] - count
+        if left > 0:
+            self._lookups[ino] = left
+            return
+        self._lookups[ino] = 0
+        self._nodes[ino] = None
+        del self._by_node[node]
+        self._children.pop(ino, None)
+        self._free.append(ino)
+
+    def children(self, ino: int) -> Children | None:
+        """A directory inode's contents, if they were read since it became live."""
+        return self._children.get(ino)
+
+    def set_children(self, ino: int, node: Node, children: Children) -> None:
+        """Keep `children` as the contents of inode `ino`, if it still is `node`
+        (it may have been forgotten, and its number reused, while they were
+        being fetched)."""
+        if self.node(ino) == node:
+            self._children[ino] = children
