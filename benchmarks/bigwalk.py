@@ -2,11 +2,13 @@
 
 DESIGN's target: "Worker RSS after walking 1,000,000 entries: bounded (forget
 is honoured), under 300 MB". The store is one store path of `--dirs`
-directories of `--entries-per-dir` symlinks, every target different (so no
-two entries share an inode), built once through the castore API straight into
-sqlite (cached under benchmarks/work/bigwalk-<dirs>x<entries>/; no blobs
-needed). It is mounted with `tvix-mountd mount` and walked with `find -printf
-'%s'` (an lstat of every entry), and the daemon's memory is read:
+directories of `--entries-per-dir` files (or `--kind symlink`: symlinks), all
+different (so no two entries share an inode), built once through the castore
+API straight into sqlite (cached under
+benchmarks/work/bigwalk-<kind>-<dirs>x<entries>/). A stat walk opens no file,
+so the files' blobs are not stored. It is mounted with `tvix-mountd mount`
+and walked with `find -printf '%s'` (an lstat of every entry), and the
+daemon's memory is read:
 
 - VmHWM and VmRSS right after the walk: the kernel now holds a lookup count
   on every entry it was handed, so every inode is alive in the daemon;
@@ -31,13 +33,14 @@ import trio
 from benchmarks.data import tvix_mountd_command
 from benchmarks.peers import FusePeer, clear_stale_mounts
 from benchmarks.run import DEFAULT_WORK_DIR, log
+from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories.sqlite import SqliteDirectoryService
-from tvix_mountd.castore.nodes import Directory, SymlinkNode
+from tvix_mountd.castore.nodes import Directory, FileNode, Node, SymlinkNode
 from tvix_mountd.castore.pathinfo import PathInfo
 from tvix_mountd.castore.pathinfos.sqlite import SqlitePathInfoService
 from tvix_mountd.castore.storepath import StorePath
 
-STORE_VERSION: Final = 1
+STORE_VERSION: Final = 2
 SETTLE_DEADLINE: Final = 60.0
 BACKEND_TIMEOUT: Final = 60.0
 
@@ -50,7 +53,13 @@ def _status_kb(pid: int, field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/{pid}/status")
 
 
-async def _build_store(root: Path, dirs: int, per_dir: int) -> str:
+def _entry(kind: str, d: int, i: int) -> Node:
+    if kind == "symlink":
+        return SymlinkNode(b"target-%04d-%06d" % (d, i))
+    return FileNode(B3Digest.of(b"%d/%d" % (d, i)), size=1 + i, executable=i % 7 == 0)
+
+
+async def _build_store(root: Path, kind: str, dirs: int, per_dir: int) -> str:
     """Write the store; return the store path's basename."""
     directories = SqliteDirectoryService(str(root / "directories.sqlite"), timeout=BACKEND_TIMEOUT)
     path_infos = SqlitePathInfoService(str(root / "pathinfo.sqlite"), timeout=BACKEND_TIMEOUT)
@@ -67,10 +76,10 @@ async def _build_store(root: Path, dirs: int, per_dir: int) -> str:
     return store_path.basename
 
 
-def _prepare(work_dir: Path, dirs: int, per_dir: int) -> tuple[Path, str]:
-    root = work_dir / f"bigwalk-{dirs}x{per_dir}"
+def _prepare(work_dir: Path, kind: str, dirs: int, per_dir: int) -> tuple[Path, str]:
+    root = work_dir / f"bigwalk-{kind}-{dirs}x{per_dir}"
     marker = root / "store.done"
-    expected = {"version": STORE_VERSION, "dirs": dirs, "per_dir": per_dir}
+    expected = {"version": STORE_VERSION, "kind": kind, "dirs": dirs, "per_dir": per_dir}
     if marker.exists():
         done = json.loads(marker.read_text())
         if {k: done.get(k) for k in expected} == expected:
@@ -79,8 +88,8 @@ def _prepare(work_dir: Path, dirs: int, per_dir: int) -> tuple[Path, str]:
         subprocess.run(["rm", "-rf", str(root)], check=True)
     root.mkdir(parents=True)
     started = time.perf_counter()
-    log(f"bigwalk: building {dirs:,} x {per_dir:,} symlinks in {root}")
-    basename = trio.run(_build_store, root, dirs, per_dir)
+    log(f"bigwalk: building {dirs:,} x {per_dir:,} {kind}s in {root}")
+    basename = trio.run(_build_store, root, kind, dirs, per_dir)
     os.sync()
     marker.write_text(json.dumps({**expected, "basename": basename}))
     log(f"bigwalk: built in {time.perf_counter() - started:.1f} s")
@@ -127,10 +136,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dirs", type=int, default=1_000)
     parser.add_argument("--entries-per-dir", type=int, default=1_000)
+    parser.add_argument("--kind", choices=("file", "symlink"), default="file")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
     args = parser.parse_args()
     work_dir = args.work_dir.resolve()
-    store, basename = _prepare(work_dir, args.dirs, args.entries_per_dir)
+    store, basename = _prepare(work_dir, args.kind, args.dirs, args.entries_per_dir)
     mount_dir = work_dir / "mnt"
     clear_stale_mounts(mount_dir)
     peer = BigWalkPeer(store, basename, mount_dir / "bigwalk", work_dir / "logs" / "bigwalk.log")
@@ -154,7 +164,7 @@ def main() -> int:
             f.write("2\n")
         forgotten_kb = _settled_rss_kb(mount.pid)
     log(
-        f"bigwalk: walked {lines:,} entries in {seconds:.1f} s; daemon RSS idle "
+        f"bigwalk: walked {lines:,} entries ({args.kind}s) in {seconds:.1f} s; daemon RSS idle "
         f"{idle_kb / 1024:.1f} MB, after the walk {rss_kb / 1024:.1f} MB (VmHWM "
         f"{hwm_kb / 1024:.1f} MB, {(hwm_kb - idle_kb) * 1024 / lines:.0f} B per entry), "
         f"after drop_caches (kernel forgets) {forgotten_kb / 1024:.1f} MB"
