@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from tvix_mountd.workers.filesystem import (
     StoreFilesystem,
 )
 from tvix_mountd.workers.inodes import ROOT_INODE, InodeTable
+from tvix_mountd.workers.names import PackedNames
 from tvix_mountd.workers.rootnodes import PathInfoRootNodes, RootNodes, StaticRootNodes
 
 CTX: Any = None  # the handlers never look at the request context
@@ -489,7 +491,7 @@ def test_inode_table_keys_and_forget() -> None:
 def test_inode_table_children_belong_to_the_live_inode() -> None:
     table = InodeTable()
     directory = DirectoryNode(B3Digest.of(b"d"), 1)
-    children = ((b"a",), (SymlinkNode(b"t"),))
+    children = (PackedNames([b"a"]), (SymlinkNode(b"t"),))
     ino = table.ref(directory)
     table.set_children(ino, directory, children)
     assert table.children(ino) == children
@@ -501,3 +503,29 @@ def test_inode_table_children_belong_to_the_live_inode() -> None:
     assert table.ref(other) == ino
     table.set_children(ino, directory, children)
     assert table.children(ino) is None
+
+
+def test_packed_names_read_like_a_tuple() -> None:
+    names = [b"a", b"bb", b"c" * 255, b"z", b"\xff"]  # in byte order
+    packed = PackedNames(names)
+    assert len(packed) == 5
+    assert list(packed) == names
+    assert [packed[i] for i in range(-5, 5)] == names + names
+    assert packed[1:4] == names[1:4]
+    for i in (5, -6, 10**9):
+        with pytest.raises(IndexError):
+            packed[i]
+    for i, name in enumerate(names):
+        assert bisect.bisect_left(packed, name) == i
+    assert bisect.bisect_left(packed, b"b") == 1
+    assert bisect.bisect_left(packed, b"zz") == 4
+    assert packed[0:5] == names
+    assert packed[3:99] == names[3:]
+    assert packed[4:2] == []
+    assert packed[::2] == names[::2]
+    with pytest.raises(ValueError, match="NUL"):
+        PackedNames([b"a\0b"])
+    empty = PackedNames([])
+    assert len(empty) == 0
+    assert list(empty) == []
+    assert bisect.bisect_left(empty, b"a") == 0

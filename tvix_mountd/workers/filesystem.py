@@ -34,6 +34,7 @@ from tvix_mountd.castore.errors import StoreError, ValidationError
 from tvix_mountd.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from tvix_mountd.coalesce import Coalescer
 from tvix_mountd.workers.inodes import ROOT_INODE, Children, InodeTable
+from tvix_mountd.workers.names import PackedNames
 from tvix_mountd.workers.rootnodes import RootNodes
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ XATTR_BLOB_DIGEST: Final = b"user.tvix.castore.blob.digest"
 FOREVER: Final = 100 * 365 * 24 * 3600.0
 # Root entries pulled from the backend per readdir (a kernel buffer holds ~25).
 ROOT_READDIR_BATCH: Final = 64
+# Names sliced out per batch in readdir (a kernel buffer takes ~30-250).
+READDIR_NAME_BATCH: Final = 128
 # How many root names (basename -> node) to remember between lookups.
 ROOT_NAME_CACHE_SIZE: Final = 100_000
 # Flags that would modify a file.
@@ -197,9 +200,7 @@ class StoreFilesystem(pyfuse3.Operations):
         self._root_attr = entry_attributes(ROOT_INODE, None)
         self._root_names: OrderedDict[bytes, Node] = OrderedDict()
         self._root_lookups: Coalescer[bytes, Node | None] = Coalescer()
-        self._directory_fetches: Coalescer[B3Digest, tuple[tuple[bytes, ...], tuple[Node, ...]]] = (
-            Coalescer()
-        )
+        self._directory_fetches: Coalescer[B3Digest, Children] = Coalescer()
         self._files: dict[int, _OpenFile] = {}
         # Blobs whose bytes failed their check once: opened without keep_cache
         # from then on, so the kernel drops pages cached before the check failed.
@@ -286,7 +287,7 @@ class StoreFilesystem(pyfuse3.Operations):
                 # A hole: the directory itself stats fine, its contents fail.
                 log.warning("directory %s not found in the directory service", digest)
                 raise pyfuse3.FUSEError(errno.EIO)
-            return tuple(directory.keys()), tuple(directory.values())
+            return PackedNames(directory.keys()), tuple(directory.values())
 
         children = await self._directory_fetches.run(digest, fetch)
         self.inodes.set_children(ino, node, children)
@@ -335,17 +336,20 @@ class StoreFilesystem(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         names, nodes, first = await self._listing(fh, start_id)
         ref = self.inodes.ref
+        reply = pyfuse3.readdir_reply
         # Entries are built one at a time until the kernel's buffer is full:
-        # a big directory's readdir costs only what one buffer holds.
-        for i in range(start_id - first, len(names)):
-            # readdirplus: each entry the kernel takes counts as a lookup.
-            node = nodes[i]
-            ino = ref(node)
-            if not pyfuse3.readdir_reply(
-                token, names[i], entry_attributes(ino, node), first + i + 1
-            ):
-                self.inodes.forget(ino, 1)
-                break
+        # a big directory's readdir costs only what one buffer holds. Names
+        # come a batch at a time (one split of the packed names).
+        i = start_id - first
+        while i < len(names):
+            for name in names[i : i + READDIR_NAME_BATCH]:
+                # readdirplus: each entry the kernel takes counts as a lookup.
+                node = nodes[i]
+                ino = ref(node)
+                if not reply(token, name, entry_attributes(ino, node), first + i + 1):
+                    self.inodes.forget(ino, 1)
+                    return
+                i += 1
 
     async def dir_entries(
         self, fh: int, start_id: int, limit: int = 1024

@@ -22,12 +22,13 @@ from array import array
 from typing import Final
 
 from tvix_mountd.castore.nodes import Node
+from tvix_mountd.workers.names import PackedNames
 
 ROOT_INODE: Final = 1
 
 # A directory's (names, nodes), both in name order: bisect finds a name, an
 # index is a stable readdir offset.
-Children = tuple[tuple[bytes, ...], tuple[Node, ...]]
+Children = tuple[PackedNames, tuple[Node, ...]]
 
 
 class InodeTable:
