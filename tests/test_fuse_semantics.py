@@ -484,6 +484,41 @@ def test_same_content_same_inode(world: World) -> None:
         assert 1 not in distinct  # the root's number
 
 
+def _snapshot(root: Path) -> tuple[dict[str, tuple[int, int, bytes]], set[frozenset[str]]]:
+    """Every entry below `root`: (mode, size, content or target), and which
+    entries share an inode (as sets of paths, so numbers may differ)."""
+    entries: dict[str, tuple[int, int, bytes]] = {}
+    by_ino: dict[int, set[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    content = f.read()
+            elif stat.S_ISLNK(st.st_mode):
+                content = os.fsencode(os.readlink(path))
+            else:
+                content = b""
+            rel = os.path.relpath(path, root)
+            entries[rel] = (st.st_mode, st.st_size, content)
+            by_ino.setdefault(st.st_ino, set()).add(rel)
+    return entries, {frozenset(paths) for paths in by_ino.values()}
+
+
+def test_the_same_tree_after_the_kernel_forgets(world: World) -> None:
+    # The daemon reuses an inode number once the kernel forgot it; after a
+    # forget of everything and other entries taking the freed numbers, the
+    # tree must read exactly as before, sharing exactly as before.
+    before = _snapshot(world.path("tree"))
+    assert len(before[0]) > 10
+    # Mode 2: the kernel drops its unused dentries and inodes, and sends FORGET.
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")
+    _snapshot(world.path("tree2"))  # new lookups, which take freed numbers
+    assert _snapshot(world.path("tree")) == before
+    assert world.mount.alive(), world.mount.log()
+
+
 def test_imported_twice_same_digests(world: World) -> None:
     tree, again = world.infos["tree"], world.infos["tree-again"]
     assert tree.node == again.node
