@@ -211,40 +211,40 @@ class SqliteTable:
         """
         sql = self._get_sql
         params = (bytes(key),)
-        conn = self._inline_connection()
-        if conn is not None:
-            try:
-                # fetchall, not fetchone: stepping to the end ends the read
-                # transaction, so later reads see what other processes wrote.
-                rows = conn.execute(sql, params).fetchall()
-            except sqlite3.Error as e:
-                if not _is_busy(e):
-                    raise _store_error(self.path, f"reading {self._name} row {key.hex()}", e) from e
-            else:
-                if not rows:
-                    return None
-                value = rows[0][0]
-                if type(value) is bytes:
-                    return value
-                return _blob(value, self.path, f"reading {self._name} row {key.hex()}")
-
-        what = f"reading {self._name} row {key.hex()}"
 
         def query(conn: sqlite3.Connection) -> object:
+            # fetchall, not fetchone: stepping to the end ends the read
+            # transaction, so later inline reads see what other processes wrote.
             rows = conn.execute(sql, params).fetchall()
             return rows[0][0] if rows else None
 
-        value = await self._run(query, what)
-        # The threaded query created the file and its table if they were
-        # missing; from now on reads may go inline.
-        self._inline_ready = not self._inline_failed
-        return None if value is None else _blob(value, self.path, what)
+        value: object = None
+        inline = self._inline_connection()
+        if inline is not None:
+            try:
+                value = query(inline)
+            except sqlite3.Error as e:
+                if not _is_busy(e):
+                    raise _store_error(self.path, self._row_what(key), e) from e
+                inline = None  # busy: through a worker thread instead
+        if inline is None:
+            value = await self._run(query, self._row_what(key))
+            # The threaded query created the file and its table if they were
+            # missing; from now on reads may go inline.
+            self._inline_ready = True
+        if value is None or type(value) is bytes:
+            return value
+        return _blob(value, self.path, self._row_what(key))
+
+    def _row_what(self, key: bytes) -> str:
+        # Formatted only when needed: the hot path would pay a hex encode.
+        return f"reading {self._name} row {key.hex()}"
 
     def _inline_connection(self) -> sqlite3.Connection | None:
         """The non-waiting read connection, opened by the first caller after a
         threaded query succeeded. None in other threads (a connection belongs
         to one) and if it cannot be opened: then reads go through threads."""
-        if not self._inline_ready:
+        if not self._inline_ready or self._inline_failed:
             return None
         if self._inline is None:
             try:
@@ -252,7 +252,6 @@ class SqliteTable:
                 conn.execute("PRAGMA query_only = 1")
             except sqlite3.Error:
                 self._inline_failed = True
-                self._inline_ready = False
                 return None
             self._inline = conn
             self._inline_thread = threading.get_ident()
