@@ -8,9 +8,8 @@ that encoding, byte for byte what tvix computes.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
-from itertools import repeat
+from itertools import pairwise, repeat
 from operator import attrgetter, itemgetter
 from typing import Any, Final, NamedTuple, TypeVar
 
@@ -208,7 +207,7 @@ class Directory(Mapping[bytes, Node]):
         entries = dict(items)
         if len(entries) != len(items):
             names = [name for name, _ in items]
-            duplicate = next(a for a, b in itertools.pairwise(names) if a == b)
+            duplicate = next(a for a, b in pairwise(names) if a == b)
             raise ValidationError(f"duplicate name {duplicate!r}")
         self._entries = entries
         self._digest: B3Digest | None = None
