@@ -31,7 +31,7 @@ from typing import Final
 import trio
 
 from benchmarks.data import tvix_mountd_command
-from benchmarks.peers import FusePeer, clear_stale_mounts
+from benchmarks.peers import FusePeer, clear_stale_mounts, status_kb
 from benchmarks.run import DEFAULT_WORK_DIR, log
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories.sqlite import SqliteDirectoryService
@@ -46,11 +46,10 @@ BACKEND_TIMEOUT: Final = 60.0
 
 
 def _status_kb(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/{pid}/status")
+    value = status_kb(pid, field)
+    if value is None:
+        raise RuntimeError(f"no {field} in /proc/{pid}/status")
+    return value
 
 
 def _entry(kind: str, d: int, i: int) -> Node:

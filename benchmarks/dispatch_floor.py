@@ -16,8 +16,8 @@ asks every time, and times from this process:
 
 That is the floor under every tvix-mountd figure: the kernel round trip plus
 pyfuse3's dispatch (its session loop takes a trio.Lock and waits for the fd
-for every request) plus trio's scheduler. The daemon is a child process in
-its own session, unmounted and ended (by PID) on every exit path.
+for every request) plus trio's scheduler. The daemon is started, mounted
+and stopped by the harness's FusePeer, as the C peers are.
 """
 
 from __future__ import annotations
@@ -27,20 +27,19 @@ import errno
 import os
 import stat
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Final
 
-from benchmarks.run import log
+from benchmarks.peers import FusePeer, clear_stale_mounts
+from benchmarks.run import DEFAULT_WORK_DIR, log
 
 DATA: Final = b"0123456789"
 DIR_INODE: Final = 3
 FIRST_ENTRY_INODE: Final = 1000
 FOREVER: Final = 100 * 365 * 24 * 3600.0
-READY_DEADLINE: Final = 30.0
 
 
 def _serve(mountpoint: str, entries: int) -> None:
@@ -107,9 +106,26 @@ def _serve(mountpoint: str, entries: int) -> None:
         pyfuse3.close(unmount=True)
 
 
-def _mounted(mountpoint: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == mountpoint for line in f)
+class NullDaemonPeer(FusePeer):
+    """This module's do-nothing daemon, started and stopped like the C peers."""
+
+    def __init__(self, mountpoint: Path, log_path: Path, entries: int) -> None:
+        super().__init__("dispatch-floor", mountpoint, log_path, stop_with_sigterm=False)
+        self._entries = entries
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "benchmarks.dispatch_floor",
+            "--serve",
+            str(self.mountpoint),
+            "--entries",
+            str(self._entries),
+        ]
+
+    def part_paths(self) -> dict[str, Path]:
+        return {"root": self.mountpoint}
 
 
 def _measure(mountpoint: str, requests: int, entries: int) -> tuple[float, ...]:
@@ -144,53 +160,28 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--entries", type=int, default=50_000)
+    parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
     parser.add_argument("--serve", metavar="MOUNTPOINT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         _serve(args.serve, args.entries)
         return 0
 
+    work_dir = args.work_dir.resolve()
+    clear_stale_mounts(work_dir / "mnt")
+    peer = NullDaemonPeer(
+        work_dir / "mnt" / "dispatch-floor", work_dir / "logs" / "dispatch-floor.log", args.entries
+    )
     results: list[tuple[float, ...]] = []
-    with tempfile.TemporaryDirectory(prefix="dispatch-floor-") as mountpoint:
-        for rep in range(1, args.reps + 1):
-            daemon = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.dispatch_floor",
-                    "--serve",
-                    mountpoint,
-                    "--entries",
-                    str(args.entries),
-                ],
-                start_new_session=True,
-            )
-            try:
-                deadline = time.monotonic() + READY_DEADLINE
-                while not _mounted(mountpoint):
-                    if daemon.poll() is not None:
-                        log(f"the daemon exited with {daemon.returncode} before mounting")
-                        return 1
-                    if time.monotonic() > deadline:
-                        log(f"not mounted within {READY_DEADLINE:g} s")
-                        return 1
-                    time.sleep(0.05)
-                result = _measure(mountpoint, args.requests, args.entries)
-                results.append(result)
-                log(
-                    f"rep {rep}: fstat (1 GETATTR) {result[0]:.1f} us; "
-                    f"open+read+close (LOOKUP, GETATTR, OPEN, READ, RELEASE) {result[1]:.1f} us; "
-                    f"listing {args.entries} entries {result[2]:.0f} ms, again {result[3]:.0f} ms"
-                )
-            finally:
-                daemon.terminate()
-                try:
-                    daemon.wait(10)
-                except subprocess.TimeoutExpired:
-                    daemon.kill()
-                    daemon.wait()
-                if _mounted(mountpoint):
-                    subprocess.run(["umount", "-l", mountpoint], check=False)
+    for rep in range(1, args.reps + 1):
+        with peer.mounted() as mount:
+            result = _measure(str(mount.parts["root"]), args.requests, args.entries)
+        results.append(result)
+        log(
+            f"rep {rep}: fstat (1 GETATTR) {result[0]:.1f} us; "
+            f"open+read+close (LOOKUP, GETATTR, OPEN, READ, RELEASE) {result[1]:.1f} us; "
+            f"listing {args.entries} entries {result[2]:.0f} ms, again {result[3]:.0f} ms"
+        )
     median = [statistics.median(r[i] for r in results) for i in range(4)]
     log(
         f"median of {len(results)}: GETATTR {median[0]:.1f} us; "

@@ -73,16 +73,21 @@ def set_read_ahead_kb(device: str, kb: int) -> None:
     Path("/sys/class/bdi", device, "read_ahead_kb").write_text(str(kb))
 
 
-def vmhwm_kb(pid: int) -> int | None:
-    """The peak resident set size of process `pid`, in KiB."""
+def status_kb(pid: int, field: str) -> int | None:
+    """A KiB figure of /proc/<pid>/status (VmHWM, VmRSS...), None if unreadable."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def vmhwm_kb(pid: int) -> int | None:
+    """The peak resident set size of process `pid`, in KiB."""
+    return status_kb(pid, "VmHWM")
 
 
 def cpu_seconds(pid: int) -> tuple[float, float] | None:
