@@ -606,3 +606,20 @@ def read_with_positions(path: Path | str) -> list[tuple[bytes, int, int]]:
         while (item := stream.read()) is not None:
             out.append((item[0], item[1], stream.tell()))
     return out
+
+
+def read_in_fresh_handles(path: Path | str, chunk: int) -> list[bytes]:
+    """Every name of `path`, `chunk` at a time, each chunk through a new
+    handle that seeks to where the last one stopped (as a listing resumed
+    across opendir calls does)."""
+    names: list[bytes] = []
+    position = 0
+    while True:
+        with DirStream(path) as stream:
+            if position:
+                stream.seek(position)
+            got = stream.read_many(chunk)
+            position = stream.tell()
+        if not got:
+            return names
+        names += got

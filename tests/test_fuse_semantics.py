@@ -34,6 +34,7 @@ from tests.mounting import (
     listdir_bytes,
     mounted,
     pinned,
+    read_in_fresh_handles,
     read_with_positions,
 )
 from tvix_mountd.castore.blobs.memory import MemoryBlobService
@@ -226,18 +227,7 @@ def test_root_listing_resumes_at_any_offset(world: World) -> None:
             stream.seek(full[i - 1][2] if i else 0)
             assert stream.read_many(10) == names[i : i + 10], f"resumed at entry {i}"
     # Resumed in fresh handles, in chunks: every name once, in the same order.
-    rebuilt: list[bytes] = []
-    position = 0
-    while True:
-        with DirStream(world.mount.path) as stream:
-            if position:
-                stream.seek(position)
-            chunk = stream.read_many(257)
-            position = stream.tell()
-        if not chunk:
-            break
-        rebuilt += chunk
-    assert rebuilt == names
+    assert read_in_fresh_handles(world.mount.path, 257) == names
 
 
 def test_root_lookups_of_bad_names_are_enoent(world: World) -> None:
@@ -791,15 +781,4 @@ def _check_big_listing(path: Path, names: list[bytes], kinds: dict[bytes, str]) 
         stream.seek(full[-1][2])
         assert stream.read() is None
     # Fresh handles, each resuming where the last stopped: no repeats, no gaps.
-    rebuilt: list[bytes] = []
-    position = 0
-    while True:
-        with DirStream(path) as stream:
-            if position:
-                stream.seek(position)
-            chunk = stream.read_many(7919)
-            position = stream.tell()
-        if not chunk:
-            break
-        rebuilt += chunk
-    assert rebuilt == names
+    assert read_in_fresh_handles(path, 7919) == names
