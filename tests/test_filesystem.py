@@ -16,7 +16,14 @@ from tvix_mountd.castore.blobs import BlobReader
 from tvix_mountd.castore.blobs.memory import MemoryBlobService
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories.memory import MemoryDirectoryService
-from tvix_mountd.castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
+from tvix_mountd.castore.nodes import (
+    Directory,
+    DirectoryNode,
+    FileNode,
+    Node,
+    SymlinkNode,
+    pack_node,
+)
 from tvix_mountd.castore.pathinfo import PathInfo
 from tvix_mountd.castore.pathinfos.memory import MemoryPathInfoService
 from tvix_mountd.castore.storepath import StorePath
@@ -461,25 +468,26 @@ async def test_xattrs() -> None:
 def test_inode_table_keys_and_forget() -> None:
     table = InodeTable()
     digest = B3Digest.of(b"x")
-    plain_node = FileNode(digest, 1)
+    plain_node = pack_node(FileNode(digest, 1))
     plain = table.ref(plain_node)
     assert plain > ROOT_INODE
-    assert table.ref(FileNode(digest, 1)) == plain
+    assert table.ref(pack_node(FileNode(digest, 1))) == plain
     assert table.lookups(plain) == 2
-    assert table.ref(FileNode(digest, 1, executable=True)) != plain
-    assert table.ref(SymlinkNode(b"t")) == table.ref(SymlinkNode(b"t"))
-    directory = DirectoryNode(digest, 0)
-    dir_ino = table.ref(directory)
+    assert table.ref(pack_node(FileNode(digest, 1, executable=True))) != plain
+    assert table.ref(pack_node(FileNode(digest, 2))) != plain
+    symlink = pack_node(SymlinkNode(b"t"))
+    assert table.ref(symlink) == table.ref(pack_node(SymlinkNode(b"t")))
+    dir_ino = table.ref(pack_node(DirectoryNode(digest, 1)))
     assert dir_ino != plain
-    assert len(table) == 4
+    assert len(table) == 5
     table.forget(plain, 1)
     assert table.node(plain) == plain_node
     table.forget(plain, 1)
     assert table.node(plain) is None
     assert table.lookups(plain) == 0
-    assert len(table) == 3
+    assert len(table) == 4
     # A forgotten number is free for the next new node, with a fresh count.
-    other = SymlinkNode(b"other")
+    other = pack_node(SymlinkNode(b"other"))
     assert table.ref(other) == plain
     assert table.node(plain) == other
     assert table.lookups(plain) == 1
@@ -490,8 +498,8 @@ def test_inode_table_keys_and_forget() -> None:
 
 def test_inode_table_children_belong_to_the_live_inode() -> None:
     table = InodeTable()
-    directory = DirectoryNode(B3Digest.of(b"d"), 1)
-    children = (PackedNames([b"a"]), (SymlinkNode(b"t"),))
+    directory = pack_node(DirectoryNode(B3Digest.of(b"d"), 1))
+    children = (PackedNames([b"a"]), (pack_node(SymlinkNode(b"t")),))
     ino = table.ref(directory)
     table.set_children(ino, directory, children)
     assert table.children(ino) == children
@@ -499,7 +507,7 @@ def test_inode_table_children_belong_to_the_live_inode() -> None:
     # old one was in flight: the late result is not attached to the new one.
     table.forget(ino, 1)
     assert table.children(ino) is None
-    other = DirectoryNode(B3Digest.of(b"e"), 1)
+    other = pack_node(DirectoryNode(B3Digest.of(b"e"), 1))
     assert table.ref(other) == ino
     table.set_children(ino, directory, children)
     assert table.children(ino) is None

@@ -38,6 +38,9 @@ from tvix_mountd.castore.nodes import (
     SymlinkNode,
     node_from_proto,
     node_to_proto,
+    pack_node,
+    packed_digest,
+    unpack_node,
     validate_name,
     validate_symlink_target,
 )
@@ -272,17 +275,49 @@ def test_symlink_target_accepted(target: bytes) -> None:
 # ---------------------------------------------------------------- nodes
 
 
-@pytest.mark.parametrize(
-    "node",
-    [
-        DirectoryNode(DUMMY, 7),
-        FileNode(DUMMY_2, 2**64 - 1, True),
-        FileNode(DUMMY, 0, False),
-        SymlinkNode(b"/nix/store/x"),
-    ],
-)
+# One of each kind, at the edges of their fields.
+SAMPLE_NODES: list[Node] = [
+    DirectoryNode(DUMMY, 7),
+    FileNode(DUMMY_2, 2**64 - 1, True),
+    FileNode(DUMMY, 0, False),
+    SymlinkNode(b"/nix/store/x"),
+    SymlinkNode(b"f" * 41),  # as long as a packed file node
+]
+
+
+@pytest.mark.parametrize("node", SAMPLE_NODES)
 def test_node_proto_roundtrip(node: Node) -> None:
     assert node_from_proto(node_to_proto(b"name", node)) == (b"name", node)
+
+
+@pytest.mark.parametrize("node", SAMPLE_NODES)
+def test_packed_node_roundtrip(node: Node) -> None:
+    packed = pack_node(node)
+    assert unpack_node(packed) == node
+    assert type(unpack_node(packed)) is type(node)
+    if not isinstance(node, SymlinkNode):
+        assert packed_digest(packed) == node.digest
+        assert type(packed_digest(packed)) is B3Digest
+
+
+def test_packed_nodes_are_equal_exactly_when_the_nodes_are() -> None:
+    # The inode table keys by packed node: a directory and a file with the
+    # same digest and size, or a symlink whose target spells a file's fields,
+    # must not share an inode.
+    file = FileNode(DUMMY, 3)
+    lookalike = SymlinkNode(pack_node(file)[1:])
+    nodes: list[Node] = [
+        DirectoryNode(DUMMY, 3),
+        file,
+        FileNode(DUMMY, 3, True),
+        FileNode(DUMMY, 4),
+        FileNode(DUMMY_2, 3),
+        SymlinkNode(DUMMY),
+        lookalike,
+    ]
+    packed = [pack_node(n) for n in nodes]
+    assert len(set(packed)) == len(nodes)
+    assert pack_node(FileNode(DUMMY, 3)) == packed[1]
 
 
 def test_node_from_proto_rejects_empty_and_bad_digests() -> None:
@@ -413,6 +448,15 @@ def test_directory_iterates_in_byte_order_whatever_the_input_order() -> None:
     forward = Directory(entries)
     backward = Directory(reversed(entries))
     assert list(forward) == [b"B", b"a", b"b", b"\xff"]
+    assert dict(forward.items()) == dict(entries)
+    assert list(forward.values()) == [forward[name] for name in forward]
+    assert forward[b"b"] == FileNode(DUMMY, 1)
+    assert b"c" not in forward
+    with pytest.raises(KeyError):
+        forward[b"c"]
+    decoded = Directory.decode(forward.encode(), forward.digest)
+    assert decoded == forward
+    assert dict(decoded.items()) == dict(entries)
     assert forward == backward
     assert forward.encode() == backward.encode()
     assert hash(forward) == hash(backward)

@@ -8,10 +8,12 @@ that encoding, byte for byte what tvix computes.
 
 from __future__ import annotations
 
-from collections.abc import ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
-from itertools import pairwise, repeat
+import bisect
+import struct
+from collections.abc import ItemsView, Iterable, Iterator, Mapping, Sequence, ValuesView
+from itertools import chain, pairwise, repeat
 from operator import attrgetter, itemgetter
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Final, NamedTuple
 
 import blake3
 
@@ -116,7 +118,53 @@ def node_from_proto(msg: castore_pb2.Node) -> tuple[bytes, Node]:
     raise ValidationError("node is empty")
 
 
-_N = TypeVar("_N", bound=tuple[Any, ...])
+# -- packed nodes -----------------------------------------------------------
+#
+# A node packed into one bytes object: a kind byte, then the digest and the
+# size (u64, little-endian) of a directory or file, or a symlink's target. It
+# is ~80 bytes where the NamedTuple with its digest and size objects is ~190,
+# and a worker keeps one per live inode (a million after a big walk), so a
+# Directory holds its entries packed and a Node is built only on demand.
+# Equal nodes pack to equal bytes and different kinds never do, so the packed
+# form hashes and compares like the node, in C.
+
+PackedNode = bytes
+
+PACKED_DIRECTORY: Final = ord("d")
+PACKED_FILE: Final = ord("f")
+PACKED_EXECUTABLE: Final = ord("x")
+PACKED_SYMLINK: Final = ord("l")
+_KIND_DIGEST_SIZE: Final = struct.Struct("<c32sQ")
+# The size field alone: `PACKED_SIZE.unpack_from(packed)[0]` reads it in place.
+PACKED_SIZE: Final = struct.Struct("<33xQ")
+_FILE_KINDS: Final = (b"f", b"x")  # indexed by the executable bit
+
+
+def pack_node(node: Node) -> PackedNode:
+    if type(node) is SymlinkNode:
+        return b"l" + node.target
+    if type(node) is DirectoryNode:
+        return _KIND_DIGEST_SIZE.pack(b"d", node.digest, node.size)
+    assert type(node) is FileNode
+    return _KIND_DIGEST_SIZE.pack(_FILE_KINDS[node.executable], node.digest, node.size)
+
+
+def unpack_node(packed: PackedNode) -> Node:
+    kind = packed[0]
+    if kind == PACKED_SYMLINK:
+        return SymlinkNode(packed[1:])
+    _, raw_digest, size = _KIND_DIGEST_SIZE.unpack(packed)
+    digest = bytes.__new__(B3Digest, raw_digest)  # 32 bytes by construction
+    if kind == PACKED_DIRECTORY:
+        return DirectoryNode(digest, size)
+    return FileNode(digest, size, kind == PACKED_EXECUTABLE)
+
+
+def packed_digest(packed: PackedNode) -> B3Digest:
+    """The digest of a packed directory or file node."""
+    return bytes.__new__(B3Digest, packed[1 : 1 + B3_LEN])
+
+
 _entry_name = itemgetter(0)
 _DIRECTORY_FIELDS = attrgetter("name", "digest", "size")
 _FILE_FIELDS = attrgetter("name", "digest", "size", "executable")
@@ -151,19 +199,17 @@ def _check_names(names: list[bytes], kind: str) -> None:
         raise AssertionError("unreachable: a list-wide name check failed for no name")
 
 
-def _proto_digests(raw: Iterable[bytes]) -> list[B3Digest]:
-    digests = list(raw)
+def _check_unique(names: Sequence[bytes]) -> None:
+    """No name twice in `names`, which are in order."""
+    if len(set(names)) != len(names):
+        duplicate = next(a for a, b in pairwise(names) if a == b)
+        raise ValidationError(f"duplicate name {duplicate!r}")
+
+
+def _check_digests(digests: Iterable[bytes]) -> None:
     if any(n != B3_LEN for n in set(map(len, digests))):
         for d in digests:
             B3Digest(d)  # raises, saying what is wrong
-    # B3Digest's own __new__ would check each length again, in Python.
-    return list(map(bytes.__new__, repeat(B3Digest), digests))
-
-
-def _built(kind: type[_N], fields: Iterable[tuple[Any, ...]]) -> Iterator[_N]:
-    """Nodes of `kind` from tuples of their fields, each built in C: tuple.__new__
-    skips the NamedTuple's own __new__, a Python function."""
-    return map(tuple.__new__, repeat(kind), fields)
 
 
 def _check_symlink_targets(targets: list[bytes]) -> None:
@@ -182,9 +228,11 @@ class Directory(Mapping[bytes, Node]):
     Build one with `Directory(entries)` (any order; names validated, duplicates
     rejected) or `Directory.from_proto` / `Directory.decode` (which also
     insist on tvix's canonical ordering, since that is what the digest covers).
+    Entries are kept packed (see `pack_node`); `packed_entries` hands them out
+    as they are, the Mapping interface as Nodes.
     """
 
-    __slots__ = ("_digest", "_entries", "_size")
+    __slots__ = ("_digest", "_names", "_packed", "_size")
 
     def __init__(self, entries: Iterable[tuple[bytes, Node]] = ()) -> None:
         items = sorted(entries, key=_entry_name)
@@ -194,47 +242,46 @@ class Directory(Mapping[bytes, Node]):
                 validate_symlink_target(node.target)
             else:
                 _check_u64(node.size, "size")
-        self._init_checked(items)
+        names = tuple(name for name, _ in items)
+        _check_unique(names)
+        self._init(
+            names,
+            tuple(pack_node(node) for _, node in items),
+            sum(node.size for _, node in items if type(node) is DirectoryNode),
+        )
 
-    @classmethod
-    def _of_checked(cls, items: list[tuple[bytes, Node]]) -> Directory:
-        """A Directory of entries already validated one by one, in name order."""
-        directory = cls.__new__(cls)
-        directory._init_checked(items)
-        return directory
-
-    def _init_checked(self, items: list[tuple[bytes, Node]]) -> None:
-        entries = dict(items)
-        if len(entries) != len(items):
-            names = [name for name, _ in items]
-            duplicate = next(a for a, b in pairwise(names) if a == b)
-            raise ValidationError(f"duplicate name {duplicate!r}")
-        self._entries = entries
-        self._digest: B3Digest | None = None
-        size = len(entries) + sum(n.size for n in entries.values() if type(n) is DirectoryNode)
+    def _init(self, names: tuple[bytes, ...], packed: tuple[PackedNode, ...], below: int) -> None:
+        """`below`: the sizes of the child directories, summed."""
+        size = len(names) + below
         if size > U64_MAX:
             raise ValidationError("directory size exceeds 2^64-1")
+        self._names = names
+        self._packed = packed
         self._size = size
+        self._digest: B3Digest | None = None
 
     # Mapping protocol
     def __getitem__(self, name: bytes) -> Node:
-        return self._entries[name]
+        i = bisect.bisect_left(self._names, name)
+        if i == len(self._names) or self._names[i] != name:
+            raise KeyError(name)
+        return unpack_node(self._packed[i])
 
     def __iter__(self) -> Iterator[bytes]:
-        return iter(self._entries)
+        return iter(self._names)
 
     def __len__(self) -> int:
-        return len(self._entries)
-
-    # The dict's own views: Mapping's generic ones look every value up by name.
-    def keys(self) -> KeysView[bytes]:
-        return self._entries.keys()
-
-    def values(self) -> ValuesView[Node]:
-        return self._entries.values()
+        return len(self._names)
 
     def items(self) -> ItemsView[bytes, Node]:
-        return self._entries.items()
+        return _Items(self)
+
+    def values(self) -> ValuesView[Node]:
+        return _Values(self)
+
+    def packed_entries(self) -> tuple[tuple[bytes, ...], tuple[PackedNode, ...]]:
+        """Names and packed nodes, both in name order."""
+        return self._names, self._packed
 
     def __repr__(self) -> str:
         return f"Directory({self.digest}, {len(self)} entries)"
@@ -242,7 +289,7 @@ class Directory(Mapping[bytes, Node]):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Directory):
             return NotImplemented
-        return self._entries == other._entries
+        return self._names == other._names and self._packed == other._packed
 
     def __hash__(self) -> int:
         return hash(self.digest)
@@ -262,21 +309,26 @@ class Directory(Mapping[bytes, Node]):
         return DirectoryNode(self.digest, self.size)
 
     def child_directories(self) -> Iterator[tuple[bytes, DirectoryNode]]:
-        for name, node in self._entries.items():
-            if isinstance(node, DirectoryNode):
+        for name, packed in zip(self._names, self._packed, strict=True):
+            if packed[0] == PACKED_DIRECTORY:
+                node = unpack_node(packed)
+                assert type(node) is DirectoryNode
                 yield name, node
 
     def to_proto(self) -> castore_pb2.Directory:
         msg = castore_pb2.Directory()
-        # self._entries is sorted by name, so each list comes out sorted too.
-        for name, node in self._entries.items():
-            match node:
-                case DirectoryNode(digest, size):
-                    msg.directories.add(name=name, digest=digest, size=size)
-                case FileNode(digest, size, executable):
-                    msg.files.add(name=name, digest=digest, size=size, executable=executable)
-                case SymlinkNode(target):
-                    msg.symlinks.add(name=name, target=target)
+        # Entries are sorted by name, so each list comes out sorted too.
+        for name, packed in zip(self._names, self._packed, strict=True):
+            kind = packed[0]
+            if kind == PACKED_SYMLINK:
+                msg.symlinks.add(name=name, target=packed[1:])
+                continue
+            _, digest, size = _KIND_DIGEST_SIZE.unpack(packed)
+            if kind == PACKED_DIRECTORY:
+                msg.directories.add(name=name, digest=digest, size=size)
+            else:
+                executable = kind == PACKED_EXECUTABLE
+                msg.files.add(name=name, digest=digest, size=size, executable=executable)
         return msg
 
     def encode(self) -> bytes:
@@ -286,26 +338,43 @@ class Directory(Mapping[bytes, Node]):
     @classmethod
     def from_proto(cls, msg: castore_pb2.Directory) -> Directory:
         """Validate a Directory message: each list strictly sorted, names valid and unique."""
-        entries: list[tuple[bytes, Node]] = []
-        # Proto sizes are uint64 already: no range check.
+        # Each list becomes a run of (names, packed nodes), packed in C by
+        # struct. Proto sizes are uint64 already: no range check.
+        runs: list[tuple[tuple[bytes, ...], tuple[PackedNode, ...]]] = []
+        below = 0
         if msg.directories:
             names, digests, sizes = zip(*map(_DIRECTORY_FIELDS, msg.directories), strict=True)
             _check_names(list(names), "directories")
-            nodes = _built(DirectoryNode, zip(_proto_digests(digests), sizes, strict=True))
-            entries += zip(names, nodes, strict=True)
+            _check_digests(digests)
+            below = sum(sizes)
+            packed = map(_KIND_DIGEST_SIZE.pack, repeat(b"d"), digests, sizes)
+            runs.append((names, tuple(packed)))
         if msg.files:
             names, digests, sizes, executable = zip(*map(_FILE_FIELDS, msg.files), strict=True)
             _check_names(list(names), "files")
-            files = _built(FileNode, zip(_proto_digests(digests), sizes, executable, strict=True))
-            entries += zip(names, files, strict=True)
+            _check_digests(digests)
+            kinds = map(_FILE_KINDS.__getitem__, executable)
+            runs.append((names, tuple(map(_KIND_DIGEST_SIZE.pack, kinds, digests, sizes))))
         if msg.symlinks:
             names, targets = zip(*map(_SYMLINK_FIELDS, msg.symlinks), strict=True)
             _check_names(list(names), "symlinks")
             _check_symlink_targets(list(targets))
-            entries += zip(names, _built(SymlinkNode, zip(targets, strict=True)), strict=True)
-        # Three sorted runs: one merge pass.
-        entries.sort(key=_entry_name)
-        return cls._of_checked(entries)
+            runs.append((names, tuple(map(b"l".__add__, targets))))
+        directory = cls.__new__(cls)
+        if len(runs) == 1:
+            directory._init(*runs[0], below)
+        elif not runs:
+            directory._init((), (), 0)
+        else:
+            # Sorted runs of different kinds: merged by one sort, then a name
+            # may not appear in two of them.
+            merged = sorted(
+                chain.from_iterable(zip(*run, strict=True) for run in runs), key=_entry_name
+            )
+            all_names, all_packed = zip(*merged, strict=True)
+            _check_unique(all_names)
+            directory._init(all_names, all_packed, below)
+        return directory
 
     @classmethod
     def decode(cls, data: bytes, expected: B3Digest | None = None) -> Directory:
@@ -327,6 +396,27 @@ class Directory(Mapping[bytes, Node]):
         if expected is not None:
             directory._digest = expected
         return directory
+
+
+class _Items(ItemsView[bytes, Node]):
+    """A Directory's items unpacked in one pass, not looked up name by name."""
+
+    def __init__(self, directory: Directory) -> None:
+        super().__init__(directory)
+        self._directory = directory
+
+    def __iter__(self) -> Iterator[tuple[bytes, Node]]:
+        names, packed = self._directory.packed_entries()
+        return zip(names, map(unpack_node, packed), strict=True)
+
+
+class _Values(ValuesView[Node]):
+    def __init__(self, directory: Directory) -> None:
+        super().__init__(directory)
+        self._directory = directory
+
+    def __iter__(self) -> Iterator[Node]:
+        return map(unpack_node, self._directory.packed_entries()[1])
 
 
 def validated_directory(msg: castore_pb2.Directory, expected: B3Digest) -> Directory:

@@ -31,7 +31,19 @@ from tvix_mountd.castore.blobs import BlobReader, BlobService
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories import DirectoryService
 from tvix_mountd.castore.errors import StoreError, ValidationError
-from tvix_mountd.castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
+from tvix_mountd.castore.nodes import (
+    PACKED_DIRECTORY,
+    PACKED_EXECUTABLE,
+    PACKED_FILE,
+    PACKED_SIZE,
+    PACKED_SYMLINK,
+    FileNode,
+    Node,
+    PackedNode,
+    pack_node,
+    packed_digest,
+    unpack_node,
+)
 from tvix_mountd.coalesce import Coalescer
 from tvix_mountd.workers.inodes import ROOT_INODE, Children, InodeTable
 from tvix_mountd.workers.names import PackedNames
@@ -103,7 +115,16 @@ def _erofs() -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EROFS)
 
 
-def entry_attributes(ino: int, node: Node | None) -> pyfuse3.EntryAttributes:
+_MODE_OF_KIND: Final = {
+    PACKED_DIRECTORY: 0o040555,
+    PACKED_FILE: 0o100444,
+    PACKED_EXECUTABLE: 0o100555,
+    PACKED_SYMLINK: 0o120444,
+}
+_size_field = PACKED_SIZE.unpack_from
+
+
+def entry_attributes(ino: int, node: PackedNode | None) -> pyfuse3.EntryAttributes:
     """Attributes as in /nix/store: owned by root, times 0, modes 0444/0555.
 
     `node` None is the mount root. Built anew for every reply (~0.7 us): kept
@@ -113,20 +134,18 @@ def entry_attributes(ino: int, node: Node | None) -> pyfuse3.EntryAttributes:
     attr.st_ino = ino
     attr.entry_timeout = FOREVER
     attr.attr_timeout = FOREVER
-    # `type(...) is`, not `match`: a class pattern costs ~1 us, and a cold
-    # listing builds attributes for every entry.
-    if type(node) is FileNode:
-        attr.st_mode = 0o100555 if node.executable else 0o100444
-        attr.st_size = node.size
-        attr.st_blocks = (node.size + 511) // 512
-    elif type(node) is DirectoryNode:
+    if node is None:
         attr.st_mode = 0o040555
-        attr.st_size = node.size
-    elif type(node) is SymlinkNode:
-        attr.st_mode = 0o120444
-        attr.st_size = len(node.target)
+        return attr
+    kind = node[0]
+    attr.st_mode = _MODE_OF_KIND[kind]
+    if kind == PACKED_SYMLINK:
+        attr.st_size = len(node) - 1
     else:
-        attr.st_mode = 0o040555
+        size = _size_field(node)[0]
+        attr.st_size = size
+        if kind != PACKED_DIRECTORY:
+            attr.st_blocks = (size + 511) // 512
     return attr
 
 
@@ -154,7 +173,7 @@ class _RootListing:
 
     stream: AsyncIterator[tuple[bytes, Node]] | None = None
     base: int = 0  # listing index of window[0]
-    window: list[tuple[bytes, Node]] = field(default_factory=list)
+    window: list[tuple[bytes, PackedNode]] = field(default_factory=list)
     exhausted: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
 
@@ -198,7 +217,7 @@ class StoreFilesystem(pyfuse3.Operations):
         self.backend_timeout = backend_timeout
         self.inodes = InodeTable()
         self._root_attr = entry_attributes(ROOT_INODE, None)
-        self._root_names: OrderedDict[bytes, Node] = OrderedDict()
+        self._root_names: OrderedDict[bytes, PackedNode] = OrderedDict()
         self._root_lookups: Coalescer[bytes, Node | None] = Coalescer()
         self._directory_fetches: Coalescer[B3Digest, Children] = Coalescer()
         self._files: dict[int, _OpenFile] = {}
@@ -234,7 +253,7 @@ class StoreFilesystem(pyfuse3.Operations):
             log.exception("%s: unexpected error", what % args)
         raise pyfuse3.FUSEError(errno.EIO)
 
-    def _node(self, ino: int) -> Node:
+    def _node(self, ino: int) -> PackedNode:
         node = self.inodes.node(ino)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -245,13 +264,13 @@ class StoreFilesystem(pyfuse3.Operations):
         self._next_handle += 1
         return handle
 
-    def _remember_root_name(self, name: bytes, node: Node) -> None:
+    def _remember_root_name(self, name: bytes, node: PackedNode) -> None:
         self._root_names[name] = node
         self._root_names.move_to_end(name)
         if len(self._root_names) > ROOT_NAME_CACHE_SIZE:
             self._root_names.popitem(last=False)
 
-    async def _resolve_root_name(self, name: bytes) -> Node:
+    async def _resolve_root_name(self, name: bytes) -> PackedNode:
         node = self._root_names.get(name)
         if node is not None:
             self._root_names.move_to_end(name)
@@ -266,8 +285,9 @@ class StoreFilesystem(pyfuse3.Operations):
         if found is None:
             # Not cached, by us or the kernel: the path may be added later.
             raise pyfuse3.FUSEError(errno.ENOENT)
-        self._remember_root_name(name, found)
-        return found
+        packed = pack_node(found)
+        self._remember_root_name(name, packed)
+        return packed
 
     async def _children(self, ino: int) -> Children:
         """A directory inode's (names, nodes), fetched on first use."""
@@ -275,9 +295,9 @@ class StoreFilesystem(pyfuse3.Operations):
         if children is not None:
             return children
         node = self._node(ino)
-        if not isinstance(node, DirectoryNode):
+        if node[0] != PACKED_DIRECTORY:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        digest = node.digest
+        digest = packed_digest(node)
 
         async def fetch() -> Children:
             directory = await self._backend(
@@ -287,7 +307,8 @@ class StoreFilesystem(pyfuse3.Operations):
                 # A hole: the directory itself stats fine, its contents fail.
                 log.warning("directory %s not found in the directory service", digest)
                 raise pyfuse3.FUSEError(errno.EIO)
-            return PackedNames(directory.keys()), tuple(directory.values())
+            names, nodes = directory.packed_entries()
+            return PackedNames(names), nodes
 
         children = await self._directory_fetches.run(digest, fetch)
         self.inodes.set_children(ino, node, children)
@@ -358,9 +379,13 @@ class StoreFilesystem(pyfuse3.Operations):
         as `readdir` hands them to the kernel (without counting lookups)."""
         names, nodes, first = await self._listing(fh, start_id)
         end = min(len(names), start_id - first + limit)
-        return [(names[i], nodes[i], first + i + 1) for i in range(start_id - first, end)]
+        return [
+            (names[i], unpack_node(nodes[i]), first + i + 1) for i in range(start_id - first, end)
+        ]
 
-    async def _listing(self, fh: int, start_id: int) -> tuple[Sequence[bytes], Sequence[Node], int]:
+    async def _listing(
+        self, fh: int, start_id: int
+    ) -> tuple[Sequence[bytes], Sequence[PackedNode], int]:
         """(names, nodes, offset of names[0]) covering offset `start_id` on.
 
         Offsets are positions in the name-ordered listing, so a listing
@@ -378,7 +403,7 @@ class StoreFilesystem(pyfuse3.Operations):
 
     async def _root_window(
         self, listing: _RootListing, start_id: int, limit: int
-    ) -> list[tuple[bytes, Node]]:
+    ) -> list[tuple[bytes, PackedNode]]:
         async with listing.lock:
             if listing.stream is None or start_id < listing.base:
                 await self._restart_root_stream(listing)
@@ -420,8 +445,9 @@ class StoreFilesystem(pyfuse3.Operations):
         if item is None:
             listing.exhausted = True
         else:
-            self._remember_root_name(*item)
-            listing.window.append(item)
+            name, node = item[0], pack_node(item[1])
+            self._remember_root_name(name, node)
+            listing.window.append((name, node))
 
     @_instrumented("releasedir")
     async def releasedir(self, fh: int) -> None:
@@ -437,11 +463,13 @@ class StoreFilesystem(pyfuse3.Operations):
             raise _erofs()
         if inode == ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        node = self._node(inode)
-        if isinstance(node, DirectoryNode):
+        packed = self._node(inode)
+        if packed[0] == PACKED_DIRECTORY:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if isinstance(node, SymlinkNode):
+        if packed[0] == PACKED_SYMLINK:
             raise pyfuse3.FUSEError(errno.ELOOP)
+        node = unpack_node(packed)
+        assert type(node) is FileNode
         reader = None
         if node.size > 0:
             digest = node.digest
@@ -534,9 +562,9 @@ class StoreFilesystem(pyfuse3.Operations):
     @_instrumented("readlink")
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = None if inode == ROOT_INODE else self._node(inode)
-        if not isinstance(node, SymlinkNode):
+        if node is None or node[0] != PACKED_SYMLINK:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        return node.target
+        return node[1:]
 
     # -- extended attributes ----------------------------------------------
 
@@ -547,12 +575,11 @@ class StoreFilesystem(pyfuse3.Operations):
         if inode == ROOT_INODE:
             return {}
         node = self._node(inode)
-        match node:
-            case DirectoryNode(digest, _):
-                return {XATTR_DIRECTORY_DIGEST: str(digest).encode()}
-            case FileNode(digest, _, _):
-                return {XATTR_BLOB_DIGEST: str(digest).encode()}
-        return {}
+        kind = node[0]
+        if kind == PACKED_SYMLINK:
+            return {}
+        name = XATTR_DIRECTORY_DIGEST if kind == PACKED_DIRECTORY else XATTR_BLOB_DIGEST
+        return {name: str(packed_digest(node)).encode()}
 
     @_instrumented("getxattr")
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:

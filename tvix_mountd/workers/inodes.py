@@ -11,9 +11,9 @@ free for another node: the kernel forgot it, so nothing can ask about the old
 one any more (libfuse's passthrough_ll does the same with its pointers).
 
 A table of a million live inodes is most of a worker's memory, so it holds no
-object per inode: a node and a lookup count per number in two flat arrays,
-and one dict from node to number for the sharing. About 100 bytes per inode,
-where an object per inode with two dict entries was about 200.
+object per inode: a packed node (`castore.nodes.pack_node`, ~80 bytes) and a
+lookup count per number in two flat arrays, and one dict from packed node to
+number for the sharing. About 180 bytes per inode, node included.
 """
 
 from __future__ import annotations
@@ -21,24 +21,24 @@ from __future__ import annotations
 from array import array
 from typing import Final
 
-from tvix_mountd.castore.nodes import Node
+from tvix_mountd.castore.nodes import PackedNode
 from tvix_mountd.workers.names import PackedNames
 
 ROOT_INODE: Final = 1
 
-# A directory's (names, nodes), both in name order: bisect finds a name, an
-# index is a stable readdir offset.
-Children = tuple[PackedNames, tuple[Node, ...]]
+# A directory's (names, packed nodes), both in name order: bisect finds a
+# name, an index is a stable readdir offset.
+Children = tuple[PackedNames, tuple[PackedNode, ...]]
 
 
 class InodeTable:
     def __init__(self) -> None:
         # Indexed by inode number; 0 and the root (1) are never handed out.
-        self._nodes: list[Node | None] = [None] * (ROOT_INODE + 1)
+        self._nodes: list[PackedNode | None] = [None] * (ROOT_INODE + 1)
         self._lookups = array("q", bytes(8 * (ROOT_INODE + 1)))
-        # Nodes are NamedTuples that compare by kind and every field, so the
-        # node itself is the sharing key.
-        self._by_node: dict[Node, int] = {}
+        # A packed node holds its kind and every field, so it is itself the
+        # sharing key (and these are the same objects as in `_nodes`).
+        self._by_node: dict[PackedNode, int] = {}
         # Numbers free for reuse, as machine integers: a list would keep an
         # int object alive per forgotten inode.
         self._free = array("q")
@@ -48,7 +48,7 @@ class InodeTable:
     def __len__(self) -> int:
         return len(self._by_node)
 
-    def node(self, ino: int) -> Node | None:
+    def node(self, ino: int) -> PackedNode | None:
         """The node of a live inode, None for any other number."""
         if 0 <= ino < len(self._nodes):
             return self._nodes[ino]
@@ -57,7 +57,7 @@ class InodeTable:
     def lookups(self, ino: int) -> int:
         return self._lookups[ino] if self.node(ino) is not None else 0
 
-    def ref(self, node: Node) -> int:
+    def ref(self, node: PackedNode) -> int:
         """The inode number for `node` (allocated if new), its lookup count raised by one."""
         ino = self._by_node.get(node)
         if ino is None:
@@ -90,7 +90,7 @@ class InodeTable:
         """A directory inode's contents, if they were read since it became live."""
         return self._children.get(ino)
 
-    def set_children(self, ino: int, node: Node, children: Children) -> None:
+    def set_children(self, ino: int, node: PackedNode, children: Children) -> None:
         """Keep `children` as the contents of inode `ino`, if it still is `node`
         (it may have been forgotten, and its number reused, while they were
         being fetched)."""
