@@ -18,13 +18,10 @@ Patches:
               objects leave the collector's view) and gen0 threshold 20,000
               instead of 700: fewer and shorter cyclic collections while
               100k inodes pile up.
-  cachereaddir
-              sets PYFUSE3_CACHE_READDIR=1 in the daemon, which only a pyfuse3
-              built with benchmarks/pyfuse3-cache-readdir.patch reads: its
-              opendir replies then carry FOPEN_CACHE_DIR and FOPEN_KEEP_CACHE,
-              so the kernel keeps listings in its page cache. Run the harness
-              with the python of a scratch venv that has that pyfuse3 (see
-              RESULTS.md); with a stock pyfuse3 it changes nothing.
+  nocachereaddir
+              the reverse of a shipped change: opendir answers with a plain
+              handle, as on a stock pyfuse3, so the kernel does not keep
+              directory listings (third_party/pyfuse3/README.md).
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -36,7 +33,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Final
 
-PATCHES: Final = ("noflush", "attrcache", "gc", "cachereaddir", "readahead")
+PATCHES: Final = ("noflush", "attrcache", "gc", "nocachereaddir", "readahead")
 HARNESS_ONLY: Final = frozenset({"readahead"})
 
 
@@ -78,12 +75,14 @@ def _gc() -> None:
     gc.set_threshold(20_000, 50, 100)
 
 
-def _cachereaddir() -> None:
-    os.environ["PYFUSE3_CACHE_READDIR"] = "1"
+def _nocachereaddir() -> None:
+    from tvix_mountd.workers import filesystem
+
+    filesystem.KERNEL_CACHES_LISTINGS = False  # type: ignore[misc]
 
 
 _APPLY: Final[dict[str, Callable[[], None]]] = {
-    "cachereaddir": _cachereaddir,
+    "nocachereaddir": _nocachereaddir,
     "noflush": _noflush,
     "attrcache": _attrcache,
     "gc": _gc,

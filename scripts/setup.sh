@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
-packages=(fuse3 libfuse3-dev pkg-config gcc attr)
+packages=(fuse3 libfuse3-dev pkg-config gcc attr patch)
 for arg in "$@"; do
     case "$arg" in
         --test) packages+=(nix-bin) ;;
@@ -39,15 +39,44 @@ if ((${#missing[@]})); then
     fi
 fi
 
-# Rebuild the venv only when pyproject.toml changed since the last install.
-stamp="$VENV/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
+# pyfuse3 with third_party/pyfuse3/opendir-fileinfo.patch: opendir may
+# answer with a FileInfo, so the kernel keeps directory listings (see
+# third_party/pyfuse3/README.md). Built from the release's sdist, checked
+# against its hash, as pip would build it anyway (pyfuse3 ships no wheels).
+PYFUSE3_VERSION=3.5.0
+PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
+PYFUSE3_PATCH=third_party/pyfuse3/opendir-fileinfo.patch
+
+install_patched_pyfuse3() {
+    local work sdist
+    work=$(mktemp -d)
+    sdist="$work/pyfuse3-$PYFUSE3_VERSION.tar.gz"
+    "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps --no-binary :all: \
+        "pyfuse3==$PYFUSE3_VERSION" -d "$work" >&2
+    if ! echo "$PYFUSE3_SHA256  $sdist" | sha256sum -c --quiet >&2; then
+        echo "setup: pyfuse3-$PYFUSE3_VERSION.tar.gz does not match its pinned sha256" >&2
+        rm -rf "$work"
+        exit 1
+    fi
+    tar -xzf "$sdist" -C "$work"
+    patch -d "$work/pyfuse3-$PYFUSE3_VERSION" -p1 --quiet --forward <"$PYFUSE3_PATCH" >&2
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps \
+        "$work/pyfuse3-$PYFUSE3_VERSION" >&2
+    rm -rf "$work"
+}
+
+# Rebuild the venv only when pyproject.toml or the patch changed since the
+# last install.
+stamp="$VENV/.installed-$(cat pyproject.toml "$PYFUSE3_PATCH" | sha256sum | cut -c1-16)"
 if [[ ! -f "$stamp" ]]; then
     if [[ ! -x "$VENV/bin/python" ]]; then
         echo "setup: creating virtualenv in $VENV" >&2
         "$PYTHON" -m venv "$VENV"
     fi
-    echo "setup: installing tvix-mountd and its dependencies (pyfuse3 builds from source)" >&2
     "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >&2
+    echo "setup: building pyfuse3 $PYFUSE3_VERSION with $PYFUSE3_PATCH" >&2
+    install_patched_pyfuse3
+    echo "setup: installing tvix-mountd and its dependencies" >&2
     "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[dev]' >&2
     rm -f "$VENV"/.installed-*
     touch "$stamp"

@@ -27,6 +27,7 @@ from tvix_mountd.castore.nodes import (
 from tvix_mountd.castore.pathinfo import PathInfo
 from tvix_mountd.castore.pathinfos.memory import MemoryPathInfoService
 from tvix_mountd.castore.storepath import StorePath
+from tvix_mountd.workers import filesystem
 from tvix_mountd.workers.filesystem import (
     XATTR_BLOB_DIGEST,
     XATTR_DIRECTORY_DIGEST,
@@ -179,7 +180,7 @@ async def test_negative_root_lookup_is_not_remembered() -> None:
 
 async def read_dir(fs: StoreFilesystem, ino: int, batch: int = 2) -> list[bytes]:
     """All names, in batches of `batch`, resuming at the offsets handed out."""
-    fh = await fs.opendir(ino, CTX)
+    fh = await fs.open_directory(ino)
     names: list[bytes] = []
     offset = 0
     while entries := await fs.dir_entries(fh, offset, limit=batch):
@@ -200,11 +201,30 @@ async def test_readdir_resumes_at_any_offset() -> None:
     fs, _ = await make_fs()
     a = await lookup_path(fs, store_name(1, "a"))
     full = await read_dir(fs, a.st_ino, batch=100)
-    fh = await fs.opendir(a.st_ino, CTX)
+    fh = await fs.open_directory(a.st_ino)
     for offset in range(len(full) + 1):
         entries = await fs.dir_entries(fh, offset, limit=100)
         assert [name for name, _, _ in entries] == full[offset:]
         assert [next_id for _, _, next_id in entries] == list(range(offset + 1, len(full) + 1))
+
+
+async def test_opendir_lets_the_kernel_keep_listings_except_the_roots(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # scripts/setup.sh installs the pyfuse3 that takes a FileInfo from opendir.
+    assert filesystem.KERNEL_CACHES_LISTINGS
+    fs, roots = await make_fs(list_root=True)
+    a = await lookup_path(fs, store_name(1, "a"))
+    info = await fs.opendir(a.st_ino, CTX)
+    assert isinstance(info, pyfuse3.FileInfo)
+    assert info.cache_readdir and info.keep_cache
+    assert [name for name, _, _ in await fs.dir_entries(info.fh, 0)] == await read_dir(fs, a.st_ino)
+    root = await fs.opendir(ROOT_INODE, CTX)
+    assert isinstance(root, int)
+    assert {name for name, _, _ in await fs.dir_entries(root, 0)} == set(roots)
+    # With a stock pyfuse3: plain handles, every listing comes to us.
+    monkeypatch.setattr(filesystem, "KERNEL_CACHES_LISTINGS", False)
+    assert isinstance(await fs.opendir(a.st_ino, CTX), int)
 
 
 async def test_root_listing_needs_list_root() -> None:
@@ -230,7 +250,7 @@ async def test_root_listing_streams_and_restarts_on_rewind() -> None:
     roots = CountingRootNodes({store_name(i % 256, f"p{i}"): node for i in range(1000)})
     tree = Tree()
     fs = tree.fs(roots, list_root=True)
-    fh = await fs.opendir(ROOT_INODE, CTX)
+    fh = await fs.open_directory(ROOT_INODE)
     first = await fs.dir_entries(fh, 0, limit=10)
     assert len(first) == 10
     # Only about one batch is pulled from the backend for the first readdir.

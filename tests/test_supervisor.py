@@ -33,6 +33,7 @@ from tests.supervising import (
     world,
 )
 from tvix_mountd.supervisor.config import SupervisorConfig
+from tvix_mountd.workers.filesystem import XATTR_DIRECTORY_DIGEST
 
 pytestmark = [
     pytest.mark.fuse,
@@ -462,6 +463,47 @@ def test_health_endpoint(tmp_path: Path) -> None:
         assert _listening_addresses(svc.port) == ["0100007F"]
         assert SupervisorConfig().health_listen.startswith("127.0.0.1:")
         assert svc.http("/nothing")[0] == 404
+
+
+def test_the_kernel_keeps_store_listings_but_asks_for_the_root_every_time(
+    tmp_path: Path,
+) -> None:
+    with world(tmp_path, mounts=()) as w:
+        svc = w.svc
+        svc.add_mount("a", list_root=True)
+        svc.start()
+        store_path = svc.mountpoint("a") / w.names[0]
+        marks = 0
+
+        def list_and_count(path: Path) -> tuple[float, float]:
+            """List `path`; then (opendir, readdir) requests so far, that listing's included."""
+            nonlocal marks
+            listed = os.listdir(path)
+            # A request the kernel never answers itself, observed after the
+            # listing's: once it shows, the listing's figures are flushed too.
+            os.getxattr(store_path, XATTR_DIRECTORY_DIGEST)
+            marks += 1
+
+            def counts() -> dict[str, float]:
+                s = parse_metrics(svc.http("/metrics")[1])
+                ops = ("opendir", "readdir", "getxattr")
+                return {
+                    op: sample(s, "tvix_mountd_requests_total", mount="a", op=op) or 0 for op in ops
+                }
+
+            svc.wait_for(lambda: counts()["getxattr"] == marks, "the listing's figures")
+            assert listed, path
+            now = counts()
+            return now["opendir"], now["readdir"]
+
+        for path, cached in ((store_path / "dir0", True), (svc.mountpoint("a"), False)):
+            opened, read = list_and_count(path)
+            opened_again, read_again = list_and_count(path)
+            assert opened_again == opened + 1, path
+            if cached:
+                assert read_again == read, path
+            else:
+                assert read_again > read, path
 
 
 # -- systemd ----------------------------------------------------------------------------

@@ -66,6 +66,11 @@ ROOT_READDIR_BATCH: Final = 64
 READDIR_NAME_BATCH: Final = 128
 # How many root names (basename -> node) to remember between lookups.
 ROOT_NAME_CACHE_SIZE: Final = 100_000
+# Whether opendir may answer with a FileInfo, so that the kernel keeps a
+# directory's listing and answers the next ones itself: pyfuse3 as patched by
+# scripts/setup.sh (third_party/pyfuse3/). Stock pyfuse3 still works; every
+# listing then comes to us.
+KERNEL_CACHES_LISTINGS: Final = hasattr(pyfuse3.FileInfo(), "cache_readdir")
 # Flags that would modify a file.
 _WRITE_FLAGS: Final = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
@@ -342,16 +347,27 @@ class StoreFilesystem(pyfuse3.Operations):
 
     # -- directories -------------------------------------------------------
 
-    @_instrumented("opendir")
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def open_directory(self, inode: int) -> int:
+        """A handle for listing directory `inode`: what `opendir` does, for
+        callers other than the kernel."""
         handle = self._handle()
         if inode == ROOT_INODE:
             if not self.list_root:
                 raise pyfuse3.FUSEError(errno.EPERM)
             self._dirs[handle] = _RootListing()
-            return handle
-        self._dirs[handle] = _DirListing(await self._children(inode))
+        else:
+            self._dirs[handle] = _DirListing(await self._children(inode))
         return handle
+
+    @_instrumented("opendir")
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
+        handle = await self.open_directory(inode)
+        if inode == ROOT_INODE or not KERNEL_CACHES_LISTINGS:
+            # The root's listing is not the kernel's to keep: store paths may
+            # be added.
+            return handle
+        # Content never changes: the kernel may keep the listing for good.
+        return pyfuse3.FileInfo(fh=handle, keep_cache=True, cache_readdir=True)
 
     @_instrumented("readdir")
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:

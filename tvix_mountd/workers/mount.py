@@ -16,7 +16,7 @@ from typing import NamedTuple
 import pyfuse3
 import trio
 
-from tvix_mountd.workers.filesystem import StoreFilesystem
+from tvix_mountd.workers.filesystem import KERNEL_CACHES_LISTINGS, StoreFilesystem
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,12 @@ async def serve(
         raise MountError(f"cannot mount {mountpoint}: {e}") from None
     try:
         log.info("mounted %s", mountpoint)
+        if not KERNEL_CACHES_LISTINGS:
+            log.info(
+                "this pyfuse3 (%s) cannot let the kernel keep directory listings;"
+                " scripts/setup.sh builds one that can",
+                pyfuse3.__version__,
+            )
         _tune_gc()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_after_init, mountpoint, options.read_ahead_kb)
