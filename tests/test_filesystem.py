@@ -533,6 +533,51 @@ def test_inode_table_children_belong_to_the_live_inode() -> None:
     assert table.children(ino) is None
 
 
+def test_a_kept_listing_holds_its_entries_until_the_directory_is_forgotten() -> None:
+    table = InodeTable()
+    leaf = pack_node(FileNode(B3Digest.of(b"leaf"), 1))
+    inner = pack_node(DirectoryNode(B3Digest.of(b"inner"), 1))
+    other = pack_node(SymlinkNode(b"other"))
+    top = pack_node(DirectoryNode(B3Digest.of(b"top"), 3))
+    top_ino = table.ref(top)
+    # The kernel took the first two of top's entries, then the third.
+    top_nodes = (inner, leaf, other)
+    inner_ino, leaf_ino = table.ref(inner), table.ref(leaf)
+    table.hold(top_ino, top_nodes, 0, 2)
+    other_ino = table.ref(other)
+    table.hold(top_ino, top_nodes, 2, 3)
+    table.hold(top_ino, top_nodes, 0, 3)  # the same run again: held once
+    assert table.held(top_ino) == 3
+    # inner's own listing: leaf again.
+    table.hold(inner_ino, (leaf,), 0, 1)
+    # A run that does not start at the held prefix cannot be in the cache.
+    table.hold(inner_ino, (leaf, other), 5, 7)
+    assert table.held(inner_ino) == 1
+    # The kernel forgets every entry: all stay, under their numbers.
+    for ino in (inner_ino, leaf_ino, other_ino):
+        table.forget(ino, 1)
+    assert table.node(inner_ino) == inner and table.node(leaf_ino) == leaf
+    assert table.node(other_ino) == other
+    assert table.ref(leaf) == leaf_ino
+    table.forget(leaf_ino, 1)
+    # Then the directory: what it held goes, and what inner held with it.
+    table.forget(top_ino, 1)
+    for ino in (top_ino, inner_ino, leaf_ino, other_ino):
+        assert table.node(ino) is None, ino
+    assert len(table) == 0
+    assert table.held(top_ino) == 0
+
+
+def test_a_listing_is_not_held_for_a_forgotten_directory() -> None:
+    table = InodeTable()
+    directory = pack_node(DirectoryNode(B3Digest.of(b"d"), 1))
+    entry = pack_node(SymlinkNode(b"t"))
+    ino = table.ref(directory)
+    table.forget(ino, 1)
+    table.hold(ino, (entry,), 0, 1)
+    assert len(table) == 0
+
+
 def test_packed_names_read_like_a_tuple() -> None:
     names = [b"a", b"bb", b"c" * 255, b"z", b"\xff"]  # in byte order
     packed = PackedNames(names)

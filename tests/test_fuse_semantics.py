@@ -509,6 +509,27 @@ def test_the_same_tree_after_the_kernel_forgets(world: World) -> None:
     assert world.mount.alive(), world.mount.log()
 
 
+def test_listings_the_kernel_kept_agree_with_stat_after_it_forgets(world: World) -> None:
+    # The kernel keeps a store directory's listing (d_ino included) for as
+    # long as it keeps the directory, which may outlive the entries' own
+    # inodes. An inode number the daemon reuses after they are forgotten
+    # must not make such a listing name another file's number.
+    directory = world.path("tree")
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)  # keeps it cached
+    try:
+        listed = {e.name: e.inode() for e in os.scandir(directory)}
+        assert {n: os.lstat(directory / n).st_ino for n in listed} == listed
+        Path("/proc/sys/vm/drop_caches").write_text("2\n")
+        _snapshot(world.path("tree2"))  # new lookups, which take freed numbers
+        again = {e.name: e.inode() for e in os.scandir(directory)}
+        assert again.keys() == listed.keys()
+        now = {n: os.lstat(directory / n).st_ino for n in again}
+        assert again == now
+    finally:
+        os.close(fd)
+    assert world.mount.alive(), world.mount.log()
+
+
 def test_imported_twice_same_digests(world: World) -> None:
     tree, again = world.infos["tree"], world.infos["tree-again"]
     assert tree.node == again.node

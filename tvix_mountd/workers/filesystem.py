@@ -185,9 +185,13 @@ class _RootListing:
 
 @dataclass
 class _DirListing:
-    # The contents themselves, not the inode number: an open directory's
-    # listing must not depend on the table.
+    # The contents themselves: an open directory's listing must not depend
+    # on the table.
     children: Children
+    # The directory's inode, when the kernel may keep the listing (its
+    # entries are then held, see InodeTable.hold). An open directory is
+    # never forgotten, so the number stays its own.
+    kept_as: int | None = None
 
 
 class StoreFilesystem(pyfuse3.Operations):
@@ -347,37 +351,54 @@ class StoreFilesystem(pyfuse3.Operations):
 
     # -- directories -------------------------------------------------------
 
-    async def open_directory(self, inode: int) -> int:
+    async def open_directory(self, inode: int, *, kernel_keeps: bool = False) -> int:
         """A handle for listing directory `inode`: what `opendir` does, for
-        callers other than the kernel."""
+        callers other than the kernel. `kernel_keeps`: the listing goes to a
+        kernel that may keep it."""
         handle = self._handle()
         if inode == ROOT_INODE:
             if not self.list_root:
                 raise pyfuse3.FUSEError(errno.EPERM)
             self._dirs[handle] = _RootListing()
         else:
-            self._dirs[handle] = _DirListing(await self._children(inode))
+            children = await self._children(inode)
+            self._dirs[handle] = _DirListing(children, inode if kernel_keeps else None)
         return handle
 
     @_instrumented("opendir")
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
-        handle = await self.open_directory(inode)
-        if inode == ROOT_INODE or not KERNEL_CACHES_LISTINGS:
-            # The root's listing is not the kernel's to keep: store paths may
-            # be added.
+        # The root's listing is not the kernel's to keep: store paths may be
+        # added. Any other directory's content never changes.
+        keeps = KERNEL_CACHES_LISTINGS and inode != ROOT_INODE
+        handle = await self.open_directory(inode, kernel_keeps=keeps)
+        if not keeps:
             return handle
-        # Content never changes: the kernel may keep the listing for good.
         return pyfuse3.FileInfo(fh=handle, keep_cache=True, cache_readdir=True)
 
     @_instrumented("readdir")
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         names, nodes, first = await self._listing(fh, start_id)
+        start = start_id - first
+        stop = self._reply_entries(token, names, nodes, first, start)
+        listing = self._dirs.get(fh)
+        if isinstance(listing, _DirListing) and listing.kept_as is not None:
+            self.inodes.hold(listing.kept_as, listing.children[1], start, stop)
+
+    def _reply_entries(
+        self,
+        token: pyfuse3.ReaddirToken,
+        names: Sequence[bytes],
+        nodes: Sequence[PackedNode],
+        first: int,
+        i: int,
+    ) -> int:
+        """Hand `names[i:]` to the kernel until its buffer is full; the index
+        of the first entry it did not take."""
         ref = self.inodes.ref
         reply = pyfuse3.readdir_reply
         # Entries are built one at a time until the kernel's buffer is full:
         # a big directory's readdir costs only what one buffer holds. Names
         # come a batch at a time (one split of the packed names).
-        i = start_id - first
         while i < len(names):
             for name in names[i : i + READDIR_NAME_BATCH]:
                 # readdirplus: each entry the kernel takes counts as a lookup.
@@ -385,8 +406,9 @@ class StoreFilesystem(pyfuse3.Operations):
                 ino = ref(node)
                 if not reply(token, name, entry_attributes(ino, node), first + i + 1):
                     self.inodes.forget(ino, 1)
-                    return
+                    return i
                 i += 1
+        return i
 
     async def dir_entries(
         self, fh: int, start_id: int, limit: int = 1024

@@ -10,6 +10,12 @@ which keeps memory bounded by what the kernel keeps cached. Its number is then
 free for another node: the kernel forgot it, so nothing can ask about the old
 one any more (libfuse's passthrough_ll does the same with its pointers).
 
+Except from a listing the kernel keeps: a directory's cached listing carries
+each entry's number (getdents' d_ino), and the directory may stay cached after
+the entries' own inodes are forgotten. So the entries of such a listing are
+held (`hold`): one more count each, given back only when the kernel forgets
+the directory itself, and its cached listing with it.
+
 A table of a million live inodes is most of a worker's memory, so it holds no
 object per inode: a packed node (`castore.nodes.pack_node`, ~80 bytes) and a
 lookup count per number in two flat arrays, and one dict from packed node to
@@ -44,6 +50,8 @@ class InodeTable:
         self._free = array("q")
         # Only directories whose contents were read have an entry.
         self._children: dict[int, Children] = {}
+        # Directory -> (its nodes, how many of the first ones it holds).
+        self._held: dict[int, tuple[tuple[PackedNode, ...], int]] = {}
 
     def __len__(self) -> int:
         return len(self._by_node)
@@ -73,18 +81,47 @@ class InodeTable:
         return ino
 
     def forget(self, ino: int, count: int) -> None:
-        node = self.node(ino)
-        if node is None:
+        # A stack, not recursion: a dropped directory gives back what it held,
+        # which may drop directories below it, as deep as the tree goes.
+        stack = [(ino, count)]
+        while stack:
+            ino, count = stack.pop()
+            node = self.node(ino)
+            if node is None:
+                continue
+            left = self._lookups[ino] - count
+            if left > 0:
+                self._lookups[ino] = left
+                continue
+            self._lookups[ino] = 0
+            self._nodes[ino] = None
+            del self._by_node[node]
+            self._children.pop(ino, None)
+            self._free.append(ino)
+            held = self._held.pop(ino, None)
+            if held is not None:
+                nodes, count_held = held
+                stack += ((self._by_node[n], 1) for n in nodes[:count_held])
+
+    def held(self, ino: int) -> int:
+        """How many of directory `ino`'s first entries it holds."""
+        held = self._held.get(ino)
+        return 0 if held is None else held[1]
+
+    def hold(self, ino: int, nodes: tuple[PackedNode, ...], start: int, stop: int) -> None:
+        """`nodes[start:stop]`, entries of live directory `ino`, were just
+        handed to the kernel in a listing it may keep: hold them, so each
+        keeps its number until the kernel forgets the directory.
+
+        The kernel fills its cache from the first entry on, in order, so only
+        a listing's leading run can be in it; that run is what is held.
+        """
+        held = self.held(ino)
+        if not start <= held < stop or self.node(ino) is None:
             return
-        left = self._lookups[ino] - count
-        if left > 0:
-            self._lookups[ino] = left
-            return
-        self._lookups[ino] = 0
-        self._nodes[ino] = None
-        del self._by_node[node]
-        self._children.pop(ino, None)
-        self._free.append(ino)
+        for node in nodes[held:stop]:
+            self.ref(node)
+        self._held[ino] = (nodes, stop)
 
     def children(self, ino: int) -> Children | None:
         """A directory inode's contents, if they were read since it became live."""
