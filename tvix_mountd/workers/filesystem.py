@@ -680,6 +680,8 @@ class StoreFilesystem(pyfuse3.Operations):
         """Release every open handle (at unmount)."""
         if self.largest_read:
             log.info("largest read request: %d bytes", self.largest_read)
+        # What the kernel still held a count on (or a kept listing held).
+        log.info("inodes alive at unmount: %d", len(self.inodes))
         for fh in list(self._files):
             await self.release(fh)
         for fh in list(self._dirs):
