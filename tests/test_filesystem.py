@@ -540,18 +540,19 @@ def test_a_kept_listing_holds_its_entries_until_the_directory_is_forgotten() -> 
     other = pack_node(SymlinkNode(b"other"))
     top = pack_node(DirectoryNode(B3Digest.of(b"top"), 3))
     top_ino = table.ref(top)
+    table.set_children(top_ino, top, (PackedNames([b"a", b"b", b"c"]), (inner, leaf, other)))
     # The kernel took the first two of top's entries, then the third.
-    top_nodes = (inner, leaf, other)
     inner_ino, leaf_ino = table.ref(inner), table.ref(leaf)
-    table.hold(top_ino, top_nodes, 0, 2)
+    table.hold(top_ino, 0, 2)
     other_ino = table.ref(other)
-    table.hold(top_ino, top_nodes, 2, 3)
-    table.hold(top_ino, top_nodes, 0, 3)  # the same run again: held once
+    table.hold(top_ino, 2, 3)
+    table.hold(top_ino, 0, 3)  # the same run again: held once
     assert table.held(top_ino) == 3
     # inner's own listing: leaf again.
-    table.hold(inner_ino, (leaf,), 0, 1)
+    table.set_children(inner_ino, inner, (PackedNames([b"x"]), (leaf,)))
+    table.hold(inner_ino, 0, 1)
     # A run that does not start at the held prefix cannot be in the cache.
-    table.hold(inner_ino, (leaf, other), 5, 7)
+    table.hold(inner_ino, 5, 7)
     assert table.held(inner_ino) == 1
     # The kernel forgets every entry: all stay, under their numbers.
     for ino in (inner_ino, leaf_ino, other_ino):
@@ -573,8 +574,9 @@ def test_a_listing_is_not_held_for_a_forgotten_directory() -> None:
     directory = pack_node(DirectoryNode(B3Digest.of(b"d"), 1))
     entry = pack_node(SymlinkNode(b"t"))
     ino = table.ref(directory)
+    table.set_children(ino, directory, (PackedNames([b"e"]), (entry,)))
     table.forget(ino, 1)
-    table.hold(ino, (entry,), 0, 1)
+    table.hold(ino, 0, 1)
     assert len(table) == 0
 
 

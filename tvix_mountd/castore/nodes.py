@@ -58,10 +58,9 @@ def _check_u64(value: int, what: str) -> int:
 
 
 # Nodes are NamedTuples: immutable, matchable (`case FileNode(digest, size, x)`)
-# and hashed and compared in C. A directory of 50,000 entries builds 50,000 of
-# them and the inode table hashes each one it hands out, so the frozen
-# dataclasses these were cost a third of a cold listing. The three kinds have
-# 2, 3 and 1 fields, so no node of one kind ever equals a node of another.
+# and hashed and compared in C. The three kinds have 2, 3 and 1 fields, so no
+# node of one kind ever equals a node of another. Where many are kept (a
+# Directory's entries, a worker's inode table) they are packed instead (below).
 
 
 class DirectoryNode(NamedTuple):

@@ -190,7 +190,8 @@ class _DirListing:
     children: Children
     # The directory's inode, when the kernel may keep the listing (its
     # entries are then held, see InodeTable.hold). An open directory is
-    # never forgotten, so the number stays its own.
+    # never forgotten, so the number stays its own, and `children` are the
+    # ones the table keeps for it.
     kept_as: int | None = None
 
 
@@ -382,7 +383,7 @@ class StoreFilesystem(pyfuse3.Operations):
         stop = self._reply_entries(token, names, nodes, first, start)
         listing = self._dirs.get(fh)
         if isinstance(listing, _DirListing) and listing.kept_as is not None:
-            self.inodes.hold(listing.kept_as, listing.children[1], start, stop)
+            self.inodes.hold(listing.kept_as, start, stop)
 
     def _reply_entries(
         self,

@@ -50,8 +50,8 @@ class InodeTable:
         self._free = array("q")
         # Only directories whose contents were read have an entry.
         self._children: dict[int, Children] = {}
-        # Directory -> (its nodes, how many of the first ones it holds).
-        self._held: dict[int, tuple[tuple[PackedNode, ...], int]] = {}
+        # Directory -> how many of its first children it holds.
+        self._held: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._by_node)
@@ -96,32 +96,32 @@ class InodeTable:
             self._lookups[ino] = 0
             self._nodes[ino] = None
             del self._by_node[node]
-            self._children.pop(ino, None)
             self._free.append(ino)
-            held = self._held.pop(ino, None)
-            if held is not None:
-                nodes, count_held = held
-                stack += ((self._by_node[n], 1) for n in nodes[:count_held])
+            children = self._children.pop(ino, None)
+            held = self._held.pop(ino, 0)
+            if children is not None and held:
+                stack += ((self._by_node[n], 1) for n in children[1][:held])
 
     def held(self, ino: int) -> int:
-        """How many of directory `ino`'s first entries it holds."""
-        held = self._held.get(ino)
-        return 0 if held is None else held[1]
+        """How many of directory `ino`'s first children it holds."""
+        return self._held.get(ino, 0)
 
-    def hold(self, ino: int, nodes: tuple[PackedNode, ...], start: int, stop: int) -> None:
-        """`nodes[start:stop]`, entries of live directory `ino`, were just
-        handed to the kernel in a listing it may keep: hold them, so each
-        keeps its number until the kernel forgets the directory.
+    def hold(self, ino: int, start: int, stop: int) -> None:
+        """Children `start:stop` of live directory `ino` (as `set_children`
+        keeps them) were just handed to the kernel in a listing it may keep:
+        hold them, so each keeps its number until the kernel forgets the
+        directory.
 
         The kernel fills its cache from the first entry on, in order, so only
         a listing's leading run can be in it; that run is what is held.
         """
         held = self.held(ino)
-        if not start <= held < stop or self.node(ino) is None:
+        children = self._children.get(ino)
+        if children is None or not start <= held < stop:
             return
-        for node in nodes[held:stop]:
+        for node in children[1][held:stop]:
             self.ref(node)
-        self._held[ino] = (nodes, stop)
+        self._held[ino] = stop
 
     def children(self, ino: int) -> Children | None:
         """A directory inode's contents, if they were read since it became live."""
