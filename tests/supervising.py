@@ -109,6 +109,18 @@ def mounts_under(root: Path) -> list[tuple[str, str, str]]:
     return found
 
 
+def mount_id(point: Path) -> int | None:
+    """The kernel's mount ID of what is mounted at `point` (the topmost), if anything."""
+    path = os.path.realpath(point)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if _unescape(fields[4]) == path:
+                found = int(fields[0])
+    return found
+
+
 def process_figures(pid: int) -> tuple[int, int] | None:
     """(RSS in KiB, open file descriptors) of `pid`, None if it is gone."""
     try:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tvix_mountd.supervisor import logs
+from tvix_mountd import logs
 
 _FORK = multiprocessing.get_context("fork")
 log = logging.getLogger("tvix_mountd.test")
@@ -199,7 +199,7 @@ def test_a_child_killed_while_logging_wedges_nobody() -> None:
 
 def fill_the_pipe(queue: logs._PipeQueue, puts: Any, filled: Any, drained: Any) -> None:
     record = logging.makeLogRecord({"msg": "y" * 3000, "mount": "m"})
-    while queue._dropped == 0:  # non-blocking: this ends when the pipe is full
+    while queue._writer.dropped == 0:  # non-blocking: this ends when the pipe is full
         queue.put_nowait(record)
         puts.value += 1
     for _ in range(5):

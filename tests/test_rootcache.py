@@ -41,8 +41,8 @@ from tvix_mountd.castore.pathinfo import PathInfo
 from tvix_mountd.castore.pathinfos.memory import MemoryPathInfoService
 from tvix_mountd.castore.pathinfos.sqlite import SqlitePathInfoService
 from tvix_mountd.castore.storepath import StorePath
+from tvix_mountd.config import Config, StoreConfig, SupervisorConfig
 from tvix_mountd.proto import castore_pb2, rootcache_pb2, rootcache_pb2_grpc
-from tvix_mountd.supervisor.config import Config, StoreConfig, SupervisorConfig
 from tvix_mountd.supervisor.rootcache import (
     PARENT_DEATH_SIGNAL,
     RootCache,

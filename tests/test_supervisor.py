@@ -27,12 +27,13 @@ from tests.supervising import (
     Service,
     embedded_store,
     make_tree,
+    mount_id,
     mounts_under,
     start_time,
     tree_files,
     world,
 )
-from tvix_mountd.supervisor.config import SupervisorConfig
+from tvix_mountd.config import SupervisorConfig
 from tvix_mountd.workers.filesystem import XATTR_DIRECTORY_DIGEST
 
 pytestmark = [
@@ -103,14 +104,15 @@ def test_start_status_and_stop(tmp_path: Path) -> None:
             "STATE",
             "PID",
             "RESTARTS",
+            "HANDOVERS",
             "FOR",
             "MOUNTPOINT",
             "STORE",
         ]
         for line, m in zip(lines[1:3], document["mounts"], strict=True):
             cells = line.split()
-            assert cells[:4] == [m["name"], "serving", str(m["pid"]), "0"], line
-            assert cells[5:] == [m["mountpoint"], "local"], line
+            assert cells[:5] == [m["name"], "serving", str(m["pid"]), "0", "0"], line
+            assert cells[6:] == [m["mountpoint"], "local"], line
         assert f"rootcache: pid {rootcache['pid']}, restarts 0" in lines
 
         done = svc.cli("stop", "--config", str(svc.config_path))
@@ -272,8 +274,15 @@ def test_reload_applies_the_difference(tmp_path: Path, how: str) -> None:
     with world(tmp_path, mounts=("keep", "drop", "change")) as w:
         w.svc.start()
         before = w.svc.pids()
+        change_mount_id = mount_id(w.svc.mountpoint("change"))
         name = w.names[0]
-        reader = Reader(tmp_path / "reader", [("keep", w.path("keep", name), w.sources[name])])
+        reader = Reader(
+            tmp_path / "reader",
+            [
+                ("keep", w.path("keep", name), w.sources[name]),
+                ("change", w.path("change", name), w.sources[name]),
+            ],
+        )
         try:
             reader.wait_passes(3)
 
@@ -286,7 +295,7 @@ def test_reload_applies_the_difference(tmp_path: Path, how: str) -> None:
                 assert done.returncode == 0, done.stderr
                 assert set(done.stdout.splitlines()) == {
                     "stopped drop",
-                    "restarted change",
+                    "handed over change",
                     "started new",
                 }
             else:
@@ -308,9 +317,12 @@ def test_reload_applies_the_difference(tmp_path: Path, how: str) -> None:
             result = reader.stop()
         finally:
             reader.kill()
+        # Neither the untouched mount nor the changed one (handed over to a
+        # new worker on the live connection) blinked.
         assert result.failure_count == 0, result.failures
         assert result.passes >= 6
         assert w.svc.pids()["keep"] == before["keep"]
+        assert mount_id(w.svc.mountpoint("change")) == change_mount_id
         # The removed mount is gone from the kernel's table; the others are there.
         points = {point for point, _, _ in w.svc.live_mounts()}
         assert str(w.svc.mountpoint("drop")) not in points
@@ -582,9 +594,9 @@ def test_one_log_stream(tmp_path: Path, log_format: str) -> None:
                 records.append((match["tag"], match["logger"], match["msg"]))
         for mount in ("a", "b"):
             point = w.svc.mountpoint(mount)
-            assert (mount, "tvix_mountd.workers.mount", f"mounted {point}") in records
+            assert (mount, "tvix_mountd.workers.mount", f"serving {point}") in records
             assert (mount, "tvix_mountd.workers.mount", f"unmounted {point}") in records
-            assert ("supervisor", "tvix_mountd.supervisor.service", f"mount {mount}: serving") in [
+            assert ("supervisor", "tvix_mountd.supervisor.runner", f"mount {mount}: serving") in [
                 r for r in records
             ]
         rootcache = [r for r in records if r[1] == "tvix_mountd.supervisor.rootcache"]

@@ -90,7 +90,7 @@ def _describe_node(node: object) -> str:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from tvix_mountd.supervisor.config import ConfigError, load_store_config
+    from tvix_mountd.config import ConfigError, load_store_config
 
     try:
         store_config = load_store_config(args.config, args.store)
@@ -120,7 +120,7 @@ def _open_store(blob: str, directory: str, path_info: str, timeout: float) -> St
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from tvix_mountd.supervisor.config import ConfigError, load_config
+    from tvix_mountd.config import ConfigError, load_config
 
     try:
         config = load_config(args.file)
@@ -176,8 +176,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from tvix_mountd.supervisor.config import ConfigError, default_config, load_config
-    from tvix_mountd.supervisor.logs import setup_logging
+    from tvix_mountd.config import ConfigError, default_config, load_config
+    from tvix_mountd.logs import setup_logging
     from tvix_mountd.supervisor.service import Supervisor, SupervisorError
 
     try:
@@ -196,7 +196,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def _state_dir(args: argparse.Namespace) -> Path:
-    from tvix_mountd.supervisor.config import DEFAULT_STATE_DIR, ConfigError, load_state_dir
+    from tvix_mountd.config import DEFAULT_STATE_DIR, ConfigError, load_state_dir
 
     if args.state_dir:
         return Path(args.state_dir)
@@ -260,6 +260,20 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_restart(args: argparse.Namespace) -> int:
+    from tvix_mountd.supervisor.control_client import ControlError
+
+    try:
+        done, problems = _control(args).restart(args.mounts)
+    except ControlError as e:
+        raise CliError(str(e)) from None
+    for line in done:
+        print(line)
+    for problem in problems:
+        print(f"not restarted: {problem}", file=sys.stderr)
+    return EXIT_FAILURE if problems else 0
+
+
 # -- parser ---------------------------------------------------------------
 
 
@@ -285,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", "show the mounts of a running supervisor", cmd_status),
         ("stop", "unmount everything and stop a running supervisor", cmd_stop),
         ("reload", "re-read the config of a running supervisor", cmd_reload),
+        (
+            "restart",
+            "hand mounts to fresh workers running the code installed now, without unmounting",
+            cmd_restart,
+        ),
     ]:
         p = sub.add_parser(name, help=help_text)
         where = p.add_mutually_exclusive_group()
@@ -294,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="the status document as JSON")
         if name == "stop":
             p.add_argument("--no-wait", action="store_true", help="do not wait for it to exit")
+        if name == "restart":
+            p.add_argument("mounts", nargs="*", metavar="MOUNT", help="default: every mount")
         p.set_defaults(func=func)
 
     p = sub.add_parser(

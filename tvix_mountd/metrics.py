@@ -88,6 +88,7 @@ class Metrics:
     read_bytes: Counter
     request_seconds: Histogram
     restarts: Counter
+    handovers: Counter
     mount_up: Gauge
 
 
@@ -155,6 +156,12 @@ def metrics() -> Metrics:
                 ["mount"],
                 registry=None,
             ),
+            handovers=Counter(
+                "tvix_mountd_handovers",
+                "Times a mount's live FUSE connection went to a new worker, by why",
+                ["mount", "reason"],
+                registry=None,
+            ),
             # The supervisor is the only writer; livesum drops its value with it.
             mount_up=Gauge(
                 "tvix_mountd_mount_up",
@@ -170,6 +177,11 @@ def metrics() -> Metrics:
 def count_restart(mount: str) -> None:
     """The supervisor restarted `mount`'s worker."""
     metrics().restarts.labels(mount).inc()
+
+
+def count_handover(mount: str, reason: str) -> None:
+    """`mount`'s connection went to a new worker (reason: crash, hang, restart, reload)."""
+    metrics().handovers.labels(mount, reason).inc()
 
 
 def set_mount_up(mount: str, up: bool) -> None:

@@ -23,22 +23,28 @@ def set_parent_death_signal(signum: int) -> None:
         raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
 
 
-def prepare_child(name: str, parent_death_signal: int = signal.SIGTERM) -> None:
+def prepare_child(
+    name: str, parent_death_signal: int = signal.SIGTERM, *, parent_pid: int | None = None
+) -> None:
     """Reset inherited signal handling, follow the parent's death, tag the logs.
 
     The parent's signal dispositions and trio's wakeup fd are inherited by a
     fork; a child sets up its own. SIGTERM on the parent's death lets a worker
     unmount cleanly when the supervisor (or the spawner) is killed.
+    `parent_pid`: the parent that started us, for a child that was exec'd
+    (a forked one learns it from multiprocessing).
     """
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
     with contextlib.suppress(ValueError):  # not the main thread: nothing inherited there
         signal.set_wakeup_fd(-1)
     set_parent_death_signal(parent_death_signal)
-    parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:
+    if parent_pid is None:
+        parent = multiprocessing.parent_process()
+        parent_pid = parent.pid if parent is not None else None
+    if parent_pid is not None and os.getppid() != parent_pid:
         # The parent died before prctl took effect.
         os.kill(os.getpid(), parent_death_signal)
-    from tvix_mountd.supervisor.logs import tag_process
+    from tvix_mountd.logs import tag_process
 
     tag_process(name)

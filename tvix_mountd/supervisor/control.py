@@ -1,4 +1,4 @@
-"""The control socket: `tvix-mountd status | stop | reload` talk to the supervisor.
+"""The control socket: `tvix-mountd status | stop | reload | restart` talk to the supervisor.
 
 A gRPC server (tvix.mountd.v1.Control) on a unix socket in state_dir, mode
 0600. grpcio runs handlers in its own threads; each hops into the
@@ -45,6 +45,14 @@ class _ControlServicer(control_pb2_grpc.ControlServicer):
     ) -> control_pb2.ReloadResponse:
         result = trio.from_thread.run(self._supervisor.reload, trio_token=self._token)
         return control_pb2.ReloadResponse(problems=result["problems"], changes=result["changes"])
+
+    def Restart(
+        self, request: control_pb2.RestartRequest, context: grpc.ServicerContext
+    ) -> control_pb2.RestartResponse:
+        done, problems = trio.from_thread.run(
+            self._supervisor.restart, list(request.mounts), trio_token=self._token
+        )
+        return control_pb2.RestartResponse(done=done, problems=problems)
 
 
 async def serve_control(

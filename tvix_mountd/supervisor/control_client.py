@@ -14,7 +14,7 @@ import grpc
 from tvix_mountd.proto import control_pb2, control_pb2_grpc
 from tvix_mountd.supervisor.service import CONTROL_SOCKET, PID_FILE
 
-CALL_TIMEOUT = 60.0  # a reload may stop and start several mounts
+CALL_TIMEOUT = 60.0  # a reload or restart may stop and start several mounts
 STOP_WAIT = 60.0
 
 
@@ -64,6 +64,11 @@ class ControlClient:
         response = self._call(self._stub.Reload, control_pb2.ReloadRequest())
         return list(response.problems), list(response.changes)
 
+    def restart(self, mounts: list[str]) -> tuple[list[str], list[str]]:
+        """(a line per completed handover, a line per mount not handed over)."""
+        response = self._call(self._stub.Restart, control_pb2.RestartRequest(mounts=mounts))
+        return list(response.done), list(response.problems)
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -99,7 +104,7 @@ def _uptime(since: str | None) -> str:
 
 def format_status(document: dict[str, Any]) -> str:
     """The status document as a table for people."""
-    header = ("MOUNT", "STATE", "PID", "RESTARTS", "FOR", "MOUNTPOINT", "STORE")
+    header = ("MOUNT", "STATE", "PID", "RESTARTS", "HANDOVERS", "FOR", "MOUNTPOINT", "STORE")
     rows = [header]
     errors = []
     for m in document.get("mounts", []):
@@ -109,6 +114,7 @@ def format_status(document: dict[str, Any]) -> str:
                 m["state"],
                 str(m["pid"] or "-"),
                 str(m["restarts"]),
+                str(m.get("handovers", 0)),
                 _uptime(m.get("since")),
                 m["mountpoint"],
                 m["store"],

@@ -42,9 +42,9 @@ from tvix_mountd.castore.errors import BackendUnavailable, StoreError
 from tvix_mountd.castore.nodes import Node, node_to_proto
 from tvix_mountd.castore.pathinfos import PathInfoService
 from tvix_mountd.coalesce import Coalescer
+from tvix_mountd.config import Config
 from tvix_mountd.grpc_server import serve_unix
 from tvix_mountd.proto import rootcache_pb2, rootcache_pb2_grpc
-from tvix_mountd.supervisor.config import Config
 from tvix_mountd.workers.rootnodes import PathInfoRootNodes, RootNodes
 
 log = logging.getLogger(__name__)

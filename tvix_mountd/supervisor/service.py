@@ -1,24 +1,20 @@
-"""The supervisor: keeps one worker per mount and one rootcache alive.
+"""The supervisor: keeps every mount served and one rootcache alive.
 
-Structure (trio): the supervisor's nursery owns a runner task per mount, one
+Structure (trio): the supervisor's nursery owns a runner task per mount
+(runner.py: the mount's FUSE connection and the workers it is lent to), one
 for the rootcache, the spawner's reader, the control socket, the health
-endpoint and the systemd notifier. Workers are forked by the spawner (see
-spawner.py for why) and watched here by PID: the spawner reports each exit at
-once, the runner clears a dead mount and restarts the worker with
-exponential backoff, and a mount that keeps crashing is marked failed.
+endpoint and the systemd notifier. Children are started by the spawner (see
+spawner.py for why) and watched here by PID: the spawner reports each exit
+at once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,18 +24,25 @@ import trio
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.errors import StoreError
 from tvix_mountd.castore.store import Store
-from tvix_mountd.metrics import count_restart, mark_process_dead, set_mount_up
-from tvix_mountd.supervisor import systemd
-from tvix_mountd.supervisor.config import (
+from tvix_mountd.config import (
     Config,
     ConfigError,
     MountConfig,
     StoreConfig,
     load_config,
 )
+from tvix_mountd.metrics import mark_process_dead
+from tvix_mountd.supervisor import systemd
+from tvix_mountd.supervisor.runner import (
+    Child,
+    HandoverError,
+    MountRunner,
+    restart_delay,
+    terminate,
+)
 from tvix_mountd.supervisor.spawner import Spawner, SpawnError
 from tvix_mountd.workers.mount import detach, find_mount, is_dead_mount
-from tvix_mountd.workers.process import EXIT_MOUNT_ERROR, fsname
+from tvix_mountd.workers.process import fsname
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +52,12 @@ ROOTCACHE_SOCKET = "rootcache.sock"
 METRICS_DIR = "metrics"
 ERRORS_DIR = "errors"
 
-# How long a mount may take to come up, and to go down on SIGTERM.
-START_TIMEOUT = 15.0
-STOP_TIMEOUT = 10.0
-# Restart delays: immediately, then doubling from RESTART_BASE up to RESTART_CAP.
-RESTART_BASE = 0.5
-RESTART_CAP = 30.0
-# A worker that served this long is healthy again: its backoff starts over.
+# A rootcache that served this long is healthy again: its backoff starts over.
 HEALTHY_AFTER = 30.0
-# Deadline for a stat of a mount's root (start-up and /readyz).
+# Deadline for a readiness probe of a store's backends.
 STAT_TIMEOUT = 2.0
-POLL_INTERVAL = 0.02
+# Statfs probes of mounts that may hang, at most this many at once.
+PROBE_THREADS = 64
 # Stop (SIGTERM, SIGINT) and reload (SIGHUP).
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -69,216 +67,6 @@ EMPTY_DIRECTORY_DIGEST = B3Digest.of(b"")
 
 class SupervisorError(Exception):
     """The supervisor cannot start (a user's problem, reported plainly)."""
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def restart_delay(consecutive_crashes: int) -> float:
-    """0 for the first crash (serve again at once), then exponential with a cap."""
-    if consecutive_crashes <= 1:
-        return 0.0
-    return min(RESTART_CAP, RESTART_BASE * 2.0 ** (consecutive_crashes - 2))
-
-
-async def stat_with_deadline(path: str, seconds: float = STAT_TIMEOUT) -> str | None:
-    """None if `path` stats within `seconds`, else why not."""
-    with trio.move_on_after(seconds):
-        try:
-            await trio.to_thread.run_sync(os.stat, path, abandon_on_cancel=True)
-        except OSError as e:
-            return f"stat of {path} failed: {e.strerror}"
-        return None
-    return f"{path} did not answer a stat within {seconds:g} s"
-
-
-@dataclass
-class _Child:
-    """A process started through the spawner, and how it ended."""
-
-    pid: int
-    exited: trio.Event = field(default_factory=trio.Event)
-    exitcode: int | None = None
-
-
-async def terminate(child: _Child, what: str) -> None:
-    """SIGTERM a child (a worker unmounts), SIGKILL if it does not go in time."""
-    if child.exited.is_set():
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(child.pid, signal.SIGTERM)
-    with trio.move_on_after(STOP_TIMEOUT):
-        await child.exited.wait()
-    if not child.exited.is_set():
-        log.warning("%s %d ignored SIGTERM, killing it", what, child.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signal.SIGKILL)
-        await child.exited.wait()
-
-
-class MountRunner:
-    """Keeps one mount's worker running; its state is what `status` shows."""
-
-    def __init__(self, supervisor: Supervisor, mount: MountConfig, store: StoreConfig) -> None:
-        self.supervisor = supervisor
-        self.mount = mount
-        self.store = store
-        self.state = "starting"
-        self.pid: int | None = None
-        self.restarts = 0
-        self.since = _now()
-        self.error: str | None = None
-        self.stopping = False
-        self.cancel_scope = trio.CancelScope()
-        self.done = trio.Event()
-        self._crashes: deque[float] = deque()
-        self._child: _Child | None = None
-        self._spawning = False
-
-    @property
-    def name(self) -> str:
-        return self.mount.name
-
-    def _set_state(self, state: str, error: str | None = None) -> None:
-        if state != self.state:
-            log.info("mount %s: %s%s", self.name, state, f" ({error})" if error else "")
-            self.since = _now()
-            set_mount_up(self.name, state == "serving")
-        self.state = state
-        self.error = error
-        self.supervisor.state_changed()
-
-    def as_status(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "mountpoint": self.mount.mountpoint,
-            "store": self.mount.store,
-            "pid": self.pid,
-            "state": self.state,
-            "restarts": self.restarts,
-            "since": self.since,
-            "error": self.error,
-        }
-
-    async def clear_mountpoint(self) -> None:
-        """Detach a mount left on our mountpoint by a dead worker."""
-        # statfs of a hung mount can block: keep it off the supervisor's loop.
-        await trio.to_thread.run_sync(self._clear_mountpoint, abandon_on_cancel=True)
-
-    def _clear_mountpoint(self) -> None:
-        found = find_mount(self.mount.mountpoint)
-        if (
-            found is not None
-            and found.fstype.startswith("fuse")
-            and is_dead_mount(self.mount.mountpoint)
-        ):
-            log.info("mount %s: detaching the dead mount at %s", self.name, self.mount.mountpoint)
-            detach(self.mount.mountpoint)
-
-    async def run(self) -> None:
-        try:
-            with self.cancel_scope:
-                await self._run()
-        finally:
-            self.done.set()
-
-    async def _run(self) -> None:
-        error_file = self.supervisor.error_file(self.name)
-        while not self.stopping:
-            await self.clear_mountpoint()
-            # A mountpoint that cannot be made (a file is in the way) is the
-            # worker's to report: it fails, and that counts as this mount's crash,
-            # never as the supervisor's.
-            with contextlib.suppress(OSError):
-                await trio.Path(self.mount.mountpoint).mkdir(parents=True, exist_ok=True)
-            await trio.Path(error_file).unlink(missing_ok=True)
-            try:
-                # Shielded and never cancelled by stop(): a worker being forked
-                # must come back with its PID, or nobody could stop it.
-                self._spawning = True
-                with trio.CancelScope(shield=True):
-                    child = await self.supervisor.spawn(
-                        "worker",
-                        self.name,
-                        self.mount.model_dump_json(),
-                        self.store.model_dump_json(),
-                        self.supervisor.rootcache_socket,
-                        str(error_file),
-                    )
-            except SpawnError as e:
-                self._set_state("failed", str(e))
-                return
-            finally:
-                self._spawning = False
-            self._child = child
-            self.pid = child.pid
-            if self.stopping:  # stop() came while forking: it waits for us
-                await terminate(child, f"mount {self.name}: worker")
-            started = time.monotonic()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_start, child, nursery.cancel_scope)
-                await child.exited.wait()
-                nursery.cancel_scope.cancel()
-            self.pid = None
-            await self.clear_mountpoint()
-            self._child = None
-            if self.stopping:
-                break
-            reason = self._exit_reason(child, error_file)
-            now = time.monotonic()
-            if now - started > HEALTHY_AFTER:
-                self._crashes.clear()
-            self._crashes.append(now)
-            window = self.supervisor.config.supervisor.restart_window
-            while self._crashes and now - self._crashes[0] > window:
-                self._crashes.popleft()
-            if len(self._crashes) >= self.supervisor.config.supervisor.max_restarts:
-                self._set_state(
-                    "failed",
-                    f"{reason}; crashed {len(self._crashes)} times within {window:g} s,"
-                    " not restarting (reload to try again)",
-                )
-                return
-            delay = restart_delay(len(self._crashes))
-            self.restarts += 1
-            count_restart(self.name)
-            self._set_state("restarting", f"{reason}; restarting in {delay:g} s")
-            await trio.sleep(delay)
-        self._set_state("stopped")
-
-    def _exit_reason(self, child: _Child, error_file: Path) -> str:
-        code = child.exitcode
-        if code == EXIT_MOUNT_ERROR and error_file.exists():
-            return error_file.read_text().strip()
-        if code is not None and code < 0:
-            return f"worker killed by {signal.Signals(-code).name}"
-        return f"worker exited with status {code}"
-
-    async def _watch_start(self, child: _Child, scope: trio.CancelScope) -> None:
-        """Serving once our FUSE mount is up and its root answers a stat."""
-        with trio.move_on_after(START_TIMEOUT):
-            while True:
-                found = find_mount(self.mount.mountpoint)
-                if found is not None and found.fstype == "fuse.tvix":
-                    problem = await stat_with_deadline(self.mount.mountpoint)
-                    if problem is None:
-                        self._set_state("serving")
-                        return
-                await trio.sleep(POLL_INTERVAL)
-        self._set_state("starting", f"not mounted after {START_TIMEOUT:g} s")
-
-    async def stop(self) -> None:
-        """Stop the worker and keep it stopped; returns once it is gone."""
-        self.stopping = True
-        child = self._child
-        if child is not None:
-            await terminate(child, f"mount {self.name}: worker")
-        elif not self._spawning:
-            self.cancel_scope.cancel()
-        await self.done.wait()
-        await self.clear_mountpoint()
-        self._set_state("stopped")
 
 
 class Supervisor:
@@ -291,13 +79,13 @@ class Supervisor:
         self.control_socket = str(self.state_dir / CONTROL_SOCKET)
         self.mounts: dict[str, MountRunner] = {}
         self.rootcache_pid: int | None = None
-        self._rootcache: _Child | None = None
+        self._rootcache: Child | None = None
         self._rootcache_lock = trio.Lock()
         # Services for readiness probes, per store, opened on first use.
         self._probe_stores: dict[str, Store] = {}
         self._probe_configs: dict[str, StoreConfig] = {}
         self.rootcache_restarts = 0
-        self._children: dict[int, _Child] = {}
+        self._children: dict[int, Child] = {}
         self._shutdown = trio.Event()
         self._state_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -305,6 +93,9 @@ class Supervisor:
         self.exit_status = 0
         self._rootcache_stats: dict[str, dict[str, int]] = {}
         self._early_signals: list[int] = []
+        # Threads of statfs probes (runner.py), apart from trio's default
+        # limiter: probes of hung mounts must not starve other thread users.
+        self.probe_limiter = trio.CapacityLimiter(PROBE_THREADS)
 
     # -- bookkeeping -------------------------------------------------------
 
@@ -315,17 +106,23 @@ class Supervisor:
         self._state_changed.set()
         self._state_changed = trio.Event()
 
-    async def spawn(self, kind: str, name: str, *args: Any) -> _Child:
-        pid = await self.spawner.spawn(kind, name, *args)
+    async def spawn(self, kind: str, name: str, *args: Any) -> Child:
+        """Fork a child through the spawner (the rootcache)."""
+        return self._child(await self.spawner.spawn(kind, name, *args))
+
+    async def exec_worker(self, name: str, spec: dict[str, Any], fds: dict[str, int]) -> Child:
+        """Start a worker process for mount `name` (see workers/process.py)."""
+        return self._child(await self.spawner.exec(name, "tvix_mountd.workers", spec, fds))
+
+    def _child(self, pid: int) -> Child:
         # The exit may be reported before we get here: record it either way.
-        child = self._children.setdefault(pid, _Child(pid))
-        return child
+        return self._children.setdefault(pid, Child(pid))
 
     async def _dispatch_exits(self) -> None:
         async for pid, exitcode in self.spawner.exits:
             child = self._children.pop(pid, None)
             if child is None:
-                child = _Child(pid)  # reported before spawn() returned
+                child = Child(pid)  # reported before spawn() returned
                 self._children[pid] = child
             child.exitcode = exitcode
             child.exited.set()
@@ -543,7 +340,7 @@ class Supervisor:
 
     async def _notify_systemd(self) -> None:
         while not all(r.state == "serving" for r in self.mounts.values()):
-            await self._wait_state_change()
+            await self.wait_state_change()
         systemd.notify("READY=1")
         log.info("all %d mounts serving", len(self.mounts))
         interval = systemd.watchdog_interval()
@@ -551,7 +348,7 @@ class Supervisor:
             systemd.notify("WATCHDOG=1")
             await trio.sleep(interval)
 
-    async def _wait_state_change(self) -> None:
+    async def wait_state_change(self) -> None:
         await self._state_changed.wait()
 
     # -- reload --------------------------------------------------------------
@@ -582,12 +379,17 @@ class Supervisor:
 
             added = [m for n, m in new_mounts.items() if n not in old_mounts]
             removed = [n for n in old_mounts if n not in new_mounts]
-            # A failed mount is tried again ("reload to try again"), changed or not.
+            kept = [n for n in new_mounts if n in old_mounts]
+            # A failed mount is tried again ("reload to try again"), changed or
+            # not; one whose kernel-side options change is mounted again.
             restarted = [
                 n
-                for n in new_mounts
-                if n in old_mounts and (changed(n) or self.mounts[n].state == "failed")
+                for n in kept
+                if self.mounts[n].state == "failed"
+                or (changed(n) and needs_new_mount(old_mounts[n], new_mounts[n]))
             ]
+            # Any other change goes to a new worker on the live connection.
+            handed_over = [n for n in kept if changed(n) and n not in restarted]
             # Mountpoints that become free in this reload may be reused by new mounts.
             problems = self.check_mountpoints(
                 [
@@ -618,14 +420,58 @@ class Supervisor:
                 self._start_mount(mount)
                 changes.append(f"started {mount.name}")
             if new.stores != old.stores or new.supervisor != old.supervisor:
-                # The rootcache reads stores at start: give it the new ones.
+                # The rootcache reads stores at start: give it the new ones
+                # (before workers on a changed store ask it).
                 if self.rootcache_pid is not None:
                     os.kill(self.rootcache_pid, signal.SIGTERM)
                 changes.append("restarted rootcache")
+            problems = []
+
+            async def hand_over(name: str) -> None:
+                mount = new_mounts[name]
+                try:
+                    await self.mounts[name].hand_over("reload", mount, new.stores[mount.store])
+                except HandoverError as e:
+                    problems.append(f"handover failed: {e}")
+                else:
+                    changes.append(f"handed over {name}")
+
+            async with trio.open_nursery() as nursery:
+                for name in handed_over:
+                    nursery.start_soon(hand_over, name)
             if new.supervisor.health_listen != old.supervisor.health_listen:
                 changes.append("supervisor.health_listen changes at the next start")
             log.info("reloaded %s: %s", self.config_path, ", ".join(changes) or "no changes")
-            return {"problems": [], "changes": changes}
+            return {"problems": problems, "changes": changes}
+
+    async def restart(self, names: list[str]) -> tuple[list[str], list[str]]:
+        """Hand each named mount (every one when none are named) to a fresh
+        worker, running the code installed now: (done, problems), a line each."""
+        unknown = [n for n in names if n not in self.mounts]
+        if unknown:
+            known = ", ".join(self.mounts) or "none"
+            return [], [f"no mount named {n!r} (mounts: {known})" for n in unknown]
+        done: list[str] = []
+        problems: list[str] = []
+
+        async def restart_one(name: str) -> None:
+            runner = self.mounts[name]
+            if runner.state == "failed":
+                # Given up on: start it afresh (e.g. the broken install it
+                # failed on has been fixed).
+                await runner.stop()
+                if self.mounts.get(name) is runner and not self._shutdown.is_set():
+                    del self.mounts[name]
+                    runner = self._start_mount(runner.mount)
+            try:
+                done.append(await runner.hand_over("restart"))
+            except HandoverError as e:
+                problems.append(str(e))
+
+        async with self._reload_lock, trio.open_nursery() as nursery:
+            for name in names or list(self.mounts):
+                nursery.start_soon(restart_one, name)
+        return sorted(done), sorted(problems)
 
     # -- status (the control socket and the health endpoint) -----------------
 
@@ -650,7 +496,7 @@ class Supervisor:
             self._rootcache_stats = {}
 
     async def readiness(self) -> list[str]:
-        problems: list[str] = []
+        problems = [p for r in self.mounts.values() if (p := r.readiness_problem()) is not None]
         # A mount whose store does not answer is up but degraded: its root
         # stats fine, every new name fails (EIO).
         degraded: dict[str, str | None] = {}
@@ -658,22 +504,9 @@ class Supervisor:
         async def probe(store: str) -> None:
             degraded[store] = await self._probe_store(store)
 
-        async def check(runner: MountRunner) -> None:
-            if runner.state != "serving":
-                problems.append(
-                    f"{runner.name}: {runner.state}"
-                    + (f" ({runner.error})" if runner.error else "")
-                )
-                return
-            problem = await stat_with_deadline(runner.mount.mountpoint)
-            if problem is not None:
-                problems.append(f"{runner.name}: {problem}")
-
         async with trio.open_nursery() as nursery:
             for store in {r.mount.store for r in self.mounts.values() if r.state == "serving"}:
                 nursery.start_soon(probe, store)
-            for runner in self.mounts.values():
-                nursery.start_soon(check, runner)
         for runner in self.mounts.values():
             why = degraded.get(runner.mount.store)
             if why is not None and runner.state == "serving":
@@ -721,6 +554,18 @@ class Supervisor:
 
         await self._refresh_rootcache_stats()
         return render([rootcache_collector(lambda: self._rootcache_stats)])
+
+
+def needs_new_mount(old: MountConfig, new: MountConfig) -> bool:
+    """Whether a change of a mount's settings needs a new FUSE mount, rather
+    than a new worker on the live one: the kernel fixes the mountpoint and
+    allow_other at mount time, and once told that extended attributes are
+    not supported (show_xattr off: ENOSYS) it never asks again."""
+    return (
+        old.mountpoint != new.mountpoint
+        or old.allow_other != new.allow_other
+        or (new.show_xattr and not old.show_xattr)
+    )
 
 
 def _is_tvix_mountd(pid: int) -> bool:

@@ -7,8 +7,15 @@ from the supervisor's main thread before either exists, stays single-threaded
 and free of both, and forks on request. Its children inherit the supervisor's
 logging queue (multiprocessing-logging needs fork) and nothing else.
 
+Workers are exec'd instead (a fresh interpreter, so that a restarted worker
+runs the code installed now): the spawner runs `python -m MODULE` with the
+descriptors the supervisor passed it (SCM_RIGHTS, right after the request),
+the log pipe's, and a JSON spec on stdin naming them.
+
 Protocol over a duplex pipe, one pickled tuple per message:
-    supervisor -> spawner   ("spawn", request_id, kind, name, args) | ("quit",)
+    supervisor -> spawner   ("spawn", request_id, kind, name, args)
+                            | ("exec", request_id, name, module, spec, fd_keys) + descriptors
+                            | ("quit",)
     spawner -> supervisor   ("spawned", request_id, pid) | ("failed", request_id, error)
                             | ("exited", pid, exitcode)
 The supervisor signals and watches the children itself, by PID.
@@ -17,18 +24,23 @@ The supervisor signals and watches the children itself, by PID.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.reduction
 import os
 import signal
-from collections.abc import Callable
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 import trio
 
-from tvix_mountd import procutil
+from tvix_mountd import logs, procutil
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +49,6 @@ _FORK = multiprocessing.get_context("fork")
 
 def _entry_point(kind: str) -> Callable[..., None]:
     # Imported here so that the spawner carries nothing it does not run.
-    if kind == "worker":
-        from tvix_mountd.workers.process import worker_main
-
-        return worker_main
     if kind == "rootcache":
         from tvix_mountd.supervisor.rootcache import rootcache_main
 
@@ -61,16 +69,70 @@ def _run_child(kind: str, *args: Any) -> None:
         os._exit(1)
 
 
+class _ExecChild:
+    """An exec'd child, watched through a pidfd."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pidfd = os.pidfd_open(popen.pid)
+
+    def reap(self) -> int:
+        os.close(self.pidfd)
+        return self.popen.wait()  # negative for a signal, as multiprocessing's exitcode
+
+
+def _exec_child(
+    conn: multiprocessing.connection.Connection,
+    name: str,
+    module: str,
+    spec: dict[str, Any],
+    fd_keys: list[str],
+) -> _ExecChild:
+    with socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        fds = multiprocessing.reduction.recvfds(sock, len(fd_keys))
+    try:
+        spec = {**spec, **dict(zip(fd_keys, fds, strict=True)), "parent_pid": os.getpid()}
+        pass_fds = list(fds)
+        log_fd = logs.log_pipe_fd()
+        if log_fd is not None:
+            spec["log_fd"] = log_fd
+            pass_fds.append(log_fd)
+        # The name is for ps and top; the child reads its spec only.
+        popen = subprocess.Popen(
+            [sys.executable, "-m", module, name], stdin=subprocess.PIPE, pass_fds=pass_fds
+        )
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert popen.stdin is not None
+    with contextlib.suppress(BrokenPipeError):  # died at once: its exit is reported
+        popen.stdin.write(json.dumps(spec).encode())
+    with contextlib.suppress(BrokenPipeError):
+        popen.stdin.close()
+    return _ExecChild(popen)
+
+
 def _spawner_main(conn: multiprocessing.connection.Connection) -> None:
     procutil.prepare_child("spawner")
     children: dict[int, BaseProcess] = {}
+    exec_children: dict[int, _ExecChild] = {}
     while True:
-        ready = multiprocessing.connection.wait([conn, *(p.sentinel for p in children.values())])
+        ready = multiprocessing.connection.wait(
+            [
+                conn,
+                *(p.sentinel for p in children.values()),
+                *(c.pidfd for c in exec_children.values()),
+            ]
+        )
         for pid, process in list(children.items()):
             if process.sentinel in ready:
                 process.join()
                 del children[pid]
                 conn.send(("exited", pid, process.exitcode))
+        for pid, child in list(exec_children.items()):
+            if child.pidfd in ready:
+                del exec_children[pid]
+                conn.send(("exited", pid, child.reap()))
         if conn not in ready:
             continue
         try:
@@ -79,6 +141,16 @@ def _spawner_main(conn: multiprocessing.connection.Connection) -> None:
             break  # the supervisor is gone; our children follow us (parent watch)
         if message[0] == "quit":
             break
+        if message[0] == "exec":
+            _, request_id, name, module, spec, fd_keys = message
+            try:
+                child = _exec_child(conn, name, module, spec, fd_keys)
+            except Exception as e:
+                conn.send(("failed", request_id, f"{type(e).__name__}: {e}"))
+                continue
+            exec_children[child.popen.pid] = child
+            conn.send(("spawned", request_id, child.popen.pid))
+            continue
         _, request_id, kind, name, args = message
         try:
             _entry_point(kind)  # an unknown kind fails here, not in the child
@@ -123,13 +195,31 @@ class Spawner:
         return cls(process, parent_conn)
 
     async def spawn(self, kind: str, name: str, *args: Any) -> int:
-        """Start a child running `kind`'s entry point with `args`; its PID."""
+        """Fork a child running `kind`'s entry point with `args`; its PID."""
+        return await self._request(name, ("spawn", kind, name, args), ())
+
+    async def exec(self, name: str, module: str, spec: dict[str, Any], fds: dict[str, int]) -> int:
+        """Start `python -m module` with `spec` (JSON) on its stdin; each of
+        `fds` is passed to it and named in the spec under its key (with the
+        number it has there). The spec also gets `parent_pid` and, if there
+        is a log pipe, `log_fd`. Its PID."""
+        keys = list(fds)
+        return await self._request(
+            name, ("exec", name, module, spec, keys), [fds[key] for key in keys]
+        )
+
+    async def _request(self, name: str, message: tuple[Any, ...], fds: Sequence[int]) -> int:
         request_id = self._next_request
         self._next_request += 1
         send, receive = trio.open_memory_channel[int | str](1)
         self._pending[request_id] = send
         try:
-            self._conn.send(("spawn", request_id, kind, name, args))
+            # No checkpoint between the message and its descriptors: nothing
+            # else is sent in between.
+            self._conn.send((message[0], request_id, *message[1:]))
+            if fds:
+                with socket.fromfd(self._conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    multiprocessing.reduction.sendfds(s, list(fds))
             result = await receive.receive()
         finally:
             del self._pending[request_id]

@@ -18,6 +18,7 @@ import bisect
 import errno
 import logging
 import os
+import random
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
@@ -46,6 +47,7 @@ from tvix_mountd.castore.nodes import (
 )
 from tvix_mountd.coalesce import Coalescer
 from tvix_mountd.workers.inodes import ROOT_INODE, Children, InodeTable
+from tvix_mountd.workers.journal import RequestJournal, request_key
 from tvix_mountd.workers.names import PackedNames
 from tvix_mountd.workers.rootnodes import RootNodes
 
@@ -71,6 +73,11 @@ ROOT_NAME_CACHE_SIZE: Final = 100_000
 # scripts/setup.sh (third_party/pyfuse3/). Stock pyfuse3 still works; every
 # listing then comes to us.
 KERNEL_CACHES_LISTINGS: Final = hasattr(pyfuse3.FileInfo(), "cache_readdir")
+# Handles of root listings: above every inode number (a handle below it is
+# the inode number of the directory or file it opened).
+ROOT_LISTING_HANDLES: Final = 1 << 62
+# Blob readers kept open for files the kernel has open, at most.
+OPEN_READERS: Final = 1024
 # Flags that would modify a file.
 _WRITE_FLAGS: Final = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
@@ -83,30 +90,55 @@ class RequestObserver(Protocol):
     ) -> None: ...
 
 
-def _instrumented(
+# Stable numbers for the request journal's keys (a str's hash is not stable
+# across processes).
+_OPCODES: Final = {
+    op: i
+    for i, op in enumerate(
+        (
+            "getattr",
+            "lookup",
+            "opendir",
+            "readdir",
+            "releasedir",
+            "open",
+            "read",
+            "release",
+            "readlink",
+            "getxattr",
+            "listxattr",
+            "statfs",
+        ),
+        start=1,
+    )
+}
+
+
+def _request(
     op: str,
 ) -> Callable[
     [Callable[Concatenate[StoreFilesystem, P], Coroutine[Any, Any, T]]],
     Callable[Concatenate[StoreFilesystem, P], Coroutine[Any, Any, T]],
 ]:
-    """Count and time a handler, when the filesystem has an observer."""
+    """A kernel request's handler: journaled while it runs (journal.py), and
+    counted and timed when the filesystem has an observer."""
+    opcode = _OPCODES[op]
 
     def wrap(
         method: Callable[Concatenate[StoreFilesystem, P], Coroutine[Any, Any, T]],
     ) -> Callable[Concatenate[StoreFilesystem, P], Coroutine[Any, Any, T]]:
         async def handler(self: StoreFilesystem, /, *args: P.args, **kwargs: P.kwargs) -> T:
-            observer = self.observer
-            if observer is None:
-                return await method(self, *args, **kwargs)
-            start = time.perf_counter()
+            journal = self.journal
+            key = request_key(opcode, args)
+            if key in journal.suspects:
+                return await self._run_suspect(op, key, method(self, *args, **kwargs))
+            slot = journal.begin(key)
             try:
-                result = await method(self, *args, **kwargs)
-            except pyfuse3.FUSEError as e:
-                observer.observe(op, time.perf_counter() - start, e.errno)
-                raise
-            size = len(result) if isinstance(result, bytes) and op == "read" else 0
-            observer.observe(op, time.perf_counter() - start, None, size)
-            return result
+                if self.observer is None:
+                    return await method(self, *args, **kwargs)
+                return await self._observed(op, method(self, *args, **kwargs))
+            finally:
+                journal.end(slot)
 
         # Not functools.wraps: its result type hides the signature from mypy.
         handler.__name__ = handler.__qualname__ = method.__name__
@@ -155,17 +187,20 @@ def entry_attributes(ino: int, node: PackedNode | None) -> pyfuse3.EntryAttribut
 
 
 @dataclass
-class _OpenFile:
+class _OpenBlob:
+    """A file's blob reader, shared by every open of the file's inode."""
+
     node: FileNode
     reader: BlobReader | None  # None for the empty file: nothing to fetch
-    # The kernel may send reads of one handle concurrently (readahead); a
+    # The kernel may send reads of one file concurrently (readahead); a
     # streaming reader must see them one at a time.
     lock: trio.Lock = field(default_factory=trio.Lock)
-    # Set once the backend's bytes failed their check: every later read of this
-    # handle fails too. (The kernel retries a failed page read on the same
-    # handle, and that retry, out of order for the verifying reader, would
-    # otherwise pass unchecked and hand the corrupt bytes out.)
+    # Set once the backend's bytes failed their check: every later read
+    # fails too. (The kernel retries a failed page read, and that retry, out
+    # of order for the verifying reader, would otherwise pass unchecked and
+    # hand the corrupt bytes out.)
     corrupt: bool = False
+    closed: bool = False  # released, or pushed out by newer open files
 
 
 @dataclass
@@ -181,18 +216,6 @@ class _RootListing:
     window: list[tuple[bytes, PackedNode]] = field(default_factory=list)
     exhausted: bool = False
     lock: trio.Lock = field(default_factory=trio.Lock)
-
-
-@dataclass
-class _DirListing:
-    # The contents themselves: an open directory's listing must not depend
-    # on the table.
-    children: Children
-    # The directory's inode, when the kernel may keep the listing (its
-    # entries are then held, see InodeTable.hold). An open directory is
-    # never forgotten, so the number stays its own, and `children` are the
-    # ones the table keeps for it.
-    kept_as: int | None = None
 
 
 class StoreFilesystem(pyfuse3.Operations):
@@ -213,7 +236,10 @@ class StoreFilesystem(pyfuse3.Operations):
         show_xattr: bool = True,
         backend_timeout: float = 10.0,
         metrics: RequestObserver | None = None,
+        inodes: InodeTable | None = None,
     ) -> None:
+        """`inodes`: the table to serve from, with what it already holds (a
+        mount handed over from another worker); a fresh one by default."""
         super().__init__()
         self.observer = metrics
         # The largest read the kernel sent (logged at unmount): how well
@@ -225,17 +251,28 @@ class StoreFilesystem(pyfuse3.Operations):
         self.list_root = list_root
         self.show_xattr = show_xattr
         self.backend_timeout = backend_timeout
-        self.inodes = InodeTable()
+        self.inodes = inodes if inodes is not None else InodeTable()
+        self.journal = RequestJournal(self.inodes.state.journal)
         self._root_attr = entry_attributes(ROOT_INODE, None)
         self._root_names: OrderedDict[bytes, PackedNode] = OrderedDict()
         self._root_lookups: Coalescer[bytes, Node | None] = Coalescer()
         self._directory_fetches: Coalescer[B3Digest, Children] = Coalescer()
-        self._files: dict[int, _OpenFile] = {}
+        # Handles carry no state of their own: a file's or a directory's
+        # handle is its inode number, so that a worker that takes a mount over
+        # can answer for the handles of files and listings opened before.
+        # Blob readers of open files, by inode, opened again on demand;
+        # `_opens` counts the opens this process saw, to close a reader when
+        # the last of them is released.
+        self._readers: OrderedDict[int, _OpenBlob] = OrderedDict()
+        self._opens: dict[int, int] = {}
         # Blobs whose bytes failed their check once: opened without keep_cache
         # from then on, so the kernel drops pages cached before the check failed.
         self._corrupt_blobs: set[B3Digest] = set()
-        self._dirs: dict[int, _RootListing | _DirListing] = {}
-        self._next_handle = 1
+        # Root listings (the one listing whose state is a stream), by handle.
+        self._root_listings: dict[int, _RootListing] = {}
+        # Unlikely to meet handles of a worker before this one, still held by
+        # the kernel (which would share a listing's state: slower, not wrong).
+        self._next_root_listing = ROOT_LISTING_HANDLES + (random.getrandbits(40) << 20)
 
     # -- helpers ---------------------------------------------------------
 
@@ -269,10 +306,44 @@ class StoreFilesystem(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return node
 
-    def _handle(self) -> int:
-        handle = self._next_handle
-        self._next_handle += 1
-        return handle
+    async def _observed(self, op: str, call: Coroutine[Any, Any, T]) -> T:
+        observer = self.observer
+        assert observer is not None
+        start = time.perf_counter()
+        try:
+            result = await call
+        except pyfuse3.FUSEError as e:
+            observer.observe(op, time.perf_counter() - start, e.errno)
+            raise
+        size = len(result) if isinstance(result, bytes) and op == "read" else 0
+        observer.observe(op, time.perf_counter() - start, None, size)
+        return result
+
+    async def _run_suspect(self, op: str, key: int, call: Coroutine[Any, Any, T]) -> T:
+        """A request that was in flight when a worker died (journal.py)."""
+        journal = self.journal
+        if journal.convicted(key):
+            call.close()
+            log.error(
+                "a %s request was in flight at %d worker crashes: answering it with EIO",
+                op,
+                journal.suspects[key],
+            )
+            raise pyfuse3.FUSEError(errno.EIO)
+        async with journal.quarantine:
+            slot = journal.begin(key)
+            try:
+                if self.observer is None:
+                    result = await call
+                else:
+                    result = await self._observed(op, call)
+            except pyfuse3.FUSEError:
+                journal.cleared(key)
+                raise
+            finally:
+                journal.end(slot)
+        journal.cleared(key)
+        return result
 
     def _remember_root_name(self, name: bytes, node: PackedNode) -> None:
         self._root_names[name] = node
@@ -307,6 +378,12 @@ class StoreFilesystem(pyfuse3.Operations):
         node = self._node(ino)
         if node[0] != PACKED_DIRECTORY:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        children = await self._fetch_children(node)
+        self.inodes.set_children(ino, node, children)
+        return children
+
+    async def _fetch_children(self, node: PackedNode) -> Children:
+        """The (names, nodes) of directory node `node`, from the directory service."""
         digest = packed_digest(node)
 
         async def fetch() -> Children:
@@ -320,19 +397,17 @@ class StoreFilesystem(pyfuse3.Operations):
             names, nodes = directory.packed_entries()
             return PackedNames(names), nodes
 
-        children = await self._directory_fetches.run(digest, fetch)
-        self.inodes.set_children(ino, node, children)
-        return children
+        return await self._directory_fetches.run(digest, fetch)
 
     # -- attributes and lookups -------------------------------------------
 
-    @_instrumented("getattr")
+    @_request("getattr")
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if inode == ROOT_INODE:
             return self._root_attr
         return entry_attributes(inode, self._node(inode))
 
-    @_instrumented("lookup")
+    @_request("lookup")
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
@@ -347,43 +422,54 @@ class StoreFilesystem(pyfuse3.Operations):
         return entry_attributes(self.inodes.ref(node), node)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        unresolved: list[tuple[PackedNode, int]] = []
         for ino, count in inode_list:
-            self.inodes.forget(ino, count)
+            unresolved += self.inodes.forget(ino, count)
+        # Directories that held children of a listing read before a handover:
+        # their contents are needed to give those back.
+        while unresolved:
+            node, held = unresolved.pop()
+            try:
+                _, nodes = await self._fetch_children(node)
+            except pyfuse3.FUSEError:
+                # Their counts stay too high: a leak, never a wrong answer.
+                log.warning("could not give back %d entries held by a forgotten directory", held)
+                continue
+            unresolved += self.inodes.release_held(nodes[:held])
 
     # -- directories -------------------------------------------------------
 
-    async def open_directory(self, inode: int, *, kernel_keeps: bool = False) -> int:
+    async def open_directory(self, inode: int) -> int:
         """A handle for listing directory `inode`: what `opendir` does, for
-        callers other than the kernel. `kernel_keeps`: the listing goes to a
-        kernel that may keep it."""
-        handle = self._handle()
-        if inode == ROOT_INODE:
-            if not self.list_root:
-                raise pyfuse3.FUSEError(errno.EPERM)
-            self._dirs[handle] = _RootListing()
-        else:
-            children = await self._children(inode)
-            self._dirs[handle] = _DirListing(children, inode if kernel_keeps else None)
+        callers other than the kernel. A directory's handle is its inode
+        number; the root's names a listing of its own (a stream)."""
+        if inode != ROOT_INODE:
+            await self._children(inode)  # a hole fails here, as in tvix
+            return inode
+        if not self.list_root:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        handle = self._next_root_listing
+        self._next_root_listing += 1
+        self._root_listings[handle] = _RootListing()
         return handle
 
-    @_instrumented("opendir")
+    @_request("opendir")
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
+        handle = await self.open_directory(inode)
         # The root's listing is not the kernel's to keep: store paths may be
         # added. Any other directory's content never changes.
-        keeps = KERNEL_CACHES_LISTINGS and inode != ROOT_INODE
-        handle = await self.open_directory(inode, kernel_keeps=keeps)
-        if not keeps:
+        if inode == ROOT_INODE or not KERNEL_CACHES_LISTINGS:
             return handle
         return pyfuse3.FileInfo(fh=handle, keep_cache=True, cache_readdir=True)
 
-    @_instrumented("readdir")
+    @_request("readdir")
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         names, nodes, first = await self._listing(fh, start_id)
         start = start_id - first
         stop = self._reply_entries(token, names, nodes, first, start)
-        listing = self._dirs.get(fh)
-        if isinstance(listing, _DirListing) and listing.kept_as is not None:
-            self.inodes.hold(listing.kept_as, start, stop)
+        if KERNEL_CACHES_LISTINGS and fh < ROOT_LISTING_HANDLES:
+            # The kernel may keep this listing: see InodeTable.hold.
+            self.inodes.hold(fh, start, stop)
 
     def _reply_entries(
         self,
@@ -428,17 +514,21 @@ class StoreFilesystem(pyfuse3.Operations):
         """(names, nodes, offset of names[0]) covering offset `start_id` on.
 
         Offsets are positions in the name-ordered listing, so a listing
-        resumed at any offset continues exactly where it stopped.
+        resumed at any offset continues exactly where it stopped, also in a
+        worker that took the mount over from the one that opened it.
         """
-        listing = self._dirs.get(fh)
+        if fh < ROOT_LISTING_HANDLES:
+            names, nodes = await self._children(fh)
+            return names, nodes, 0
+        listing = self._root_listings.get(fh)
         if listing is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        if isinstance(listing, _RootListing):
-            # Root entries come from a stream: pull about one kernel buffer.
-            window = await self._root_window(listing, start_id, ROOT_READDIR_BATCH)
-            return [name for name, _ in window], [node for _, node in window], start_id
-        names, nodes = listing.children
-        return names, nodes, 0
+            # Opened before a handover: the stream starts again.
+            if not self.list_root:
+                raise pyfuse3.FUSEError(errno.EPERM)
+            listing = self._root_listings[fh] = _RootListing()
+        # Root entries come from a stream: pull about one kernel buffer.
+        window = await self._root_window(listing, start_id, ROOT_READDIR_BATCH)
+        return [name for name, _ in window], [node for _, node in window], start_id
 
     async def _root_window(
         self, listing: _RootListing, start_id: int, limit: int
@@ -488,15 +578,15 @@ class StoreFilesystem(pyfuse3.Operations):
             self._remember_root_name(name, node)
             listing.window.append((name, node))
 
-    @_instrumented("releasedir")
+    @_request("releasedir")
     async def releasedir(self, fh: int) -> None:
-        listing = self._dirs.pop(fh, None)
-        if isinstance(listing, _RootListing) and listing.stream is not None:
+        listing = self._root_listings.pop(fh, None)
+        if listing is not None and listing.stream is not None:
             await _aclose(listing.stream)
 
     # -- files -------------------------------------------------------------
 
-    @_instrumented("open")
+    @_request("open")
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if flags & _WRITE_FLAGS:
             raise _erofs()
@@ -507,6 +597,23 @@ class StoreFilesystem(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if packed[0] == PACKED_SYMLINK:
             raise pyfuse3.FUSEError(errno.ELOOP)
+        blob = await self._open_blob(inode)
+        self._opens[inode] = self._opens.get(inode, 0) + 1
+        # Content never changes: pages cached by an earlier open stay valid,
+        # unless they may hold bytes of a blob that failed its check.
+        keep_cache = blob.node.digest not in self._corrupt_blobs
+        return pyfuse3.FileInfo(fh=inode, keep_cache=keep_cache)
+
+    async def _open_blob(self, ino: int) -> _OpenBlob:
+        """The reader of file inode `ino`'s blob, opened if this process has
+        none (a first open, or a file opened before a handover)."""
+        blob = self._readers.get(ino)
+        if blob is not None:
+            self._readers.move_to_end(ino)
+            return blob
+        packed = self.inodes.node(ino)
+        if packed is None or packed[0] not in (PACKED_FILE, PACKED_EXECUTABLE):
+            raise pyfuse3.FUSEError(errno.EBADF)
         node = unpack_node(packed)
         assert type(node) is FileNode
         reader = None
@@ -527,22 +634,53 @@ class StoreFilesystem(pyfuse3.Operations):
                 )
                 await reader.aclose()
                 raise pyfuse3.FUSEError(errno.EIO)
-        handle = self._handle()
-        self._files[handle] = _OpenFile(node, reader)
-        # Content never changes: pages cached by an earlier open stay valid,
-        # unless they may hold bytes of a blob that failed its check.
-        keep_cache = node.digest not in self._corrupt_blobs
-        return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)
+        existing = self._readers.get(ino)
+        if existing is not None:  # opened by another request meanwhile
+            if reader is not None:
+                await reader.aclose()
+            return existing
+        blob = self._readers[ino] = _OpenBlob(node, reader)
+        if len(self._readers) > OPEN_READERS:
+            # Files opened before a handover and never released to this
+            # process, or simply very many open files: close the oldest.
+            oldest = next(iter(self._readers))
+            await self._close_blob(oldest)
+        return blob
 
-    @_instrumented("read")
+    async def _close_blob(self, ino: int) -> None:
+        blob = self._readers.pop(ino, None)
+        if blob is None:
+            return
+        async with blob.lock:  # after a read in progress
+            blob.closed = True
+            if blob.reader is not None:
+                await blob.reader.aclose()
+
+    @_request("read")
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        open_file = self._files.get(fh)
-        if open_file is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
         if size > self.largest_read:
             self.largest_read = size
-        node = open_file.node
-        reader = open_file.reader
+        while True:
+            blob = self._readers.get(fh)
+            if blob is None:
+                blob = await self._open_blob(fh)
+            # Uncontended (every read of a local blob, which never yields), the
+            # lock is taken without a trip through trio's scheduler, which
+            # `async with lock` makes even when the lock is free.
+            lock = blob.lock
+            try:
+                lock.acquire_nowait()
+            except trio.WouldBlock:
+                await lock.acquire()
+            try:
+                if not blob.closed:  # else closed while we waited: open it again
+                    return await self._read_locked(blob, off, size)
+            finally:
+                lock.release()
+
+    async def _read_locked(self, blob: _OpenBlob, off: int, size: int) -> bytes:
+        node = blob.node
+        reader = blob.reader
         if off >= node.size or reader is None:
             return b""
         want = min(size, node.size - off)
@@ -554,51 +692,42 @@ class StoreFilesystem(pyfuse3.Operations):
             try:
                 return await reader.read_at(off, ask)
             except ValidationError:
-                self._caught_corrupt(open_file)
+                self._caught_corrupt(blob)
                 raise
 
-        # Uncontended (every read of a local blob, which never yields), the
-        # lock is taken without a trip through trio's scheduler, which
-        # `async with lock` makes even when the lock is free.
-        lock = open_file.lock
-        try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
-            if open_file.corrupt:
-                raise pyfuse3.FUSEError(errno.EIO)
-            data = await self._backend(
-                read_checked,
-                "read blob %s at %d",
-                node.digest,
-                off,
-                deadline=not self._blobs.local_reads,
+        if blob.corrupt:
+            raise pyfuse3.FUSEError(errno.EIO)
+        data = await self._backend(
+            read_checked,
+            "read blob %s at %d",
+            node.digest,
+            off,
+            deadline=not self._blobs.local_reads,
+        )
+        if len(data) != want:
+            log.warning(
+                "blob %s: %d bytes at offset %d, expected %d", node.digest, len(data), off, want
             )
-            if len(data) != want:
-                log.warning(
-                    "blob %s: %d bytes at offset %d, expected %d", node.digest, len(data), off, want
-                )
-                self._caught_corrupt(open_file)
-                raise pyfuse3.FUSEError(errno.EIO)
-        finally:
-            lock.release()
+            self._caught_corrupt(blob)
+            raise pyfuse3.FUSEError(errno.EIO)
         return data
 
-    def _caught_corrupt(self, open_file: _OpenFile) -> None:
-        open_file.corrupt = True
-        self._corrupt_blobs.add(open_file.node.digest)
+    def _caught_corrupt(self, blob: _OpenBlob) -> None:
+        blob.corrupt = True
+        self._corrupt_blobs.add(blob.node.digest)
 
-    @_instrumented("release")
+    @_request("release")
     async def release(self, fh: int) -> None:
-        open_file = self._files.pop(fh, None)
-        if open_file is not None and open_file.reader is not None:
-            await open_file.reader.aclose()
+        left = self._opens.pop(fh, 0) - 1
+        if left > 0:
+            self._opens[fh] = left
+        else:
+            await self._close_blob(fh)
 
     # flush and fsync are left to pyfuse3's default (ENOSYS): the kernel then
     # stops sending them at all, one round trip less per close().
 
-    @_instrumented("readlink")
+    @_request("readlink")
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = None if inode == ROOT_INODE else self._node(inode)
         if node is None or node[0] != PACKED_SYMLINK:
@@ -620,18 +749,18 @@ class StoreFilesystem(pyfuse3.Operations):
         name = XATTR_DIRECTORY_DIGEST if kind == PACKED_DIRECTORY else XATTR_BLOB_DIGEST
         return {name: str(packed_digest(node)).encode()}
 
-    @_instrumented("getxattr")
+    @_request("getxattr")
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         value = self._xattrs(inode).get(name)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
         return value
 
-    @_instrumented("listxattr")
+    @_request("listxattr")
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return list(self._xattrs(inode))
 
-    @_instrumented("statfs")
+    @_request("statfs")
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         stat = pyfuse3.StatvfsData()
         stat.f_bsize = 4096
@@ -683,9 +812,9 @@ class StoreFilesystem(pyfuse3.Operations):
             log.info("largest read request: %d bytes", self.largest_read)
         # What the kernel still held a count on (or a kept listing held).
         log.info("inodes alive at unmount: %d", len(self.inodes))
-        for fh in list(self._files):
-            await self.release(fh)
-        for fh in list(self._dirs):
+        for ino in list(self._readers):
+            await self._close_blob(ino)
+        for fh in list(self._root_listings):
             await self.releasedir(fh)
 
 

@@ -16,19 +16,27 @@ the entries' own inodes are forgotten. So the entries of such a listing are
 held (`hold`): one more count each, given back only when the kernel forgets
 the directory itself, and its cached listing with it.
 
-A table of a million live inodes is most of a worker's memory, so it holds no
-object per inode: a packed node (`castore.nodes.pack_node`, ~80 bytes) and a
-lookup count per number in two flat arrays, and one dict from packed node to
-number for the sharing. About 180 bytes per inode, node included.
+Numbers, counts, nodes and holds live in a StateFile (statefile.py), so that
+they outlive the worker: the kernel still holds these numbers after a
+handover, and the next worker must answer for them. Counts may end up too
+high after a kill (a lookup counted whose reply never reached the kernel, a
+FORGET read but not processed): a bounded leak. They are never too low: a
+count is raised before the reply that hands the number out, and a forgotten
+directory's hold is cleared before its children are given back.
+
+In this process, `_nodes` and `_by_node` mirror the live slots (the sharing
+index needs a dict anyway); the file is the truth they are rebuilt from.
 """
 
 from __future__ import annotations
 
+import os
 from array import array
 from typing import Final
 
 from tvix_mountd.castore.nodes import PackedNode
 from tvix_mountd.workers.names import PackedNames
+from tvix_mountd.workers.statefile import StateFile
 
 ROOT_INODE: Final = 1
 
@@ -38,20 +46,39 @@ Children = tuple[PackedNames, tuple[PackedNode, ...]]
 
 
 class InodeTable:
-    def __init__(self) -> None:
+    def __init__(self, state: StateFile | None = None) -> None:
+        """A table kept in `state`, taking over what it holds; without one, in
+        a private state file of its own."""
+        self._own_fd: int | None = None
+        if state is None:
+            self._own_fd = StateFile.create()
+            state = StateFile(self._own_fd)
+        self.state = state
+        live, free = state.scan()
         # Indexed by inode number; 0 and the root (1) are never handed out.
-        self._nodes: list[PackedNode | None] = [None] * (ROOT_INODE + 1)
-        self._lookups = array("q", bytes(8 * (ROOT_INODE + 1)))
+        self._nodes: list[PackedNode | None] = [None] * max(state.high_water, ROOT_INODE + 1)
         # A packed node holds its kind and every field, so it is itself the
         # sharing key (and these are the same objects as in `_nodes`).
         self._by_node: dict[PackedNode, int] = {}
         # Numbers free for reuse, as machine integers: a list would keep an
         # int object alive per forgotten inode.
-        self._free = array("q")
+        self._free = array("q", reversed(free))
         # Only directories whose contents were read have an entry.
         self._children: dict[int, Children] = {}
-        # Directory -> how many of its first children it holds.
+        # Directory -> how many of its first children it holds (mirrors the file).
         self._held: dict[int, int] = {}
+        for ino, node, _ in live:
+            self._nodes[ino] = node
+            self._by_node.setdefault(node, ino)
+            held = state.held(ino)
+            if held:
+                self._held[ino] = held
+
+    def close(self) -> None:
+        self.state.close()
+        if self._own_fd is not None:
+            os.close(self._own_fd)
+            self._own_fd = None
 
     def __len__(self) -> int:
         return len(self._by_node)
@@ -63,44 +90,73 @@ class InodeTable:
         return None
 
     def lookups(self, ino: int) -> int:
-        return self._lookups[ino] if self.node(ino) is not None else 0
+        return self.state.count(ino) if self.node(ino) is not None else 0
 
     def ref(self, node: PackedNode) -> int:
         """The inode number for `node` (allocated if new), its lookup count raised by one."""
         ino = self._by_node.get(node)
-        if ino is None:
-            if self._free:
-                ino = self._free.pop()
-                self._nodes[ino] = node
-            else:
-                ino = len(self._nodes)
-                self._nodes.append(node)
-                self._lookups.append(0)
-            self._by_node[node] = ino
-        self._lookups[ino] += 1
+        if ino is not None:
+            state = self.state
+            state.set_count(ino, state.count(ino) + 1)
+            return ino
+        if self._free:
+            ino = self._free.pop()
+        else:
+            ino = len(self._nodes)
+            self._nodes.append(None)
+        self.state.fill(ino, node, 1)
+        self._nodes[ino] = node
+        self._by_node[node] = ino
         return ino
 
-    def forget(self, ino: int, count: int) -> None:
+    def forget(self, ino: int, count: int) -> list[tuple[PackedNode, int]]:
+        """Give back `count` lookups of `ino`. Returns the forgotten
+        directories whose held children must be given back but whose
+        contents are not in this process (read before a handover): (the
+        directory's node, how many of its first children it held), for the
+        caller to fetch and pass to `release_held`."""
+        unresolved: list[tuple[PackedNode, int]] = []
         # A stack, not recursion: a dropped directory gives back what it held,
         # which may drop directories below it, as deep as the tree goes.
         stack = [(ino, count)]
+        state = self.state
         while stack:
             ino, count = stack.pop()
             node = self.node(ino)
             if node is None:
                 continue
-            left = self._lookups[ino] - count
+            left = state.count(ino) - count
             if left > 0:
-                self._lookups[ino] = left
+                state.set_count(ino, left)
                 continue
-            self._lookups[ino] = 0
+            held = self._held.pop(ino, 0)
+            # Freed (hold and all) before its children are given back: a kill
+            # in between leaks their counts, it never lowers them twice.
+            state.free(ino)
             self._nodes[ino] = None
-            del self._by_node[node]
+            if self._by_node.get(node) == ino:
+                del self._by_node[node]
             self._free.append(ino)
             children = self._children.pop(ino, None)
-            held = self._held.pop(ino, 0)
-            if children is not None and held:
-                stack += ((self._by_node[n], 1) for n in children[1][:held])
+            if not held:
+                continue
+            if children is None:
+                unresolved.append((node, held))
+            else:
+                stack += self._held_numbers(children[1][:held])
+        return unresolved
+
+    def release_held(self, held_nodes: tuple[PackedNode, ...]) -> list[tuple[PackedNode, int]]:
+        """Give back one count of each of `held_nodes`, the first children of a
+        forgotten directory that held them (see `forget`)."""
+        unresolved = []
+        for ino, count in self._held_numbers(held_nodes):
+            unresolved += self.forget(ino, count)
+        return unresolved
+
+    def _held_numbers(self, nodes: tuple[PackedNode, ...]) -> list[tuple[int, int]]:
+        by_node = self._by_node
+        return [(by_node[n], 1) for n in nodes if n in by_node]
 
     def held(self, ino: int) -> int:
         """How many of directory `ino`'s first children it holds."""
@@ -119,9 +175,11 @@ class InodeTable:
         children = self._children.get(ino)
         if children is None or not start <= held < stop:
             return
+        # The counts first, then the hold that says to give them back.
         for node in children[1][held:stop]:
             self.ref(node)
         self._held[ino] = stop
+        self.state.set_held(ino, stop)
 
     def children(self, ino: int) -> Children | None:
         """A directory inode's contents, if they were read since it became live."""

@@ -9,9 +9,11 @@ import gc
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 import pyfuse3
 import trio
@@ -37,9 +39,14 @@ class MountOptions:
     read_ahead_kb: int = DEFAULT_READ_AHEAD_KB
 
     def fuse_options(self) -> set[str]:
+        """Options for libfuse, when it mounts (pyfuse3.init)."""
         # ro: the kernel refuses writes itself, without a round trip.
+        return {f"fsname={self.fsname}", "subtype=tvix", "ro", *self.kernel_options()}
+
+    def kernel_options(self) -> set[str]:
+        """Options of the FUSE mount itself (mount(2)'s data), beyond fd and modes."""
         # default_permissions: the kernel checks modes, so no access() calls.
-        options = {f"fsname={self.fsname}", "subtype=tvix", "ro", "default_permissions"}
+        options = {"default_permissions"}
         if self.allow_other:
             options.add("allow_other")
         return options
@@ -59,6 +66,19 @@ class MountEntry(NamedTuple):
     device: str  # major:minor
     fstype: str  # fuse.tvix for ours
     source: str  # tvix-mountd:NAME for ours
+
+
+def find_mount_id(mountpoint: str) -> int | None:
+    """The mount ID of what is mounted at `mountpoint` (the topmost), if anything.
+
+    IDs are not reused while a mount lives, so an ID still at the mountpoint
+    is the same mount.
+    """
+    found = None
+    for fields in _mountinfo():
+        if _unescape(fields[4]) == mountpoint:
+            found = int(fields[0])
+    return found
 
 
 def find_mount(mountpoint: str) -> MountEntry | None:
@@ -111,7 +131,9 @@ def prepare_mountpoint(mountpoint: str) -> None:
         raise MountError(f"mountpoint {mountpoint} is not empty")
 
 
-def _set_read_ahead(mountpoint: str, kb: int) -> None:
+def set_read_ahead(mountpoint: str, kb: int = DEFAULT_READ_AHEAD_KB) -> None:
+    """Set the readahead of the FUSE mount at `mountpoint`, once it has
+    processed INIT (whose reply sets it to what the daemon offers)."""
     found = find_mount(mountpoint)
     if found is None:
         return
@@ -128,9 +150,10 @@ async def _after_init(mountpoint: str, read_ahead_kb: int) -> None:
     The INIT reply lowers the bdi's readahead to what the daemon offers
     (libfuse passes on the kernel's 128 KiB), so a value written before it is
     lost. A statfs is answered only after INIT, so its return marks the moment.
+    Abandoned if the mount stops first: the statfs then waits for a worker.
     """
-    await trio.to_thread.run_sync(os.statvfs, mountpoint)
-    _set_read_ahead(mountpoint, read_ahead_kb)
+    await trio.to_thread.run_sync(os.statvfs, mountpoint, abandon_on_cancel=True)
+    set_read_ahead(mountpoint, read_ahead_kb)
 
 
 def _tune_gc() -> None:
@@ -162,17 +185,9 @@ async def serve(
         raise MountError(f"cannot mount {mountpoint}: {e}") from None
     try:
         log.info("mounted %s", mountpoint)
-        if not KERNEL_CACHES_LISTINGS:
-            log.info(
-                "this pyfuse3 (%s) cannot let the kernel keep directory listings;"
-                " scripts/setup.sh builds one that can",
-                pyfuse3.__version__,
-            )
-        _tune_gc()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_after_init, mountpoint, options.read_ahead_kb)
-            task_status.started()
-            await pyfuse3.main()
+            await _serve_session(task_status)
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
@@ -181,22 +196,128 @@ async def serve(
         log.info("unmounted %s", mountpoint)
 
 
+@dataclass(frozen=True)
+class LentConnection:
+    """A FUSE connection that its keeper (the supervisor) mounted and lends
+    to this worker (see connection.py)."""
+
+    mountpoint: str
+    mount_id: int | None
+    fuse_fd: int
+    # The kernel's INIT, to feed to libfuse; None: libfuse reads it from the
+    # device itself (the connection's first and only worker).
+    init: bytes | None
+    # Whether to have the kernel hand out again what the worker before this
+    # one had taken and not answered.
+    resend: bool
+
+    def detach_if_ours(self) -> None:
+        """Unmount, if what is mounted at the mountpoint is still this connection."""
+        if self.mount_id is not None and find_mount_id(self.mountpoint) == self.mount_id:
+            detach(self.mountpoint)
+            log.info("unmounted %s", self.mountpoint)
+
+
+async def serve_lent(
+    fs: StoreFilesystem,
+    connection: LentConnection,
+    options: MountOptions,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `fs` on a lent connection until `pyfuse3.terminate()`; the mount
+    stays (it is the keeper's to end)."""
+    from tvix_mountd.workers.connection import request_resend
+
+    try:
+        # libfuse takes /dev/fd/N as "this descriptor, already mounted".
+        pyfuse3.init(fs, f"/dev/fd/{connection.fuse_fd}", options.fuse_options())
+    except RuntimeError as e:
+        raise MountError(f"cannot serve {connection.mountpoint}: {e}") from None
+    try:
+        if connection.init is not None:
+            # Answered by the first worker; for a later one the reply names a
+            # request the kernel no longer knows (ENOENT), which libfuse ignores.
+            await pyfuse3.process_request(connection.init)
+        if connection.resend:
+            request_resend(connection.fuse_fd)
+        log.info("serving %s", connection.mountpoint)
+        # Not a statfs of our own mount here (for the readahead, as `serve`
+        # does): a request the session reads as it is ended is dropped
+        # unanswered (libfuse), and a thread of ours waiting on it would keep
+        # this process, and the connection, alive. The keeper sets it.
+        await _serve_session(task_status)
+    finally:
+        with trio.CancelScope(shield=True):
+            await fs.close()
+        pyfuse3.close(unmount=False)
+
+
+async def _serve_session(task_status: trio.TaskStatus[None]) -> None:
+    if not KERNEL_CACHES_LISTINGS:
+        log.info(
+            "this pyfuse3 (%s) cannot let the kernel keep directory listings;"
+            " scripts/setup.sh builds one that can",
+            pyfuse3.__version__,
+        )
+    _tune_gc()
+    task_status.started()
+    await pyfuse3.main()
+
+
 async def serve_until_signalled(
     fs: StoreFilesystem, mountpoint: str, options: MountOptions
 ) -> None:
     """`serve`, ending cleanly (unmounted) on SIGTERM or SIGINT."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    await _until_signalled(partial(serve, fs, mountpoint, options), _STOP, lambda signum: None)
+
+
+async def serve_lent_until_signalled(
+    fs: StoreFilesystem, connection: LentConnection, options: MountOptions
+) -> bool:
+    """`serve_lent` until a signal: SIGUSR1 hands the connection back for
+    the next worker (the mount stays); SIGTERM or SIGINT (a stop, or the
+    supervisor's death) unmount first. Whether it was handed back."""
+    handed_back = False
+
+    def on_signal(signum: int) -> None:
+        nonlocal handed_back
+        if signum == signal.SIGUSR1:
+            handed_back = True
+        else:
+            connection.detach_if_ours()
+
+    await _until_signalled(
+        partial(serve_lent, fs, connection, options), (*_STOP, signal.SIGUSR1), on_signal
+    )
+    return handed_back
+
+
+_STOP: Final = (signal.SIGTERM, signal.SIGINT)
+
+
+async def _until_signalled(
+    serve_fn: Callable[[], Awaitable[None]],
+    signums: tuple[int, ...],
+    on_signal: Callable[[int], None],
+) -> None:
+    with trio.open_signal_receiver(*signums) as signals:
         try:
             async with trio.open_nursery() as nursery:
 
                 async def stop_on_signal() -> None:
                     async for signum in signals:
-                        log.info("received %s, unmounting", signal.Signals(signum).name)
+                        name = signal.Signals(signum).name
+                        if signum == signal.SIGUSR1:
+                            log.info("received %s, handing the mount over", name)
+                        else:
+                            log.info("received %s, unmounting", name)
+                        on_signal(signum)
                         pyfuse3.terminate()
                         return
 
                 nursery.start_soon(stop_on_signal)
-                await serve(fs, mountpoint, options)
+                await serve_fn()
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             # The nursery wraps what `serve` raised; callers expect the error
@@ -207,12 +328,17 @@ async def serve_until_signalled(
 
 
 __all__ = [
+    "LentConnection",
     "MountEntry",
     "MountError",
     "MountOptions",
     "detach",
     "find_mount",
+    "find_mount_id",
     "is_dead_mount",
     "serve",
+    "serve_lent",
+    "serve_lent_until_signalled",
     "serve_until_signalled",
+    "set_read_ahead",
 ]

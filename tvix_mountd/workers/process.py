@@ -1,24 +1,43 @@
-"""A worker process: one mount, served until SIGTERM or its parent's death."""
+"""A worker process: serves one mount's lent FUSE connection until it is
+handed back (SIGUSR1), stopped (SIGTERM) or its parent dies.
+
+Workers are exec'd, not forked (`python -m tvix_mountd.workers`, the spec
+as JSON on stdin, descriptors inherited): a worker started by `restart`
+runs the code installed now, which is how an upgrade reaches a running
+mount.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 from pathlib import Path
+from typing import Final
 
 import trio
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from tvix_mountd import procutil
+from tvix_mountd import logs, procutil
 from tvix_mountd.castore import blobs, directories
-from tvix_mountd.supervisor.config import MountConfig, StoreConfig
+from tvix_mountd.config import MountConfig, StoreConfig
+from tvix_mountd.workers.connection import InitRequest
 from tvix_mountd.workers.filesystem import StoreFilesystem
-from tvix_mountd.workers.mount import MountError, MountOptions, serve_until_signalled
+from tvix_mountd.workers.inodes import InodeTable
+from tvix_mountd.workers.mount import (
+    LentConnection,
+    MountError,
+    MountOptions,
+    serve_lent_until_signalled,
+)
 from tvix_mountd.workers.rootcache_client import RootCacheRootNodes
+from tvix_mountd.workers.statefile import StateFile, StateFileError
 
 log = logging.getLogger(__name__)
 
-# Exit status of a worker that could not mount (as opposed to one that crashed).
-EXIT_MOUNT_ERROR = 3
+# Exit status of a worker that could not serve (as opposed to one that crashed).
+EXIT_MOUNT_ERROR: Final = 3
+# Exit status of a worker that handed its connection back (SIGUSR1).
+EXIT_HANDED_BACK: Final = 0
 
 
 def fsname(mount_name: str) -> str:
@@ -26,12 +45,40 @@ def fsname(mount_name: str) -> str:
     return f"tvix-mountd:{mount_name}"
 
 
-async def serve_worker(mount: MountConfig, store: StoreConfig, rootcache_socket: str) -> None:
+class WorkerSpec(BaseModel):
+    """What the supervisor tells a worker it starts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mount: MountConfig
+    store: StoreConfig
+    rootcache_socket: str
+    # Where to write why the worker could not serve (shown in status).
+    error_file: str
+    parent_pid: int
+    log_fd: int | None = None
+    log_level: str = "info"
+    # The lent connection (see workers/connection.py).
+    mount_id: int | None
+    fuse_fd: int
+    state_fd: int
+    # The kernel's INIT request, in hex.
+    init: str | None = None
+    resend: bool = False
+    # Whether requests the worker before left in flight count against them:
+    # not when it left on request (a handover).
+    blame: bool = True
+
+
+async def serve_worker(spec: WorkerSpec) -> None:
+    mount, store = spec.mount, spec.store
     blob_service = blobs.from_addr(store.blob_service_addr, timeout=store.backend_timeout)
     directory_service = directories.from_addr(
         store.directory_service_addr, timeout=store.backend_timeout
     )
-    root_nodes = RootCacheRootNodes(rootcache_socket, mount.store, timeout=store.backend_timeout)
+    root_nodes = RootCacheRootNodes(
+        spec.rootcache_socket, mount.store, timeout=store.backend_timeout
+    )
     metrics = None
     try:
         from tvix_mountd.metrics import RequestMetrics
@@ -39,6 +86,10 @@ async def serve_worker(mount: MountConfig, store: StoreConfig, rootcache_socket:
         metrics = RequestMetrics(mount.name)
     except Exception:  # metrics are optional; a mount without them still serves
         log.exception("metrics unavailable")
+    try:
+        inodes = InodeTable(StateFile(spec.state_fd))
+    except (OSError, StateFileError) as e:
+        raise MountError(f"cannot use the mount's state file: {e}") from None
     fs = StoreFilesystem(
         blob_service,
         directory_service,
@@ -47,14 +98,35 @@ async def serve_worker(mount: MountConfig, store: StoreConfig, rootcache_socket:
         show_xattr=mount.show_xattr,
         backend_timeout=store.backend_timeout,
         metrics=metrics,
+        inodes=inodes,
+    )
+    left = fs.journal.take_over(blame=spec.blame)
+    if left:
+        log.warning(
+            "%d requests were in flight when the worker before this one ended%s",
+            len(left),
+            "" if spec.blame else " (on request: not held against them)",
+        )
+    if len(inodes):
+        log.info("taking over %d inodes the kernel holds", len(inodes))
+    init = None
+    if spec.init is not None:
+        init = InitRequest.parse(bytes.fromhex(spec.init)).raw  # MountError if it is none
+    connection = LentConnection(
+        mountpoint=mount.mountpoint,
+        mount_id=spec.mount_id,
+        fuse_fd=spec.fuse_fd,
+        init=init,
+        resend=spec.resend,
     )
     options = MountOptions(fsname=fsname(mount.name), allow_other=mount.allow_other)
     try:
         async with trio.open_nursery() as nursery:
             if metrics is not None:
                 nursery.start_soon(metrics.flush_periodically)
-            await serve_until_signalled(fs, mount.mountpoint, options)
+            handed_back = await serve_lent_until_signalled(fs, connection, options)
             nursery.cancel_scope.cancel()
+        log.info("handed the mount back" if handed_back else "stopped")
     finally:
         if metrics is not None:
             metrics.flush()
@@ -62,22 +134,30 @@ async def serve_worker(mount: MountConfig, store: StoreConfig, rootcache_socket:
             await root_nodes.aclose()
             await blob_service.aclose()
             await directory_service.aclose()
+        inodes.close()
 
 
-def worker_main(mount_json: str, store_json: str, rootcache_socket: str, error_file: str) -> None:
-    """Entry point of a worker process (forked by the spawner)."""
-    mount = MountConfig.model_validate_json(mount_json)
-    store = StoreConfig.model_validate_json(store_json)
-    procutil.prepare_child(mount.name)
+def main() -> None:
+    """Entry point of an exec'd worker: the spec comes on stdin."""
     try:
-        trio.run(serve_worker, mount, store, rootcache_socket)
+        spec = WorkerSpec.model_validate_json(sys.stdin.buffer.read())
+    except ValidationError as e:
+        print(f"tvix-mountd worker: bad spec on stdin: {e}", file=sys.stderr)
+        sys.exit(2)
+    procutil.prepare_child(spec.mount.name, parent_pid=spec.parent_pid)
+    if spec.log_fd is not None:
+        logs.setup_exec_child_logging(spec.log_fd, spec.log_level, spec.mount.name)
+    try:
+        trio.run(serve_worker, spec)
     except BaseException as e:
         error = _mount_error(e)
         if error is None:
-            raise
+            log.exception("worker crashed")
+            logging.shutdown()
+            sys.exit(1)
         log.error("%s", error)
         # The supervisor shows this in status as the mount's error.
-        Path(error_file).write_text(str(error))
+        Path(spec.error_file).write_text(str(error))
         sys.exit(EXIT_MOUNT_ERROR)
 
 

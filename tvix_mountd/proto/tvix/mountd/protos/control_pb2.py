@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tvix/mountd/protos/control.proto\x12\x0etvix.mountd.v1\"\x0f\n\rStatusRequest\"%\n\x0eStatusResponse\x12\x13\n\x0bstatus_json\x18\x01 \x01(\t\"\r\n\x0bStopRequest\"\x0e\n\x0cStopResponse\"\x0f\n\rReloadRequest\"3\n\x0eReloadResponse\x12\x10\n\x08problems\x18\x01 \x03(\t\x12\x0f\n\x07\x63hanges\x18\x02 \x03(\t2\xde\x01\n\x07\x43ontrol\x12G\n\x06Status\x12\x1d.tvix.mountd.v1.StatusRequest\x1a\x1e.tvix.mountd.v1.StatusResponse\x12\x41\n\x04Stop\x12\x1b.tvix.mountd.v1.StopRequest\x1a\x1c.tvix.mountd.v1.StopResponse\x12G\n\x06Reload\x12\x1d.tvix.mountd.v1.ReloadRequest\x1a\x1e.tvix.mountd.v1.ReloadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n tvix/mountd/protos/control.proto\x12\x0etvix.mountd.v1\"\x0f\n\rStatusRequest\"%\n\x0eStatusResponse\x12\x13\n\x0bstatus_json\x18\x01 \x01(\t\"\r\n\x0bStopRequest\"\x0e\n\x0cStopResponse\"\x0f\n\rReloadRequest\"3\n\x0eReloadResponse\x12\x10\n\x08problems\x18\x01 \x03(\t\x12\x0f\n\x07\x63hanges\x18\x02 \x03(\t\" \n\x0eRestartRequest\x12\x0e\n\x06mounts\x18\x01 \x03(\t\"1\n\x0fRestartResponse\x12\x0c\n\x04\x64one\x18\x01 \x03(\t\x12\x10\n\x08problems\x18\x02 \x03(\t2\xaa\x02\n\x07\x43ontrol\x12G\n\x06Status\x12\x1d.tvix.mountd.v1.StatusRequest\x1a\x1e.tvix.mountd.v1.StatusResponse\x12\x41\n\x04Stop\x12\x1b.tvix.mountd.v1.StopRequest\x1a\x1c.tvix.mountd.v1.StopResponse\x12G\n\x06Reload\x12\x1d.tvix.mountd.v1.ReloadRequest\x1a\x1e.tvix.mountd.v1.ReloadResponse\x12J\n\x07Restart\x12\x1e.tvix.mountd.v1.RestartRequest\x1a\x1f.tvix.mountd.v1.RestartResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,6 +43,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELOADREQUEST']._serialized_end=154
   _globals['_RELOADRESPONSE']._serialized_start=156
   _globals['_RELOADRESPONSE']._serialized_end=207
-  _globals['_CONTROL']._serialized_start=210
-  _globals['_CONTROL']._serialized_end=432
+  _globals['_RESTARTREQUEST']._serialized_start=209
+  _globals['_RESTARTREQUEST']._serialized_end=241
+  _globals['_RESTARTRESPONSE']._serialized_start=243
+  _globals['_RESTARTRESPONSE']._serialized_end=292
+  _globals['_CONTROL']._serialized_start=295
+  _globals['_CONTROL']._serialized_end=593
 # @@protoc_insertion_point(module_scope)

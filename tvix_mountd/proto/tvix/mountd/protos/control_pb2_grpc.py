@@ -49,6 +49,11 @@ class ControlStub:
                 request_serializer=tvix_dot_mountd_dot_protos_dot_control__pb2.ReloadRequest.SerializeToString,
                 response_deserializer=tvix_dot_mountd_dot_protos_dot_control__pb2.ReloadResponse.FromString,
                 _registered_method=True)
+        self.Restart = channel.unary_unary(
+                '/tvix.mountd.v1.Control/Restart',
+                request_serializer=tvix_dot_mountd_dot_protos_dot_control__pb2.RestartRequest.SerializeToString,
+                response_deserializer=tvix_dot_mountd_dot_protos_dot_control__pb2.RestartResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -75,6 +80,14 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Restart(self, request, context):
+        """Hand mounts to fresh workers (running the code installed now) without
+        unmounting; returns once each handover completed or failed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.Reload,
                     request_deserializer=tvix_dot_mountd_dot_protos_dot_control__pb2.ReloadRequest.FromString,
                     response_serializer=tvix_dot_mountd_dot_protos_dot_control__pb2.ReloadResponse.SerializeToString,
+            ),
+            'Restart': grpc.unary_unary_rpc_method_handler(
+                    servicer.Restart,
+                    request_deserializer=tvix_dot_mountd_dot_protos_dot_control__pb2.RestartRequest.FromString,
+                    response_serializer=tvix_dot_mountd_dot_protos_dot_control__pb2.RestartResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +193,33 @@ class Control:
             '/tvix.mountd.v1.Control/Reload',
             tvix_dot_mountd_dot_protos_dot_control__pb2.ReloadRequest.SerializeToString,
             tvix_dot_mountd_dot_protos_dot_control__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Restart(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tvix.mountd.v1.Control/Restart',
+            tvix_dot_mountd_dot_protos_dot_control__pb2.RestartRequest.SerializeToString,
+            tvix_dot_mountd_dot_protos_dot_control__pb2.RestartResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -120,6 +120,9 @@ class MountConfig(_Strict):
     list_root: bool = False
     show_xattr: bool = True
     allow_other: bool = False
+    # Seconds the worker may answer nothing to the supervisor's probe (a
+    # statfs through the kernel) before it counts as hung and is replaced.
+    hang_timeout: float = Field(default=10.0, gt=0, le=3600)
 
 
 class Config(_Strict):

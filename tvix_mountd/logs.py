@@ -128,6 +128,39 @@ _F_SETPIPE_SZ: Final = 1031  # fcntl.F_SETPIPE_SZ, Linux; not in Python 3.11's f
 _PIPE_SIZE: Final = 1 << 20
 
 
+class _PipeWriter:
+    """Writes records into the log pipe: one write() of at most PIPE_BUF
+    bytes per frame, non-blocking, a record dropped (and counted) rather
+    than a FUSE request stalled."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._numbers = itertools.count()
+        self.dropped = 0
+
+    def put(self, record: logging.LogRecord) -> None:
+        if self.dropped and self._send(_dropped_notice(self.dropped)):
+            self.dropped = 0
+        if not self._send(record):
+            self.dropped += 1
+
+    def _send(self, record: logging.LogRecord) -> bool:
+        data = _pickle(record)
+        pid, number = os.getpid(), next(self._numbers)
+        for start in range(0, max(len(data), 1), _CHUNK):
+            chunk = data[start : start + _CHUNK]
+            flags = (_FIRST if start == 0 else 0) | (_LAST if start + _CHUNK >= len(data) else 0)
+            try:
+                # At most PIPE_BUF bytes: the kernel writes all or nothing, and
+                # never interleaves them with another writer's.
+                os.write(self.fd, _HEADER.pack(len(chunk), pid, number, flags) + chunk)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True  # the supervisor is gone: nobody to tell
+        return True
+
+
 class _PipeQueue:
     """Stands in for the multiprocessing.Queue of a MultiProcessingHandler.
 
@@ -149,8 +182,8 @@ class _PipeQueue:
         self._wake_read_fd, self._wake_write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._owner = os.getpid()
         self._reader_open = True
-        self._numbers = itertools.count()
-        self._dropped = 0
+        self._writer = _PipeWriter(self._write_fd)
+        self._dropped = 0  # the supervisor's own, kept in memory
         self._local: deque[logging.LogRecord] = deque()
         # Reader side, in the supervisor's receive thread only.
         self._poll = select.poll()
@@ -162,14 +195,15 @@ class _PipeQueue:
 
     # -- writers -----------------------------------------------------------
 
+    @property
+    def write_fd(self) -> int:
+        return self._write_fd
+
     def put_nowait(self, record: logging.LogRecord) -> None:
         if os.getpid() == self._owner:
             self._keep(record)
-            return
-        if self._dropped and self._send(_dropped_notice(self._dropped)):
-            self._dropped = 0
-        if not self._send(record):
-            self._dropped += 1
+        else:
+            self._writer.put(record)
 
     def _keep(self, record: logging.LogRecord) -> None:
         # Any thread of the supervisor; deque appends are atomic.
@@ -183,22 +217,6 @@ class _PipeQueue:
         with contextlib.suppress(BlockingIOError):  # full: a wake-up is pending anyway
             os.write(self._wake_write_fd, b"\0")
 
-    def _send(self, record: logging.LogRecord) -> bool:
-        data = _pickle(record)
-        pid, number = os.getpid(), next(self._numbers)
-        for start in range(0, max(len(data), 1), _CHUNK):
-            chunk = data[start : start + _CHUNK]
-            flags = (_FIRST if start == 0 else 0) | (_LAST if start + _CHUNK >= len(data) else 0)
-            try:
-                # At most PIPE_BUF bytes: the kernel writes all or nothing, and
-                # never interleaves them with another writer's.
-                os.write(self._write_fd, _HEADER.pack(len(chunk), pid, number, flags) + chunk)
-            except BlockingIOError:
-                return False
-            except OSError:
-                return True  # the supervisor is gone: nobody to tell
-        return True
-
     def forked(self) -> None:
         """In a child: drop the parent's count and the descriptors only it reads.
 
@@ -206,6 +224,7 @@ class _PipeQueue:
         (EPIPE) rather than filling the pipe first.
         """
         self._dropped = 0
+        self._writer.dropped = 0
         self._local.clear()
         # Once only (a grandchild must not close a reused descriptor number),
         # and never in the supervisor, whose receive thread reads them.
@@ -358,3 +377,51 @@ def setup_logging(level: str, fmt: str, *, stream: TextIO | None = None) -> None
             # Nothing was sent on the original queue yet; the receive thread
             # reads `self.queue` afresh on each turn (at most 0.2 s from now).
             wrapper.queue = _PipeQueue()
+
+
+def log_pipe_fd() -> int | None:
+    """The write end of the log pipe that children's records travel in, to
+    pass to a process that is exec'd rather than forked (None: no pipe)."""
+    for handler in logging.getLogger().handlers:
+        queue = getattr(handler, "queue", None)
+        if isinstance(queue, _PipeQueue):
+            return queue.write_fd
+    return None
+
+
+class _ExecChildHandler(logging.Handler):
+    """A record's way to the supervisor from a process that was exec'd (a
+    fresh interpreter: no multiprocessing-logging wrapper inherited), through
+    the log pipe's descriptor it was given."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._writer = _PipeWriter(fd)
+        self._formatter = TextFormatter()
+        self.addFilter(_Tag())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # As multiprocessing-logging prepares a record: arguments and the
+        # traceback as text, so that nothing unpicklable travels.
+        try:
+            if record.args:
+                record.msg = record.getMessage()
+                record.args = None
+            if record.exc_info:
+                record.exc_text = self._formatter.formatException(record.exc_info)
+                record.exc_info = None
+            self._writer.put(record)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_exec_child_logging(fd: int, level: str, name: str) -> None:
+    """In an exec'd child: log into the supervisor's stream through `fd`,
+    tagged `name`, at `level` (one of LEVELS)."""
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    os.set_blocking(fd, False)
+    root.addHandler(_ExecChildHandler(fd))
+    root.setLevel(level.upper())
+    tag_process(name)
