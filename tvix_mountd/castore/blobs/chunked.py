@@ -101,10 +101,11 @@ class ChunkedReader(BlobReader):
 
     def _check(self, i: int, chunk: Chunk, data: bytes) -> None:
         if len(data) != chunk.size:
+            # A backend may stop fetching past the listed size: then only "more" is known.
+            found = "more than that" if len(data) > chunk.size else f"{len(data)}"
             raise IntegrityError(
-                f"blob {self._digest}: chunk {i} ({chunk.digest}) has"
-                f" {'more than ' if len(data) > chunk.size else ''}{len(data)} bytes,"
-                f" the chunk list says {chunk.size}"
+                f"blob {self._digest}: chunk {i} ({chunk.digest}) should have"
+                f" {chunk.size} bytes and has {found}"
             )
         actual = B3Digest.of(data)
         if actual != chunk.digest:
