@@ -7,7 +7,7 @@ One tree, three parts, each its own store path when imported:
     wide/eNNNNNN                   one directory of many small files
 
 The tree exists three times: as a plain directory (native, bindfs), as a
-squashfs image (squashfuse_ll) and in an embedded tvix store (objectstore+file
+squashfs image (squashfuse_ll) and in an embedded tvix store (raw+file
 blobs, sqlite directories and path infos) imported with `tvix-mountd import`.
 
 Every stage is complete only once its marker file `<stage>.done` exists (written
@@ -137,7 +137,7 @@ class DataSet:
 
     @property
     def blob_service_addr(self) -> str:
-        return f"objectstore+file://{self.store}/blobs"
+        return f"raw+file://{self.store}/blobs"
 
     @property
     def directory_service_addr(self) -> str:

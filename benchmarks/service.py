@@ -52,7 +52,7 @@ def _config(port: int) -> Path:
         f'state_dir = "{WORK / "run"}"',
         f'health_listen = "127.0.0.1:{port}"',
         "[stores.local]",
-        f'blob_service_addr = "objectstore+file://{data}/blobs"',
+        f'blob_service_addr = "raw+file://{data}/blobs"',
         f'directory_service_addr = "sqlite://{data}/directories.sqlite"',
         f'path_info_service_addr = "sqlite://{data}/pathinfo.sqlite"',
     ]

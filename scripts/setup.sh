@@ -7,6 +7,24 @@
 #   scripts/setup.sh --bench    also the benchmark peers (bindfs, squashfuse)
 set -euo pipefail
 
+# On failure, name the command that failed and its line (set -e alone exits
+# silently), and remove the pyfuse3 build directory whatever happened.
+# errtrace: the ERR trap also fires inside functions.
+set -o errtrace
+failed_step=""
+work=""
+trap 'failed_step="line $LINENO: $BASH_COMMAND"' ERR
+on_exit() {
+    local status=$?
+    if ((status)) && [[ -n $failed_step ]]; then
+        echo "setup: failed (exit $status) at $failed_step" >&2
+    fi
+    if [[ -n $work ]]; then
+        rm -rf "$work"
+    fi
+}
+trap on_exit EXIT
+
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
@@ -48,14 +66,13 @@ PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
 PYFUSE3_PATCH=third_party/pyfuse3/opendir-fileinfo.patch
 
 install_patched_pyfuse3() {
-    local work sdist
-    work=$(mktemp -d)
+    local sdist
+    work=$(mktemp -d)  # global: on_exit removes it
     sdist="$work/pyfuse3-$PYFUSE3_VERSION.tar.gz"
     "$VENV/bin/pip" download -q --disable-pip-version-check --no-deps --no-binary :all: \
         "pyfuse3==$PYFUSE3_VERSION" -d "$work" >&2
     if ! echo "$PYFUSE3_SHA256  $sdist" | sha256sum -c --quiet >&2; then
         echo "setup: pyfuse3-$PYFUSE3_VERSION.tar.gz does not match its pinned sha256" >&2
-        rm -rf "$work"
         exit 1
     fi
     tar -xzf "$sdist" -C "$work"
@@ -63,6 +80,7 @@ install_patched_pyfuse3() {
     "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps \
         "$work/pyfuse3-$PYFUSE3_VERSION" >&2
     rm -rf "$work"
+    work=""
 }
 
 # Rebuild the venv only when pyproject.toml or the patch changed since the

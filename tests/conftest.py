@@ -33,7 +33,7 @@ def grpc_store_server_tcp() -> Iterator[GrpcStoreServer]:
 
 @pytest.fixture(scope="module", params=["embedded", "grpc"])
 def store_kind(request: pytest.FixtureRequest) -> str:
-    """Which store a FUSE test mounts: "embedded" (objectstore+file blobs and
+    """Which store a FUSE test mounts: "embedded" (raw+file blobs and
     sqlite files under tmp_path) or "grpc" (the in-process gRPC test server)."""
     kind: str = request.param
     return kind

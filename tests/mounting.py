@@ -7,9 +7,10 @@ nothing mounted. Whatever goes wrong (a failing test, a daemon that hangs),
 the daemon it started is SIGKILLed by its PID and the mountpoint lazily
 unmounted, so no process or mount outlives the test.
 
-`BackingStore` is the data side: an embedded store (objectstore+file blobs
-and sqlite files under a directory) or the in-process gRPC test server, with
-the same methods for both, so a test runs unchanged against either.
+`BackingStore` is the data side: an embedded store (sqlite files and raw+file
+blobs, or objectstore+file blobs when asked, under a directory) or the
+in-process gRPC test server, with the same methods for both, so a test runs
+unchanged against either.
 """
 
 from __future__ import annotations
@@ -107,9 +108,9 @@ class StoreAddrs:
     path_info: str
 
     @classmethod
-    def embedded(cls, root: Path) -> StoreAddrs:
+    def embedded(cls, root: Path, blob_scheme: str = "raw+file") -> StoreAddrs:
         return cls(
-            f"objectstore+file://{root}/blobs",
+            f"{blob_scheme}://{root}/blobs",
             f"sqlite://{root}/directories.sqlite",
             f"sqlite://{root}/pathinfo.sqlite",
         )
@@ -407,7 +408,13 @@ class BackingStore:
     must damage the store behind the daemon's back (`drop_*`, `blob_file`).
     """
 
-    def __init__(self, kind: str, root: Path, server: GrpcStoreServer | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        root: Path,
+        server: GrpcStoreServer | None = None,
+        blob_scheme: str = "raw+file",
+    ) -> None:
         assert kind in STORE_KINDS
         self.kind = kind
         self.root = root
@@ -416,7 +423,7 @@ class BackingStore:
             assert server is not None
             self.addrs = StoreAddrs.single(server.addr)
         else:
-            self.addrs = StoreAddrs.embedded(root)
+            self.addrs = StoreAddrs.embedded(root, blob_scheme)
 
     def open(self) -> Store:
         return Store.from_addrs(self.addrs.blob, self.addrs.directory, self.addrs.path_info)
@@ -484,7 +491,7 @@ class BackingStore:
     # Damage behind the daemon's back.
 
     def blob_file(self, digest: B3Digest) -> Path:
-        assert self.kind == "embedded", "only the embedded store keeps blobs in files"
+        assert self.addrs.blob.startswith("raw+file:"), "only raw+file keeps a blob in one file"
         hexdigest = digest.hex()
         return self.root / "blobs" / "b3" / hexdigest[:2] / hexdigest
 
@@ -507,14 +514,17 @@ class BackingStore:
 
 
 @contextlib.contextmanager
-def backing_store(kind: str, root: Path) -> Iterator[BackingStore]:
-    """A fresh, empty store of `kind`; for grpc, a server running until the end."""
+def backing_store(
+    kind: str, root: Path, *, blob_scheme: str = "raw+file"
+) -> Iterator[BackingStore]:
+    """A fresh, empty store of `kind`; for grpc, a server running until the end.
+    An embedded store keeps its blobs under `blob_scheme` (raw+file or objectstore+file)."""
     root.mkdir(parents=True, exist_ok=True)
     if kind == "grpc":
         with GrpcStoreServer() as server:
             yield BackingStore(kind, root, server)
     else:
-        yield BackingStore(kind, root)
+        yield BackingStore(kind, root, blob_scheme=blob_scheme)
 
 
 def listdir_bytes(path: Path | str) -> list[bytes]:

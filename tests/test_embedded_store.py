@@ -1,12 +1,15 @@
-"""The embedded store backends: memory://, objectstore+file:// and sqlite://.
+"""The embedded store backends: memory://, raw+file://, objectstore+file:// and sqlite://.
 
 Behaviour every backend shares runs against each kind (parametrized
 fixtures); what only the on-disk backends have (atomic files, corruption on
-disk, several processes on one file) is tested on them alone.
+disk, several processes on one file) is tested on them alone. tvix's
+object_store layout itself (files as tvix writes and reads them) is
+tests/test_objectstore_blobs.py's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -21,8 +24,10 @@ import pytest
 import trio
 
 from tvix_mountd.castore.blobs import BlobService
+from tvix_mountd.castore.blobs.localdir import STALE_TEMP_AGE
 from tvix_mountd.castore.blobs.memory import MemoryBlobService
-from tvix_mountd.castore.blobs.objectstore import STALE_TEMP_AGE, FileBlobService
+from tvix_mountd.castore.blobs.objectstore import ObjectStoreBlobService
+from tvix_mountd.castore.blobs.raw import RawFileBlobService
 from tvix_mountd.castore.digests import EMPTY_BLOB_DIGEST, B3Digest
 from tvix_mountd.castore.directories import DirectoryService
 from tvix_mountd.castore.directories.memory import MemoryDirectoryService
@@ -51,22 +56,43 @@ def blob_bytes(n: int, seed: int = 0) -> bytes:
 # ---------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(params=["memory", "file"])
+@contextlib.asynccontextmanager
+async def opened_blob_service(kind: str, tmp_path: Path) -> AsyncIterator[BlobService]:
+    service: BlobService
+    if kind == "memory":
+        service = MemoryBlobService()
+    elif kind == "raw":
+        service = RawFileBlobService(str(tmp_path / "blobs"))
+    else:
+        assert kind == "objectstore"
+        service = ObjectStoreBlobService(str(tmp_path / "blobs"))
+    try:
+        yield service
+    finally:
+        await service.aclose()
+
+
+@pytest.fixture(params=["memory", "raw", "objectstore"])
 async def blob_service(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[BlobService]:
-    service: BlobService
-    if request.param == "memory":
-        service = MemoryBlobService()
-    else:
-        service = FileBlobService(str(tmp_path / "blobs"))
-    yield service
-    await service.aclose()
+    async with opened_blob_service(request.param, tmp_path) as service:
+        yield service
+
+
+@pytest.fixture(params=["memory", "raw"])
+async def whole_blob_service(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[BlobService]:
+    """The backends that keep a blob whole, so damage shows only as it is read
+    (objectstore+file checks a small blob's one chunk at open: its own tests)."""
+    async with opened_blob_service(request.param, tmp_path) as service:
+        yield service
 
 
 @pytest.fixture
-async def file_blobs(tmp_path: Path) -> AsyncIterator[FileBlobService]:
-    service = FileBlobService(str(tmp_path / "blobs"))
+async def raw_blobs(tmp_path: Path) -> AsyncIterator[RawFileBlobService]:
+    service = RawFileBlobService(str(tmp_path / "blobs"))
     yield service
     await service.aclose()
 
@@ -102,7 +128,7 @@ def corrupt_blob(service: BlobService, digest: B3Digest, change: Callable[[bytes
     if isinstance(service, MemoryBlobService):
         service.blobs[digest] = change(service.blobs[digest])
         return
-    assert isinstance(service, FileBlobService)
+    assert isinstance(service, RawFileBlobService)
     path = service.blob_path(digest)
     data = Path(path).read_bytes()
     os.chmod(path, 0o644)
@@ -183,7 +209,8 @@ async def test_blob_reads_at_any_offset(blob_service: BlobService) -> None:
         await reader.aclose()
 
 
-async def test_blob_sequential_read_is_verified(blob_service: BlobService) -> None:
+async def test_blob_sequential_read_is_verified(whole_blob_service: BlobService) -> None:
+    blob_service = whole_blob_service
     data = blob_bytes(10_000, seed=3)
     digest = await blob_service.put(data)
     corrupt_blob(blob_service, digest, flip_byte)
@@ -208,13 +235,13 @@ async def test_blob_sequential_read_is_verified(blob_service: BlobService) -> No
     ids=["one-byte-short", "half", "empty", "one-byte-long"],
 )
 async def test_blob_wrong_length_is_an_error(
-    blob_service: BlobService, change: Callable[[bytes], bytes]
+    whole_blob_service: BlobService, change: Callable[[bytes], bytes]
 ) -> None:
     data = blob_bytes(5000, seed=4)
-    digest = await blob_service.put(data)
-    corrupt_blob(blob_service, digest, change)
+    digest = await whole_blob_service.put(data)
+    corrupt_blob(whole_blob_service, digest, change)
     with pytest.raises(IntegrityError):
-        await blob_service.read_all(digest)
+        await whole_blob_service.read_all(digest)
 
 
 async def test_aborted_or_unfinished_writer_leaves_no_blob(blob_service: BlobService) -> None:
@@ -253,25 +280,25 @@ async def test_concurrent_writers_of_the_same_content(blob_service: BlobService)
 # ---------------------------------------------------------------- blobs on disk
 
 
-def temp_files(service: FileBlobService) -> list[str]:
+def temp_files(service: RawFileBlobService) -> list[str]:
     return os.listdir(os.path.join(service.root, "tmp"))
 
 
-async def test_file_blob_layout(file_blobs: FileBlobService) -> None:
+async def test_raw_blob_layout(raw_blobs: RawFileBlobService) -> None:
     data = b"hello world\n"
-    digest = await file_blobs.put(data)
+    digest = await raw_blobs.put(data)
     hexdigest = digest.hex()
-    path = Path(file_blobs.root, "b3", hexdigest[:2], hexdigest)
-    assert file_blobs.blob_path(digest) == str(path)
+    path = Path(raw_blobs.root, "b3", hexdigest[:2], hexdigest)
+    assert raw_blobs.blob_path(digest) == str(path)
     # Raw, uncompressed bytes: the FUSE read path preads this file.
     assert read(path) == data
     assert mode(path) == 0o444
-    assert temp_files(file_blobs) == []
+    assert temp_files(raw_blobs) == []
 
 
-async def test_file_blob_directories_created_on_first_use(tmp_path: Path) -> None:
+async def test_raw_blob_directories_created_on_first_use(tmp_path: Path) -> None:
     root = tmp_path / "deep" / "er" / "blobs"
-    service = FileBlobService(str(root))
+    service = RawFileBlobService(str(root))
     assert not (tmp_path / "deep").exists()
     assert not await service.has(EMPTY_BLOB_DIGEST)
     assert stat.S_IMODE(root.stat().st_mode) == 0o700
@@ -281,71 +308,71 @@ async def test_file_blob_directories_created_on_first_use(tmp_path: Path) -> Non
     await service.aclose()
 
 
-async def test_file_blob_location_that_cannot_be_created(tmp_path: Path) -> None:
+async def test_raw_blob_location_that_cannot_be_created(tmp_path: Path) -> None:
     (tmp_path / "plain-file").write_bytes(b"")
     root = tmp_path / "plain-file" / "blobs"
-    service = FileBlobService(str(root))
+    service = RawFileBlobService(str(root))
     with pytest.raises(StoreError, match=re.escape(str(root))):
         await service.put(b"data")
     with pytest.raises(StoreError, match=re.escape(str(root))):
         await service.has(EMPTY_BLOB_DIGEST)
 
 
-async def test_file_blob_unfinished_writes_stay_in_tmp(file_blobs: FileBlobService) -> None:
+async def test_raw_blob_unfinished_writes_stay_in_tmp(raw_blobs: RawFileBlobService) -> None:
     data = blob_bytes(70_000, seed=7)
     digest = B3Digest.of(data)
-    writer = await file_blobs.open_write()
+    writer = await raw_blobs.open_write()
     await writer.write(data)
     # The bytes are on disk, but only under tmp/, never under the blob's name.
-    assert not exists(file_blobs.blob_path(digest))
-    [name] = temp_files(file_blobs)
-    assert read(Path(file_blobs.root, "tmp", name)) == data
+    assert not exists(raw_blobs.blob_path(digest))
+    [name] = temp_files(raw_blobs)
+    assert read(Path(raw_blobs.root, "tmp", name)) == data
     await writer.abort()
-    assert temp_files(file_blobs) == []
-    assert not exists(file_blobs.blob_path(digest))
+    assert temp_files(raw_blobs) == []
+    assert not exists(raw_blobs.blob_path(digest))
     with pytest.raises(StoreError):
         await writer.write(b"more")
     with pytest.raises(StoreError):
         await writer.close()
 
 
-async def test_file_blob_second_write_keeps_the_first_file(file_blobs: FileBlobService) -> None:
+async def test_raw_blob_second_write_keeps_the_first_file(raw_blobs: RawFileBlobService) -> None:
     data = blob_bytes(1000, seed=8)
-    digest = await file_blobs.put(data)
-    inode = os.stat(file_blobs.blob_path(digest)).st_ino
-    assert await file_blobs.put(data) == digest
-    assert os.stat(file_blobs.blob_path(digest)).st_ino == inode
-    assert temp_files(file_blobs) == []
+    digest = await raw_blobs.put(data)
+    inode = os.stat(raw_blobs.blob_path(digest)).st_ino
+    assert await raw_blobs.put(data) == digest
+    assert os.stat(raw_blobs.blob_path(digest)).st_ino == inode
+    assert temp_files(raw_blobs) == []
 
 
-async def test_file_blob_put_repairs_a_damaged_file(file_blobs: FileBlobService) -> None:
+async def test_raw_blob_put_repairs_a_damaged_file(raw_blobs: RawFileBlobService) -> None:
     data = blob_bytes(1000, seed=11)
-    digest = await file_blobs.put(data)
-    corrupt_blob(file_blobs, digest, lambda d: d[:10])
+    digest = await raw_blobs.put(data)
+    corrupt_blob(raw_blobs, digest, lambda d: d[:10])
     with pytest.raises(IntegrityError):
-        await file_blobs.read_all(digest)
+        await raw_blobs.read_all(digest)
     # A file of the wrong size cannot be the blob, so writing it again replaces it.
-    assert await file_blobs.put(data) == digest
-    assert await file_blobs.read_all(digest) == data
-    assert temp_files(file_blobs) == []
+    assert await raw_blobs.put(data) == digest
+    assert await raw_blobs.read_all(digest) == data
+    assert temp_files(raw_blobs) == []
 
 
-async def test_file_blob_concurrent_writers_leave_no_temp_files(
-    file_blobs: FileBlobService,
+async def test_raw_blob_concurrent_writers_leave_no_temp_files(
+    raw_blobs: RawFileBlobService,
 ) -> None:
     data = blob_bytes(100_000, seed=9)
 
     async def put() -> None:
-        assert await file_blobs.put(data) == B3Digest.of(data)
+        assert await raw_blobs.put(data) == B3Digest.of(data)
 
     async with trio.open_nursery() as nursery:
         for _ in range(10):
             nursery.start_soon(put)
-    assert temp_files(file_blobs) == []
-    assert await file_blobs.read_all(B3Digest.of(data)) == data
+    assert temp_files(raw_blobs) == []
+    assert await raw_blobs.read_all(B3Digest.of(data)) == data
 
 
-async def test_file_blob_stale_temp_files_removed_on_start(tmp_path: Path) -> None:
+async def test_raw_blob_stale_temp_files_removed_on_start(tmp_path: Path) -> None:
     tmp = tmp_path / "blobs" / "tmp"
     tmp.mkdir(parents=True)
     stale, fresh, foreign = tmp / "old.tmp", tmp / "new.tmp", tmp / "keep-me"
@@ -354,20 +381,20 @@ async def test_file_blob_stale_temp_files_removed_on_start(tmp_path: Path) -> No
     long_ago = time.time() - STALE_TEMP_AGE - 60
     os.utime(stale, (long_ago, long_ago))
     os.utime(foreign, (long_ago, long_ago))
-    service = FileBlobService(str(tmp_path / "blobs"))
+    service = RawFileBlobService(str(tmp_path / "blobs"))
     assert not await service.has(EMPTY_BLOB_DIGEST)
     assert not stale.exists()
     assert fresh.exists()
     assert foreign.exists()  # not a name this store writes
 
 
-async def test_file_blob_truncated_file_is_an_error(file_blobs: FileBlobService) -> None:
+async def test_raw_blob_truncated_file_is_an_error(raw_blobs: RawFileBlobService) -> None:
     data = blob_bytes(50_000, seed=10)
-    digest = await file_blobs.put(data)
-    reader = await file_blobs.open_read(digest)
+    digest = await raw_blobs.put(data)
+    reader = await raw_blobs.open_read(digest)
     assert reader is not None
     # Truncated while open: the size taken at open no longer holds.
-    os.truncate(file_blobs.blob_path(digest), 10_000)
+    os.truncate(raw_blobs.blob_path(digest), 10_000)
     try:
         assert await reader.read_at(0, 5000) == data[:5000]
         with pytest.raises(IntegrityError):
@@ -376,9 +403,9 @@ async def test_file_blob_truncated_file_is_an_error(file_blobs: FileBlobService)
         await reader.aclose()
 
 
-async def test_file_blob_reader_after_close(file_blobs: FileBlobService) -> None:
-    digest = await file_blobs.put(b"abc")
-    reader = await file_blobs.open_read(digest)
+async def test_raw_blob_reader_after_close(raw_blobs: RawFileBlobService) -> None:
+    digest = await raw_blobs.put(b"abc")
+    reader = await raw_blobs.open_read(digest)
     assert reader is not None
     assert await reader.read_at(1, 1) == b"b"
     await reader.aclose()
@@ -387,9 +414,9 @@ async def test_file_blob_reader_after_close(file_blobs: FileBlobService) -> None
         await reader.read_at(0, 1)
 
 
-async def test_file_blob_two_services_share_a_root(tmp_path: Path) -> None:
-    first = FileBlobService(str(tmp_path / "blobs"))
-    second = FileBlobService(str(tmp_path / "blobs"))
+async def test_raw_blob_two_services_share_a_root(tmp_path: Path) -> None:
+    first = RawFileBlobService(str(tmp_path / "blobs"))
+    second = RawFileBlobService(str(tmp_path / "blobs"))
     digest = await first.put(b"shared")
     assert await second.has(digest)
     assert await second.read_all(digest) == b"shared"

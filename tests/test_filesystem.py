@@ -105,6 +105,7 @@ async def test_root_attributes() -> None:
     assert attr.st_mode == 0o040555
     assert attr.st_size == 0
     assert attr.st_uid == attr.st_gid == 0
+    assert attr.st_mtime_ns == attr.st_ctime_ns == attr.st_atime_ns == 1_000_000_000
 
 
 async def test_attributes_as_in_nix_store() -> None:
@@ -122,7 +123,7 @@ async def test_attributes_as_in_nix_store() -> None:
     link = await lookup_path(fs, a, b"link")
     assert (link.st_mode, link.st_size) == (0o120444, 5)
     for attr in (directory, hello, exe, big, link):
-        assert attr.st_mtime_ns == attr.st_ctime_ns == attr.st_atime_ns == 0
+        assert attr.st_mtime_ns == attr.st_ctime_ns == attr.st_atime_ns == 1_000_000_000
         assert attr.st_uid == attr.st_gid == 0
 
 

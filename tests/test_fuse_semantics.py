@@ -61,6 +61,8 @@ FORGETS_OVERTAKEN: Final = 8
 BIG_SIZE: Final = 3 * 1024 * 1024
 RANDOM_SIZE: Final = 1_000_003  # not a multiple of a page
 NON_UTF8: Final = os.fsdecode(b"\xff\xfe-not-utf8")
+# Every time in /nix/store is 1 s after the epoch; so is every time in a mount.
+STORE_TIMES_NS: Final = (1_000_000_000,) * 3
 
 
 # -- source trees -----------------------------------------------------------------
@@ -200,7 +202,7 @@ def test_root_attributes(world: World) -> None:
     assert stat.S_IMODE(st.st_mode) == 0o555
     assert st.st_size == 0
     assert (st.st_uid, st.st_gid) == (0, 0)
-    assert (st.st_atime, st.st_mtime, st.st_ctime) == (0, 0, 0)
+    assert (st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns) == STORE_TIMES_NS
 
 
 def test_root_listing_is_complete(world: World) -> None:
@@ -270,11 +272,35 @@ def test_attributes_as_in_nix_store(world: World, key: str) -> None:
         got = Expected(st.st_mode, st.st_size, st.st_blocks)
         assert got == want, f"{rel or '.'}: mode {st.st_mode:o}, size {st.st_size}"
         assert (st.st_uid, st.st_gid) == (0, 0), rel
-        assert (st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns) == (0, 0, 0), rel
+        assert (st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns) == STORE_TIMES_NS, rel
     # The root node's size is the store's own size field.
     node = world.infos[key].node
     if isinstance(node, DirectoryNode):
         assert os.stat(world.path(key)).st_size == node.size == expected[""].size
+
+
+def test_times_are_one_second_as_in_nix_store(world: World, tmp_path: Path) -> None:
+    entries = {
+        "root": world.mount.path,
+        "directory": world.path("tree", "sub"),
+        "store path directory": world.path("tree"),
+        "file": world.path("tree", "hello.txt"),
+        "executable": world.path("tree", "exec.sh"),
+        "symlink": world.path("tree", "link-to-hello"),
+        "store path symlink": world.path("single-link"),
+    }
+    for what, path in entries.items():
+        st = os.lstat(path)
+        assert (st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns) == STORE_TIMES_NS, what
+        assert (st.st_atime, st.st_mtime, st.st_ctime) == (1.0, 1.0, 1.0), what
+    # Reading does not move atime (the mount is read-only), and a copy that
+    # keeps times carries /nix/store's mtime, as rsync and tar would.
+    world.path("tree", "hello.txt").read_bytes()
+    assert os.stat(world.path("tree", "hello.txt")).st_atime_ns == STORE_TIMES_NS[0]
+    copied = _run("cp", "-a", str(world.path("tree", "sub")), str(tmp_path / "copy"))
+    assert copied.returncode == 0, copied.stderr
+    assert os.stat(tmp_path / "copy" / "nested.txt").st_mtime_ns == STORE_TIMES_NS[1]
+    assert os.stat(tmp_path / "copy").st_mtime_ns == STORE_TIMES_NS[1]
 
 
 def test_du_counts_sizes_and_blocks(world: World) -> None:

@@ -49,7 +49,7 @@ from tvix_mountd.proto import pathinfo_pb2
 # --- stores ------------------------------------------------------------------
 
 _EMBEDDED_MODULES = (
-    "tvix_mountd.castore.blobs.objectstore",
+    "tvix_mountd.castore.blobs.raw",
     "tvix_mountd.castore.directories.sqlite",
 )
 _EMBEDDED_MISSING = [m for m in _EMBEDDED_MODULES if importlib.util.find_spec(m) is None]
@@ -76,7 +76,7 @@ def _embedded_case(root: Path) -> StoreCase:
     if importlib.util.find_spec("tvix_mountd.castore.pathinfos.sqlite") is not None:
         pathinfo_addr = f"sqlite://{root}/pathinfo.sqlite"
     store = Store.from_addrs(
-        f"objectstore+file://{root}/blobs",
+        f"raw+file://{root}/blobs",
         f"sqlite://{root}/directories.sqlite",
         pathinfo_addr,
     )

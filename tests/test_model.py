@@ -25,7 +25,8 @@ from tvix_mountd.castore.addr import (
     parse_address,
 )
 from tvix_mountd.castore.blobs.memory import MemoryBlobService
-from tvix_mountd.castore.blobs.objectstore import FileBlobService
+from tvix_mountd.castore.blobs.objectstore import ObjectStoreBlobService
+from tvix_mountd.castore.blobs.raw import RawFileBlobService
 from tvix_mountd.castore.digests import EMPTY_BLOB_DIGEST, B3Digest
 from tvix_mountd.castore.directories.memory import MemoryDirectoryService
 from tvix_mountd.castore.directories.sqlite import SqliteDirectoryService
@@ -849,6 +850,8 @@ def test_path_info_constructor_checks_nar_sha256() -> None:
         ("grpc+http://[::1]:9000", "grpc+http", "", "::1", 9000),
         ("objectstore+file:///var/lib/blobs", "objectstore+file", "/var/lib/blobs", "", 0),
         ("objectstore+file:///var/lib/blobs/", "objectstore+file", "/var/lib/blobs", "", 0),
+        ("raw+file:///var/lib/blobs", "raw+file", "/var/lib/blobs", "", 0),
+        ("raw+file:///var//lib/./blobs/", "raw+file", "/var/lib/blobs", "", 0),
         ("sqlite:///var/lib/d.sqlite", "sqlite", "/var/lib/d.sqlite", "", 0),
         ("sqlite:///var//lib/x/../d.sqlite", "sqlite", "/var/lib/d.sqlite", "", 0),
     ],
@@ -876,6 +879,11 @@ def test_grpc_targets() -> None:
         ("sqlite:///x.sqlite", BLOB_SCHEMES, "unsupported scheme 'sqlite'"),
         ("objectstore+file:///x", DIRECTORY_SCHEMES, "unsupported scheme 'objectstore\\+file'"),
         ("objectstore+file:///x", PATH_INFO_SCHEMES, "unsupported scheme"),
+        ("raw+file:///x", DIRECTORY_SCHEMES, "unsupported scheme 'raw\\+file'"),
+        ("raw+file://host/x", BLOB_SCHEMES, "got host 'host'"),
+        ("raw+file://relative", BLOB_SCHEMES, "no host"),
+        ("raw+file:///x?compress=zstd", BLOB_SCHEMES, "query"),
+        ("objectstore+file:///x?opt=1", BLOB_SCHEMES, "query"),
         ("", BLOB_SCHEMES, "expected <scheme>://"),
         ("memory", BLOB_SCHEMES, "expected <scheme>://"),
         ("/var/lib/blobs", BLOB_SCHEMES, "expected <scheme>://"),
@@ -913,9 +921,12 @@ def test_from_addr_picks_the_embedded_backends(tmp_path: Path) -> None:
     assert isinstance(blobs.from_addr("memory://"), MemoryBlobService)
     assert isinstance(directories.from_addr("memory://"), MemoryDirectoryService)
     assert isinstance(pathinfos.from_addr("memory://"), MemoryPathInfoService)
-    file_blobs = blobs.from_addr(f"objectstore+file://{tmp_path}/blobs")
-    assert isinstance(file_blobs, FileBlobService)
-    assert file_blobs.root == f"{tmp_path}/blobs"
+    raw_blobs = blobs.from_addr(f"raw+file://{tmp_path}/raw")
+    assert isinstance(raw_blobs, RawFileBlobService)
+    assert raw_blobs.root == f"{tmp_path}/raw"
+    tvix_blobs = blobs.from_addr(f"objectstore+file://{tmp_path}/objects")
+    assert isinstance(tvix_blobs, ObjectStoreBlobService)
+    assert tvix_blobs.root == f"{tmp_path}/objects"
     sqlite_dirs = directories.from_addr(f"sqlite://{tmp_path}/d.sqlite", timeout=3)
     assert isinstance(sqlite_dirs, SqliteDirectoryService)
     assert sqlite_dirs.path == f"{tmp_path}/d.sqlite"

@@ -260,7 +260,7 @@ def default_config(data_dir: str = DEFAULT_DATA_DIR) -> Config:
     return Config(
         stores={
             "local": StoreConfig(
-                blob_service_addr=f"objectstore+file://{data_dir}/blobs",
+                blob_service_addr=f"raw+file://{data_dir}/blobs",
                 directory_service_addr=f"sqlite://{data_dir}/directories.sqlite",
                 path_info_service_addr=f"sqlite://{data_dir}/pathinfo.sqlite",
             )

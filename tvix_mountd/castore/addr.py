@@ -1,10 +1,12 @@
-"""Store addresses, spelled as tvix spells them.
+"""Store addresses, spelled as tvix spells them; an address tvix knows means
+here what it means to tvix.
 
 memory://                      in this process only
 grpc+unix:///abs/path.sock     a tvix-store (or compatible) on a unix socket
 grpc+http://host:port          the same over TCP
-objectstore+file:///abs/dir    embedded blob store
-sqlite:///abs/file.sqlite      embedded directory / path-info store
+objectstore+file:///abs/dir    blobs in tvix's object_store layout (chunked, zstd)
+raw+file:///abs/dir            blobs in our raw layout, one plain file per blob (ours)
+sqlite:///abs/file.sqlite      embedded directory / path-info store (ours)
 """
 
 from __future__ import annotations
@@ -15,17 +17,17 @@ from urllib.parse import urlsplit
 
 from tvix_mountd.castore.errors import AddressError
 
-BLOB_SCHEMES = frozenset({"memory", "grpc+unix", "grpc+http", "objectstore+file"})
+BLOB_SCHEMES = frozenset({"memory", "grpc+unix", "grpc+http", "objectstore+file", "raw+file"})
 DIRECTORY_SCHEMES = frozenset({"memory", "grpc+unix", "grpc+http", "sqlite"})
 PATH_INFO_SCHEMES = DIRECTORY_SCHEMES
-_PATH_SCHEMES = frozenset({"grpc+unix", "objectstore+file", "sqlite"})
+_PATH_SCHEMES = frozenset({"grpc+unix", "objectstore+file", "raw+file", "sqlite"})
 
 
 @dataclass(frozen=True, slots=True)
 class StoreAddress:
     raw: str
     scheme: str
-    path: str = ""  # absolute, for grpc+unix / objectstore+file / sqlite
+    path: str = ""  # absolute, for grpc+unix / objectstore+file / raw+file / sqlite
     host: str = ""  # for grpc+http
     port: int = 0
 

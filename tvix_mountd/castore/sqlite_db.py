@@ -28,6 +28,7 @@ import trio
 
 from tvix_mountd.castore.blocking import run_blocking
 from tvix_mountd.castore.errors import BackendUnavailable, IntegrityError, StoreError
+from tvix_mountd.castore.localfs import make_dirs
 
 T = TypeVar("T")
 
@@ -54,23 +55,9 @@ class _ConnectionPool:
         self._schema_ready = False
         self._closed = False
 
-    def _create_parents(self) -> None:
-        # Not os.makedirs: it gives only the last directory the mode asked for.
-        missing = []
-        path = os.path.dirname(self._path)
-        while not os.path.isdir(path):
-            missing.append(path)
-            path = os.path.dirname(path)
-        for path in reversed(missing):
-            try:
-                os.mkdir(path, 0o700)
-            except FileExistsError:
-                if not os.path.isdir(path):
-                    raise
-
     def _open(self) -> sqlite3.Connection:
         try:
-            self._create_parents()
+            make_dirs(os.path.dirname(self._path), 0o700)
         except OSError as e:
             raise StoreError(
                 f"sqlite database {self._path}: cannot create its directory: {e}"

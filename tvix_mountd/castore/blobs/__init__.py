@@ -153,10 +153,14 @@ def from_addr(raw: str, *, timeout: float = DEFAULT_TIMEOUT) -> BlobService:
         from tvix_mountd.castore.blobs.memory import MemoryBlobService
 
         return MemoryBlobService()
-    if addr.scheme == "objectstore+file":
-        from tvix_mountd.castore.blobs.objectstore import FileBlobService
+    if addr.scheme == "raw+file":
+        from tvix_mountd.castore.blobs.raw import RawFileBlobService
 
-        return FileBlobService(addr.path)
+        return RawFileBlobService(addr.path)
+    if addr.scheme == "objectstore+file":
+        from tvix_mountd.castore.blobs.objectstore import ObjectStoreBlobService
+
+        return ObjectStoreBlobService(addr.path)
     from tvix_mountd.castore.blobs.grpc import GrpcBlobService
 
     return GrpcBlobService(addr, timeout=timeout)

@@ -11,10 +11,7 @@ re-opens it.
 
 from __future__ import annotations
 
-import bisect
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Final
 
 import blake3
@@ -22,8 +19,9 @@ import trio
 
 from tvix_mountd.castore.addr import StoreAddress
 from tvix_mountd.castore.blobs import BlobReader, BlobService, BlobWriter
+from tvix_mountd.castore.blobs.chunked import Chunk, ChunkedReader, chunks_of
 from tvix_mountd.castore.digests import B3Digest
-from tvix_mountd.castore.errors import IntegrityError, StoreError, ValidationError
+from tvix_mountd.castore.errors import IntegrityError, StoreError
 from tvix_mountd.castore.grpc_channel import (
     GrpcConnection,
     RequestStream,
@@ -45,8 +43,6 @@ _MAX_BATCH_BYTES: Final = 4 << 20
 # What a streaming reader keeps behind its position: the kernel's readahead
 # issues several reads at once and they may arrive slightly out of order.
 STREAM_RETAIN: Final = 1 << 20
-# Verified chunks a chunked reader keeps: the current one and its neighbour.
-_CHUNK_CACHE: Final = 2
 
 
 def _chunk_len(chunk: rpc_blobstore_pb2.BlobChunk) -> int:
@@ -80,14 +76,10 @@ class GrpcBlobService(BlobService):
             )
         except RpcNotFound:
             return None
-        chunks = []
         with naming(self._conn.describe(f"Stat {digest}")):
-            for i, meta in enumerate(stat.chunks):
-                if meta.size == 0:
-                    raise ValidationError(f"chunk {i} is empty")
-                chunks.append(_Chunk(B3Digest(meta.digest), meta.size))
+            chunks = chunks_of(stat)
         if len(chunks) > 1:
-            return _ChunkedReader(self._open_read, self._conn.addr, digest, chunks)
+            return _GrpcChunkedReader(self._open_read, self._conn.addr, digest, chunks)
         # One listed chunk is the whole blob; its size is a hint worth having.
         return _StreamReader(
             self._open_read, self._conn.addr, digest, chunks[0].size if chunks else None
@@ -109,66 +101,26 @@ class GrpcBlobService(BlobService):
         self._conn.close()
 
 
-@dataclass(frozen=True, slots=True)
-class _Chunk:
-    digest: B3Digest
-    size: int
-
-
 _OpenRead = Callable[[B3Digest], ResponseStream[rpc_blobstore_pb2.BlobChunk]]
 
 
-class _ChunkedReader(BlobReader):
-    """Reads a chunked blob chunk by chunk, each verified against its digest."""
+class _GrpcChunkedReader(ChunkedReader):
+    """Fetches each chunk with its own Read; ChunkedReader checks it."""
 
     def __init__(
-        self, open_read: _OpenRead, where: StoreAddress, digest: B3Digest, chunks: list[_Chunk]
+        self, open_read: _OpenRead, where: StoreAddress, digest: B3Digest, chunks: list[Chunk]
     ) -> None:
+        super().__init__(digest, chunks)
         self._open_read = open_read
         self._where = where
-        self._digest = digest
-        self._chunks = chunks
-        self._starts: list[int] = []
-        offset = 0
-        for chunk in chunks:
-            self._starts.append(offset)
-            offset += chunk.size
-        self._size = offset
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
 
-    @property
-    def size(self) -> int:
-        return self._size
-
-    async def read_at(self, offset: int, n: int) -> bytes:
-        end = min(offset + n, self._size)
-        if offset >= end:
-            return b""
-        i = bisect.bisect_right(self._starts, offset) - 1
-        parts = []
-        while offset < end:
-            data = await self._chunk(i)
-            start = self._starts[i]
-            part = data[offset - start : end - start]
-            parts.append(part)
-            offset += len(part)
-            i += 1
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    async def _chunk(self, i: int) -> bytes:
-        data = self._cache.get(i)
-        if data is not None:
-            self._cache.move_to_end(i)
-            return data
-        chunk = self._chunks[i]
+    async def _fetch(self, i: int, chunk: Chunk) -> bytes:
         stream = self._open_read(chunk.digest)
-        hasher = blake3.blake3()
         parts: list[bytes] = []
         received = 0
         try:
             while batch := await stream.batch(chunk.size - received + 1, _chunk_len):
                 for msg in batch:
-                    hasher.update(msg.data)
                     parts.append(msg.data)
                     received += len(msg.data)
                 if received > chunk.size:
@@ -180,25 +132,7 @@ class _ChunkedReader(BlobReader):
             ) from None
         finally:
             stream.cancel()
-        if received != chunk.size:
-            raise IntegrityError(
-                f"blob {self._digest}: chunk {i} ({chunk.digest}) has"
-                f" {'more than ' if received > chunk.size else ''}{received} bytes,"
-                f" Stat said {chunk.size}"
-            )
-        actual = B3Digest(hasher.digest())
-        if actual != chunk.digest:
-            raise IntegrityError(
-                f"blob {self._digest}: chunk {i} ({chunk.digest}) has contents hashing to {actual}"
-            )
-        data = b"".join(parts)
-        self._cache[i] = data
-        while len(self._cache) > _CHUNK_CACHE:
-            self._cache.popitem(last=False)
-        return data
-
-    async def aclose(self) -> None:
-        self._cache.clear()
+        return b"".join(parts)
 
 
 class _StreamReader(BlobReader):

@@ -1,276 +1,300 @@
-"""objectstore+file:// blobs: one plain file per blob under a local directory.
+"""objectstore+file:// blobs: tvix's object_store layout, in a local directory.
 
-Layout under the root given by the address:
+What tvix's ObjectStoreBlobService (tvix castore/src/blobservice/object_store.rs)
+writes through object_store's LocalFileSystem under the directory the address
+names, and reads back:
 
-    b3/<first 2 hex chars>/<64 hex chars>   the blob's bytes, uncompressed
-    tmp/<random>.tmp                        blobs being written
+    blobs/b3/<hhhh>/<64 hex>    the blob index: a tvix.castore.v1.StatBlobResponse
+                                (protobuf) listing the blob's chunks, digest and
+                                size, in order; the list is empty (the file is
+                                empty) when the blob is a single chunk
+    chunks/b3/<hhhh>/<64 hex>   one chunk's bytes, zstd-compressed
 
-This is *not* tvix's object_store layout (which stores zstd-compressed chunks
-and a chunk index per blob), so a directory written by one cannot be read by
-the other. Uncompressed whole files are deliberate: the FUSE read path serves
-a read with one pread on the blob file, and the kernel's page cache and
-readahead do the rest.
+A digest is written as lower-case hex and sharded by its first two *bytes*,
+four hex characters (`HEXLOWER.encode(&digest[..2])` in tvix; the example in
+tvix's doc comment shows two characters, its code has always written four).
 
-Writes are atomic: a blob is streamed into a temp file while being hashed,
-fsynced, then renamed to its digest's name (and the directory fsynced), so a
-reader sees either no blob or all of it, also after a crash. Concurrent
-writers of the same content are harmless: the second rename (or the early
-"already there" check) leaves the same bytes in place.
+Reading follows tvix's open_read: the empty blob needs no file; a chunk file
+named by the digest is the whole blob (a blob of one chunk, or a chunk of
+another blob), read, decompressed and checked at open; otherwise the blob
+index lists the chunks and a read fetches only the chunks it touches, each
+checked against its digest and size before any of its bytes is served (and a
+sequential reader still gets the whole blob checked by VerifyingReader).
+Damaged data is an error naming the file, never a crash: a chunk that does not
+decompress, decompresses to more than it should (no decompression bombs), or
+hashes wrong; an index that does not parse; a chunk the index lists that is
+missing.
 
-Directories the store creates: the root (if missing) 0700, so a fresh store is
-private; the subdirectories below it 0755, so access is decided by the root's
-mode alone and an operator can share a store by creating the root with the
-mode they want.
+Writing produces what tvix's reader accepts: chunks of CHUNK_SIZE bytes (the
+last one shorter), each stored zstd-compressed under its digest unless already
+there, then the blob index (an empty chunk list for a single chunk, as tvix
+writes it). tvix cuts chunks with FastCDC, whose boundaries depend on the
+content; its reader takes any boundaries, and a FastCDC in Python would cost a
+loop per byte, so ours are fixed. What that loses: chunks shared with blobs
+tvix wrote, and between versions of a blob with inserted bytes. Chunks are
+published before the index, each atomically (localdir.py), so a reader never
+finds an index whose chunks are not all there; temp files live under `tmp/`,
+where tvix never looks. Nothing is created until the first write, so a tvix
+store's directory can be read without write access to it.
+
+Reads are inline in the calling thread, as for raw+file: a chunk is at most a
+few hundred KiB and decompresses in well under a millisecond.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import secrets
-import time
+from typing import Final
 
 import blake3
-import trio
+import zstandard
+from google.protobuf.message import DecodeError
 
 from tvix_mountd.castore.blobs import BlobReader, BlobService, BlobWriter
-from tvix_mountd.castore.digests import B3Digest
-from tvix_mountd.castore.errors import StoreError
+from tvix_mountd.castore.blobs.chunked import Chunk, ChunkedReader, chunks_of
+from tvix_mountd.castore.blobs.localdir import (
+    OBJECT_STORE_LAYOUT,
+    RAW_LAYOUT,
+    LocalRoot,
+    ThreadedWriter,
+)
+from tvix_mountd.castore.blobs.memory import BytesReader
+from tvix_mountd.castore.digests import EMPTY_BLOB_DIGEST, B3Digest
+from tvix_mountd.castore.errors import IntegrityError, StoreError, ValidationError
+from tvix_mountd.proto import rpc_blobstore_pb2
 
-# A temp file untouched for this long belongs to a writer that died (every
-# write bumps its mtime), so it may be removed on start.
-STALE_TEMP_AGE = 3600.0
-_TEMP_SUFFIX = ".tmp"
+# Our chunk size: tvix's average (it cuts between half and twice that).
+CHUNK_SIZE: Final = 256 * 1024
+# zstd::DEFAULT_COMPRESSION_LEVEL, what tvix compresses with.
+ZSTD_LEVEL: Final = 3
+# The largest chunk a reader accepts, decompressed: tvix's largest with its
+# default settings is 512 KiB, and its avg_chunk_size is configurable, so
+# allow far more, but not so much that a hostile file could exhaust memory.
+MAX_CHUNK_SIZE: Final = 64 << 20
+# The largest blob index a reader accepts: about 1.5 million chunks, a blob
+# of some 400 GiB at tvix's chunk size.
+MAX_INDEX_SIZE: Final = 64 << 20
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _compressed_limit(size: int) -> int:
+    """How large a chunk file of `size` bytes' content may be: zstd's worst
+    case is the content plus a small overhead, and twice that is surely not
+    a chunk of it."""
+    return 2 * size + (64 << 10)
+
+
+def _shard(digest: B3Digest) -> str:
+    hexdigest = digest.hex()
+    return os.path.join(hexdigest[:4], hexdigest)
+
+
+def _read_file(path: str, limit: int, what: str) -> bytes | None:
+    """The bytes of file `path` (None if absent); IntegrityError past `limit` bytes."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise IntegrityError(f"{what} {path} is larger than {limit} bytes")
+            # Sized by the file, not the limit: a read of `limit` bytes would
+            # allocate them all first.
+            data = f.read(size + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StoreError(f"reading {what} {path}: {e}") from e
+    if len(data) > limit:  # grew since the fstat
+        raise IntegrityError(f"{what} {path} is larger than {limit} bytes")
+    return data
 
 
-class FileBlobReader(BlobReader):
-    """Reads one blob file with pread, in the calling (trio) thread.
-
-    A read of a local file is served from the page cache in microseconds,
-    while a hop to a worker thread and back costs tens of microseconds: doing
-    the syscall inline makes the common read several times cheaper. The rare
-    read that goes to a disk blocks the event loop for one disk access, which
-    is the price; a hung local disk would hang the process either way.
-    """
-
-    def __init__(self, fd: int, path: str) -> None:
-        self._fd = fd
-        self._path = path
-        self._size = os.fstat(fd).st_size
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    async def read_at(self, offset: int, n: int) -> bytes:
-        if self._fd < 0:
-            raise StoreError(f"blob file {self._path}: reader is closed")
-        if offset < 0 or n < 0:
-            raise ValueError(f"invalid read of {n} bytes at {offset}")
-        try:
-            data = os.pread(self._fd, n, offset)
-            # Short only at the end of the file (the size fstat gave): then there
-            # is nothing more to read, and a second pread would cost a syscall
-            # on every small file's last read.
-            if 0 < len(data) < n and offset + len(data) < self._size:
-                # A regular file reads short only at its end, but keep the
-                # "exactly n bytes" contract even if it does not.
-                parts = [data]
-                got = len(data)
-                while got < n:
-                    more = os.pread(self._fd, n - got, offset + got)
-                    if not more:
-                        break
-                    parts.append(more)
-                    got += len(more)
-                data = b"".join(parts)
-        except OSError as e:
-            raise StoreError(f"reading blob file {self._path}: {e}") from e
-        return data
-
-    async def aclose(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
+# Output is taken from the decompressor in pieces of at most this: each read
+# allocates what it asks for, and a chunk is mostly far below the limit.
+_DECOMPRESS_STEP: Final = 1 << 20
 
 
-class FileBlobWriter(BlobWriter):
-    """Streams into a temp file while hashing; `close` publishes it atomically.
-
-    Disk writes and fsyncs run in a worker thread (they can take milliseconds
-    and must not stall the event loop). Those threads are never abandoned:
-    the file descriptor they use must stay theirs until they return.
-    """
-
-    def __init__(self, service: FileBlobService, fd: int, temp_path: str) -> None:
-        self._service = service
-        self._fd = fd
-        self._temp_path = temp_path
-        self._hasher = blake3.blake3()
-        self._size = 0
-        self._done = False
-
-    def _check_open(self) -> None:
-        if self._done:
-            raise StoreError("blob writer is already closed")
-
-    def _write_sync(self, data: bytes) -> None:
-        self._hasher.update(data)
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        self._size += len(data)
-
-    async def write(self, data: bytes) -> None:
-        self._check_open()
-        if not data:
-            return
-        try:
-            await trio.to_thread.run_sync(self._write_sync, data)
-        except OSError as e:
-            await self.abort()
-            raise StoreError(f"writing blob temp file {self._temp_path}: {e}") from e
-
-    def _publish_sync(self) -> B3Digest:
-        digest = B3Digest(self._hasher.digest())
-        target = self._service.blob_path(digest)
-        fd, self._fd = self._fd, -1
-        try:
-            try:
-                existing_size = os.stat(target).st_size
-            except FileNotFoundError:
-                existing_size = None
-            if existing_size == self._size:
-                # Same digest, same bytes: whoever wrote it first wins. (A file
-                # of another size was damaged; the rename below repairs it.)
-                return digest
-            os.fchmod(fd, 0o444)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        parent = os.path.dirname(target)
-        try:
-            os.mkdir(parent, 0o755)
-        except FileExistsError:
-            pass
-        else:
-            _fsync_dir(os.path.dirname(parent))
-        os.rename(self._temp_path, target)
-        _fsync_dir(parent)
-        return digest
-
-    async def close(self) -> B3Digest:
-        self._check_open()
-        self._done = True
-        try:
-            return await trio.to_thread.run_sync(self._publish_sync)
-        except OSError as e:
-            raise StoreError(f"storing blob from {self._temp_path}: {e}") from e
-        finally:
-            # After a successful rename this is a no-op (ENOENT); otherwise it
-            # drops the temp file of a duplicate or of a failed publish.
-            _remove_quietly(self._temp_path)
-
-    async def abort(self) -> None:
-        self._done = True
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
-        _remove_quietly(self._temp_path)
+def _decompress(compressed: bytes, limit: int, path: str) -> bytes:
+    """The zstd frames in `compressed`, decompressed, at most `limit` + 1 bytes
+    of them (more is wrong, and the caller says so; a bomb stops here)."""
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True)
+        parts = []
+        total = 0
+        while total <= limit:
+            part = reader.read(min(limit + 1 - total, _DECOMPRESS_STEP))
+            if not part:
+                break
+            parts.append(part)
+            total += len(part)
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"chunk file {path} is not valid zstd: {e}") from None
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _remove_quietly(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
-class FileBlobService(BlobService):
-    """Blobs as files under `root` (see the module docstring for the layout).
-
-    Nothing is touched on construction; the directories are created (and
-    stale temp files of dead writers removed) on the first operation.
-    """
+class ObjectStoreBlobService(BlobService):
+    """tvix's object_store blob layout under `root` (see the module docstring)."""
 
     local_reads = True
 
     def __init__(self, root: str) -> None:
         self.root = root
-        self._blob_dir = os.path.join(root, "b3")
-        self._temp_dir = os.path.join(root, "tmp")
-        self._ready = False
+        self.local = LocalRoot(root, OBJECT_STORE_LAYOUT, RAW_LAYOUT)
+        self._blobs_dir = os.path.join(root, "blobs", "b3")
+        self._chunks_dir = os.path.join(root, "chunks", "b3")
 
-    def blob_path(self, digest: B3Digest) -> str:
-        """Where the blob with `digest` lives (whether or not it exists)."""
-        hexdigest = digest.hex()
-        return os.path.join(self._blob_dir, hexdigest[:2], hexdigest)
+    def blob_index_path(self, digest: B3Digest) -> str:
+        return os.path.join(self._blobs_dir, _shard(digest))
 
-    def _prepare_sync(self) -> None:
-        for path, mode in ((self.root, 0o700), (self._blob_dir, 0o755), (self._temp_dir, 0o700)):
-            try:
-                os.makedirs(path, mode=mode, exist_ok=True)
-            except OSError as e:
-                raise StoreError(
-                    f"blob store {self.root}: cannot create directory {path}: {e}"
-                ) from e
-        self._remove_stale_temps()
-
-    def _remove_stale_temps(self) -> None:
-        cutoff = time.time() - STALE_TEMP_AGE
-        try:
-            entries = list(os.scandir(self._temp_dir))
-        except OSError:
-            return
-        for entry in entries:
-            # Best effort: another process may remove the same file, or the
-            # store may be read-only; neither should stop this one.
-            with contextlib.suppress(OSError):
-                if entry.name.endswith(_TEMP_SUFFIX) and entry.stat().st_mtime < cutoff:
-                    os.unlink(entry.path)
-
-    async def _prepare(self) -> None:
-        if not self._ready:
-            await trio.to_thread.run_sync(self._prepare_sync)
-            self._ready = True
+    def chunk_path(self, digest: B3Digest) -> str:
+        return os.path.join(self._chunks_dir, _shard(digest))
 
     async def has(self, digest: B3Digest) -> bool:
-        await self._prepare()
-        # Inline for the reason FileBlobReader reads inline: a local stat is
+        # As tvix: a blob index or a chunk file. Inline: a local stat is
         # cheaper than the thread hop that would wrap it.
-        return os.path.exists(self.blob_path(digest))  # noqa: ASYNC240
+        self.local.check_layout()
+        return os.path.exists(self.blob_index_path(digest)) or os.path.exists(  # noqa: ASYNC240
+            self.chunk_path(digest)
+        )
+
+    def read_chunk(self, digest: B3Digest, limit: int) -> bytes | None:
+        """The decompressed chunk file of `digest`, unchecked, at most `limit` + 1
+        bytes; None if there is no such file."""
+        path = self.chunk_path(digest)
+        compressed = _read_file(path, _compressed_limit(limit), "chunk file")
+        if compressed is None:
+            return None
+        return _decompress(compressed, limit, path)
+
+    def _read_index(self, digest: B3Digest) -> list[Chunk] | None:
+        path = self.blob_index_path(digest)
+        data = _read_file(path, MAX_INDEX_SIZE, "blob index")
+        if data is None:
+            return None
+        try:
+            chunks = chunks_of(rpc_blobstore_pb2.StatBlobResponse.FromString(data))
+        except (DecodeError, ValidationError) as e:
+            raise IntegrityError(f"blob index {path} is not a chunk list: {e}") from None
+        for i, chunk in enumerate(chunks):
+            if chunk.size > MAX_CHUNK_SIZE:
+                raise IntegrityError(
+                    f"blob index {path}: chunk {i} has {chunk.size} bytes,"
+                    f" more than the {MAX_CHUNK_SIZE} this reader accepts"
+                )
+        return chunks
 
     async def _open_raw(self, digest: B3Digest) -> BlobReader | None:
-        await self._prepare()
-        path = self.blob_path(digest)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        self.local.check_layout()
+        if digest == EMPTY_BLOB_DIGEST:
+            return BytesReader(b"")
+        whole = self.read_chunk(digest, MAX_CHUNK_SIZE)
+        if whole is not None:
+            path = self.chunk_path(digest)
+            if len(whole) > MAX_CHUNK_SIZE:
+                raise IntegrityError(f"chunk file {path} holds more than {MAX_CHUNK_SIZE} bytes")
+            actual = B3Digest.of(whole)
+            if actual != digest:
+                raise IntegrityError(f"chunk file {path} has contents hashing to {actual}")
+            return BytesReader(whole)
+        chunks = self._read_index(digest)
+        if chunks is None:
             return None
-        except OSError as e:
-            raise StoreError(f"opening blob file {path}: {e}") from e
-        try:
-            return FileBlobReader(fd, path)
-        except OSError as e:
-            os.close(fd)
-            raise StoreError(f"opening blob file {path}: {e}") from e
+        if not chunks:
+            raise StoreError(
+                f"blob {digest}: its index lists no chunks, so it is one chunk,"
+                f" but {self.chunk_path(digest)} is missing"
+            )
+        return _ChunkFileReader(self, digest, chunks)
 
     async def open_write(self) -> BlobWriter:
-        await self._prepare()
-        temp_path = os.path.join(self._temp_dir, secrets.token_hex(16) + _TEMP_SUFFIX)
+        await self.local.prepare()
+        return ObjectStoreBlobWriter(self)
+
+    def store_chunk(self, data: bytes, compressor: zstandard.ZstdCompressor) -> Chunk:
+        """Store `data` as a chunk unless it is there (blocking: fsyncs)."""
+        digest = B3Digest.of(data)
+        target = self.chunk_path(digest)
+        if not os.path.exists(target):
+            self.local.write_file(target, compressor.compress(data))
+        return Chunk(digest, len(data))
+
+    def store_index(self, digest: B3Digest, chunks: list[Chunk]) -> None:
+        """Store the index of blob `digest` unless it is there (blocking: fsyncs)."""
+        target = self.blob_index_path(digest)
+        if os.path.exists(target):
+            return
+        # One chunk is the blob itself: tvix lists no chunks then.
+        listed = chunks if len(chunks) > 1 else []
+        index = rpc_blobstore_pb2.StatBlobResponse(
+            chunks=[
+                rpc_blobstore_pb2.StatBlobResponse.ChunkMeta(digest=c.digest, size=c.size)
+                for c in listed
+            ]
+        )
+        self.local.write_file(target, index.SerializeToString())
+
+
+class _ChunkFileReader(ChunkedReader):
+    """A blob read through its index: chunk files fetched one by one, inline."""
+
+    def __init__(
+        self, service: ObjectStoreBlobService, digest: B3Digest, chunks: list[Chunk]
+    ) -> None:
+        super().__init__(digest, chunks)
+        self._service = service
+
+    async def _fetch(self, i: int, chunk: Chunk) -> bytes:
+        data = self._service.read_chunk(chunk.digest, chunk.size)
+        if data is None:
+            raise StoreError(
+                f"blob {self._digest}: chunk {i} is missing:"
+                f" no file {self._service.chunk_path(chunk.digest)}"
+            )
+        return data
+
+
+class ObjectStoreBlobWriter(ThreadedWriter):
+    """Cuts what is written into chunks and stores each full one as it goes;
+    `close` stores the last chunk and then the index.
+
+    The last chunk is always cut by `close`, never by `write`: a blob that
+    fits in one chunk is stored under its own digest (its chunk file is the
+    blob), so an unfinished writer must not have stored it.
+    """
+
+    def __init__(self, service: ObjectStoreBlobService) -> None:
+        super().__init__(f"blob store {service.root}")
+        self._service = service
+        self._compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        self._hasher = blake3.blake3()
+        self._buffer = bytearray()
+        self._chunks: list[Chunk] = []
+
+    def _write_sync(self, data: bytes) -> None:
+        self._hasher.update(data)
+        self._buffer += data
+        if len(self._buffer) <= CHUNK_SIZE:
+            return
+        # Whole chunks, keeping at least one byte back for `close` to cut.
+        cut = (len(self._buffer) - 1) // CHUNK_SIZE * CHUNK_SIZE
+        view = memoryview(self._buffer)
         try:
-            fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                # Someone removed tmp/ under us; recreate it on the next call.
-                self._ready = False
-            raise StoreError(f"blob store {self.root}: cannot create {temp_path}: {e}") from e
-        return FileBlobWriter(self, fd, temp_path)
+            for start in range(0, cut, CHUNK_SIZE):
+                piece = bytes(view[start : start + CHUNK_SIZE])
+                self._chunks.append(self._service.store_chunk(piece, self._compressor))
+        finally:
+            view.release()
+        del self._buffer[:cut]
+
+    def _close_sync(self) -> B3Digest:
+        if self._buffer:
+            self._chunks.append(self._service.store_chunk(bytes(self._buffer), self._compressor))
+            self._buffer.clear()
+        digest = B3Digest(self._hasher.digest())
+        self._service.store_index(digest, self._chunks)
+        return digest
+
+    async def abort(self) -> None:
+        # Chunks already stored stay, referenced by no index (as tvix's writer
+        # leaves them): they are content-addressed, so harmless, and another
+        # blob may come to use them.
+        self._done = True
+        self._buffer = bytearray()
