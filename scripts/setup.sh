@@ -57,13 +57,13 @@ if ((${#missing[@]})); then
     fi
 fi
 
-# pyfuse3 with third_party/pyfuse3/opendir-fileinfo.patch: opendir may
-# answer with a FileInfo, so the kernel keeps directory listings (see
-# third_party/pyfuse3/README.md). Built from the release's sdist, checked
-# against its hash, as pip would build it anyway (pyfuse3 ships no wheels).
+# pyfuse3 with the patch set in third_party/pyfuse3/ (NN-name.patch, applied
+# in order; third_party/pyfuse3/README.md says what each is for). Built from
+# the release's sdist, checked against its hash, as pip would build it anyway
+# (pyfuse3 ships no wheels). Its version names the patches: 3.5.0+name.name...
 PYFUSE3_VERSION=3.5.0
 PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-PYFUSE3_PATCH=third_party/pyfuse3/opendir-fileinfo.patch
+PYFUSE3_PATCHES=(third_party/pyfuse3/[0-9][0-9]-*.patch)
 
 install_patched_pyfuse3() {
     local sdist
@@ -76,23 +76,30 @@ install_patched_pyfuse3() {
         exit 1
     fi
     tar -xzf "$sdist" -C "$work"
-    patch -d "$work/pyfuse3-$PYFUSE3_VERSION" -p1 --quiet --forward <"$PYFUSE3_PATCH" >&2
+    local patch label=""
+    for patch in "${PYFUSE3_PATCHES[@]}"; do
+        patch -d "$work/pyfuse3-$PYFUSE3_VERSION" -p1 --quiet --forward <"$patch" >&2
+        patch=$(basename "$patch" .patch)
+        label+="${label:+.}${patch#[0-9][0-9]-}"
+    done
+    sed -i "s/^Version: $PYFUSE3_VERSION\$/Version: $PYFUSE3_VERSION+${label//-/.}/" \
+        "$work/pyfuse3-$PYFUSE3_VERSION/PKG-INFO"
     "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps \
         "$work/pyfuse3-$PYFUSE3_VERSION" >&2
     rm -rf "$work"
     work=""
 }
 
-# Rebuild the venv only when pyproject.toml or the patch changed since the
+# Rebuild the venv only when pyproject.toml or the patches changed since the
 # last install.
-stamp="$VENV/.installed-$(cat pyproject.toml "$PYFUSE3_PATCH" | sha256sum | cut -c1-16)"
+stamp="$VENV/.installed-$(cat pyproject.toml "${PYFUSE3_PATCHES[@]}" | sha256sum | cut -c1-16)"
 if [[ ! -f "$stamp" ]]; then
     if [[ ! -x "$VENV/bin/python" ]]; then
         echo "setup: creating virtualenv in $VENV" >&2
         "$PYTHON" -m venv "$VENV"
     fi
     "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >&2
-    echo "setup: building pyfuse3 $PYFUSE3_VERSION with $PYFUSE3_PATCH" >&2
+    echo "setup: building pyfuse3 $PYFUSE3_VERSION with ${PYFUSE3_PATCHES[*]}" >&2
     install_patched_pyfuse3
     echo "setup: installing tvix-mountd and its dependencies" >&2
     "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[dev]' >&2
