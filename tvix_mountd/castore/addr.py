@@ -113,7 +113,8 @@ def _nix_cache_address(raw: str, parts: SplitResult) -> StoreAddress:
         if not parts.path.startswith("/"):
             raise AddressError(raw, "the path must be absolute")
         path = posixpath.normpath(parts.path)
-        return StoreAddress(raw, parts.scheme, path=path, url=path, public_keys=public_keys)
+        url = path.rstrip("/") + "/"
+        return StoreAddress(raw, parts.scheme, path=path, url=url, public_keys=public_keys)
     if not parts.hostname:
         raise AddressError(
             raw, f"expected {parts.scheme}://HOST[:PORT][/PATH]: the host is missing"
