@@ -10,8 +10,9 @@ that reports progress, such as a download, has `ProgressDeadline`.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import trio
@@ -97,3 +98,47 @@ class ProgressDeadline:
             finally:
                 self._scope = None
         raise BackendUnavailable(f"{self._what}: no progress for {self._timeout:g} s")
+
+
+async def past_caller_deadline(fn: Callable[[], Awaitable[T]]) -> T:
+    """`await fn()` to its end, even if the caller's deadline passes meanwhile.
+
+    For calls that bound themselves by progress (a download under a
+    ProgressDeadline): a caller's deadline on the total time would fail one
+    that is still arriving. A cancellation before that deadline (a shutdown)
+    still cancels `fn`; one after it waits for `fn`, which ends by itself once
+    it stalls.
+    """
+    deadline = trio.current_effective_deadline()
+    if deadline == math.inf:
+        return await fn()
+    results: list[T] = []
+    errors: list[Exception] = []
+
+    async def cancel_before_deadline(work: trio.CancelScope) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            # Woken by the caller's cancellation (or by `fn` finishing): only
+            # one that is not the deadline passing reaches `fn`.
+            if trio.current_time() < deadline:
+                work.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope(shield=True) as work:
+                nursery.start_soon(cancel_before_deadline, work)
+                try:
+                    results.append(await fn())
+                except Exception as e:
+                    errors.append(e)
+                nursery.cancel_scope.cancel()
+    except BaseException:
+        # The nursery re-raises the caller's cancellation once `fn` is done;
+        # what `fn` returned or raised is the answer all the same (a pending
+        # cancellation strikes again at the caller's next checkpoint).
+        if not results and not errors:
+            raise
+    if errors:
+        raise errors[0]
+    return results[0]
