@@ -199,7 +199,8 @@ class NixCachePathInfoService(PathInfoService):
         except StoreError as e:
             self._count_download("failed")
             log.warning("%s: %s: NAR %s: %s", self.url, narinfo.store_path.basename, narinfo.url, e)
-            raise StoreError(f"{narinfo.store_path.basename}: NAR {narinfo.url}: {e}") from e
+            # The same kind of error (unavailable, or bad data), saying which path.
+            raise type(e)(f"{narinfo.store_path.basename}: NAR {narinfo.url}: {e}") from e
         self._count_download("ok", ingested.nar_size, time.monotonic() - started)
         info = PathInfo(
             store_path=narinfo.store_path,
