@@ -19,6 +19,7 @@ import bz2
 import gzip
 import hashlib
 import io
+import logging
 import lzma
 import os
 from abc import ABC, abstractmethod
@@ -29,6 +30,10 @@ import urllib3
 import zstandard
 
 from tvix_mountd.castore.errors import BackendUnavailable, IntegrityError, StoreError
+
+# urllib3 logs a warning per retried connection; the cache service logs each
+# failure once, saying which path it was for.
+logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 # A narinfo is a few hundred bytes; even thousands of references fit here.
 MAX_NARINFO_SIZE: Final = 1 << 20
