@@ -223,6 +223,24 @@ async def test_narinfo_for_another_path_is_refused(
         await store.aclose()
 
 
+async def test_a_name_that_is_not_the_narinfos_is_refused_before_downloading(
+    caches: Caches, server: CacheServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = open_store(server.address([caches.trusted.public]))
+    wrong = StorePath(caches.paths["tree"].digest, "not-" + caches.paths["tree"].name)
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert await store.path_infos.get_store_path(wrong) is None
+        assert "refusing" in caplog.text
+        assert server.nar_requests() == 0
+        assert await store.path_infos.get_store_path(caches.paths["tree"]) is not None
+        # Known now, and still not under the other name.
+        assert await store.path_infos.get_store_path(wrong) is None
+        assert server.nar_requests() == 1
+    finally:
+        await store.aclose()
+
+
 async def test_references_are_kept_and_signed_as_nix_signs_them(
     caches: Caches, cache_dir: Path, server: CacheServer, tmp_path: Path
 ) -> None:

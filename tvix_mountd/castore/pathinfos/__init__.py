@@ -10,6 +10,7 @@ from tvix_mountd.castore.addr import NIX_CACHE_SCHEMES, PATH_INFO_SCHEMES, parse
 from tvix_mountd.castore.blocking import DEFAULT_TIMEOUT
 from tvix_mountd.castore.errors import AddressError, IntegrityError
 from tvix_mountd.castore.pathinfo import PathInfo
+from tvix_mountd.castore.storepath import StorePath
 
 if TYPE_CHECKING:
     from tvix_mountd.castore.blobs import BlobService
@@ -25,6 +26,11 @@ class PathInfoService(ABC):
     @abstractmethod
     async def get(self, digest: bytes) -> PathInfo | None:
         """The PathInfo for the store path with this 20-byte digest, or None."""
+
+    async def get_store_path(self, path: StorePath) -> PathInfo | None:
+        """The PathInfo of exactly `path`: None also for its digest under another name."""
+        info = await self.get(path.digest)
+        return info if info is not None and info.store_path.name == path.name else None
 
     @abstractmethod
     async def put(self, info: PathInfo) -> PathInfo: ...

@@ -46,7 +46,7 @@ from tvix_mountd.castore.blocking import ProgressDeadline, run_blocking
 from tvix_mountd.castore.directories import DirectoryService
 from tvix_mountd.castore.errors import IntegrityError, StoreError, ValidationError
 from tvix_mountd.castore.nar_ingest import IngestedNar, ingest_nar
-from tvix_mountd.castore.narinfo import NarInfo, PublicKey, signed_by
+from tvix_mountd.castore.narinfo import NarInfo, PublicKey, fingerprint, signed_by
 from tvix_mountd.castore.pathinfo import PathInfo
 from tvix_mountd.castore.pathinfos import PathInfoService, check_answer
 from tvix_mountd.castore.pathinfos.nixcache_files import (
@@ -58,6 +58,7 @@ from tvix_mountd.castore.pathinfos.nixcache_files import (
     cache_files,
     decompressing,
 )
+from tvix_mountd.castore.storepath import StorePath
 from tvix_mountd.coalesce import Coalescer
 
 if TYPE_CHECKING:
@@ -137,18 +138,25 @@ class NixCachePathInfoService(PathInfoService):
         )
         self._record = _record_for(directories, timeout)
         self._files: CacheFiles | None = None
-        self._fetches: Coalescer[bytes, PathInfo | None] = Coalescer()
+        self._fetches: Coalescer[tuple[bytes, str | None], PathInfo | None] = Coalescer()
         self._metrics: NixCacheMetrics | None = None
         self._metrics_loaded = False
 
     # -- the PathInfoService interface ----------------------------------
 
     async def get(self, digest: bytes) -> PathInfo | None:
+        return await self._lookup(bytes(digest), None)
+
+    async def get_store_path(self, path: StorePath) -> PathInfo | None:
+        # The name is checked against the narinfo before anything is downloaded.
+        return await self._lookup(path.digest, path.name)
+
+    async def _lookup(self, digest: bytes, name: str | None) -> PathInfo | None:
         info = await self._record.get(digest)
         if info is not None and self._trusted(info):
             self._count_lookup("local")
-            return info
-        return await self._fetches.run(bytes(digest), lambda: self._fetch(bytes(digest)))
+            return info if name in (None, info.store_path.name) else None
+        return await self._fetches.run((digest, name), lambda: self._fetch(digest, name))
 
     async def put(self, info: PathInfo) -> PathInfo:
         raise StoreError(f"{self.url} is a Nix binary cache: paths cannot be added to it")
@@ -177,21 +185,20 @@ class NixCachePathInfoService(PathInfoService):
     def _trusted(self, info: PathInfo | NarInfo) -> bool:
         if self._keys is None:
             return True
-        from tvix_mountd.castore.narinfo import fingerprint
-
         signed = fingerprint(info.store_path, info.nar_sha256, info.nar_size, info.references)
         return signed_by(signed, info.signatures, self._keys) is not None
 
-    async def _fetch(self, digest: bytes) -> PathInfo | None:
-        name = nixbase32.encode(digest)
-        narinfo = await self._narinfo(name)
+    async def _fetch(self, digest: bytes, name: str | None) -> PathInfo | None:
+        hash_part = nixbase32.encode(digest)
+        narinfo = await self._narinfo(hash_part)
         if narinfo is None:
             return None
-        if narinfo.store_path.digest != digest:
-            self._refuse(name, f"its narinfo is for {narinfo.store_path.basename}")
+        if narinfo.store_path.digest != digest or name not in (None, narinfo.store_path.name):
+            asked = hash_part if name is None else f"{hash_part}-{name}"
+            self._refuse(asked, f"its narinfo is for {narinfo.store_path.basename}")
             return None
         if not self._trusted(narinfo):
-            self._refuse(name, "no signature by a trusted key (trusted-public-keys)")
+            self._refuse(hash_part, "no signature by a trusted key (trusted-public-keys)")
             return None
         started = time.monotonic()
         try:
