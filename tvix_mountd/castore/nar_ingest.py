@@ -6,6 +6,12 @@ held whole: file contents go to the blob service in pieces of at most
 CHUNK_SIZE (small files only if the service lacks them), and what is kept
 is one Directory per directory, which the tree needs anyway.
 
+Two things overlap with the parsing, in tasks of one nursery: reading the
+next block (decompressing it, for a cache), and storing small files (up to
+MAX_UPLOADS at once, so the embedded store's fsyncs wait side by side). Memory
+stays bounded by those: a block or two, and MAX_UPLOADS files of at most
+CHUNK_SIZE.
+
 The NAR is checked as Nix's parser checks it (tokens, zero padding, names
 strictly sorted, no `.`, `..`, `/` or NUL in names, nothing after the end),
 and its size and sha256 against what the caller expects. Directories are
@@ -52,6 +58,8 @@ from tvix_mountd.castore.nodes import (
     validate_symlink_target,
 )
 
+# Small files stored at once, each at most CHUNK_SIZE in memory meanwhile.
+MAX_UPLOADS: Final = 16
 # The longest token a NAR has besides names and targets ("executable").
 _MAX_TOKEN_LEN: Final = 16
 _U64: Final = struct.Struct("<Q")
@@ -68,6 +76,37 @@ class IngestedNar:
     node: Node
     nar_size: int
     nar_sha256: bytes
+
+
+class _Prefetch:
+    """`next_block` called one block ahead, in a task: the next block is read
+    (and decompressed) while this one is parsed. Its errors arrive in order,
+    where the block would have."""
+
+    def __init__(self, next_block: Callable[[], Awaitable[bytes]], nursery: trio.Nursery) -> None:
+        send, self._receive = trio.open_memory_channel[bytes | Exception](1)
+        nursery.start_soon(self._pump, next_block, send)
+
+    @staticmethod
+    async def _pump(
+        next_block: Callable[[], Awaitable[bytes]], send: trio.MemorySendChannel[bytes | Exception]
+    ) -> None:
+        async with send:
+            while True:
+                try:
+                    block = await next_block()
+                except Exception as e:
+                    await send.send(e)
+                    return
+                await send.send(block)
+                if not block:
+                    return
+
+    async def next_block(self) -> bytes:
+        item = await self._receive.receive()
+        if isinstance(item, Exception):
+            raise item
+        return item
 
 
 class _Reader:
@@ -158,9 +197,11 @@ class _Frame:
 
 
 class _Ingest:
-    def __init__(self, blobs: BlobService, reader: _Reader) -> None:
+    def __init__(self, blobs: BlobService, reader: _Reader, uploads: trio.Nursery) -> None:
         self._blobs = blobs
         self._reader = reader
+        self._uploads = uploads
+        self._upload_slots = trio.Semaphore(MAX_UPLOADS)
         self.directories: list[Directory] = []
 
     async def run(self) -> Node:
@@ -234,11 +275,22 @@ class _Ingest:
         size = await r.u64()
         what = f"the file at byte {r.offset} of the NAR"
         if size <= CHUNK_SIZE:
-            digest = await put_if_missing(self._blobs, await r.read(size), what)
+            data = await r.read(size)
+            digest = B3Digest.of(data)
+            # Stored in the background; every upload is done before ingest_nar
+            # stores a Directory (the nursery waits for them).
+            await self._upload_slots.acquire()
+            self._uploads.start_soon(self._upload, data, digest, what)
         else:
             digest = await self._streamed(size, what)
         await r.padding(size)
         return FileNode(digest, size, executable)
+
+    async def _upload(self, data: bytes, digest: B3Digest, what: str) -> None:
+        try:
+            await put_if_missing(self._blobs, data, what, digest)
+        finally:
+            self._upload_slots.release()
 
     async def _streamed(self, size: int, what: str) -> B3Digest:
         upload = await BlobUpload.open(self._blobs, what)
@@ -269,11 +321,15 @@ async def ingest_nar(
     match `expected_size` / `expected_sha256` (checked before any Directory is
     stored); StoreError if a service fails.
     """
-    reader = _Reader(next_block, expected_size)
-    ingest = _Ingest(blobs, reader)
-    node = await ingest.run()
-    if not await reader.at_end():
-        raise NarError(f"NAR: data after its end, at byte {reader.size}")
+    try:
+        async with trio.open_nursery() as nursery:
+            reader = _Reader(_Prefetch(next_block, nursery).next_block, expected_size)
+            ingest = _Ingest(blobs, reader, nursery)
+            node = await ingest.run()
+            if not await reader.at_end():
+                raise NarError(f"NAR: data after its end, at byte {reader.size}")
+    except BaseExceptionGroup as group:
+        raise _first_error(group) from None
     sha256 = reader.sha256.digest()
     if expected_size is not None and reader.size != expected_size:
         raise NarError(f"NAR has {reader.size} bytes, expected {expected_size}")
@@ -284,3 +340,16 @@ async def ingest_nar(
         if not isinstance(node, DirectoryNode) or stored != node.digest:
             raise IntegrityError(f"directory service stored the root as {stored}")
     return IngestedNar(node, reader.size, sha256)
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What a failed ingest raises: the first error in its nursery's group (the
+    parse's, or an upload's; the other tasks were cancelled because of it), or
+    the group itself when it holds no error (a cancellation from outside)."""
+    errors, _ = group.split(Exception)
+    if errors is None:
+        return group
+    first: BaseException = errors
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first

@@ -263,8 +263,30 @@ class FileBlobService(BlobService):
             os.close(fd)
             raise StoreError(f"opening blob file {path}: {e}") from e
 
+    async def put(self, data: bytes) -> B3Digest:
+        """A whole blob in one worker-thread hop (create, write, fsync, rename),
+        where a writer costs two and creates its temp file in the event loop's
+        thread, which waits there while other threads' fsyncs hold the journal."""
+        await self._prepare()
+        return await trio.to_thread.run_sync(self._put_sync, data)
+
+    def _put_sync(self, data: bytes) -> B3Digest:
+        writer = self._new_writer()
+        try:
+            writer._write_sync(data)
+            return writer._publish_sync()
+        except OSError as e:
+            raise StoreError(f"storing blob from {writer._temp_path}: {e}") from e
+        finally:
+            if writer._fd >= 0:  # a failed write; publishing closes it
+                os.close(writer._fd)
+            _remove_quietly(writer._temp_path)
+
     async def open_write(self) -> BlobWriter:
         await self._prepare()
+        return self._new_writer()
+
+    def _new_writer(self) -> FileBlobWriter:
         temp_path = os.path.join(self._temp_dir, secrets.token_hex(16) + _TEMP_SUFFIX)
         try:
             fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
