@@ -11,16 +11,21 @@ from __future__ import annotations
 import hashlib
 import re
 import subprocess
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import blake3
 import pytest
+import trio
 
 from tests.nixcache import Caches, build_caches, requires_nix
 from tvix_mountd.castore import nixbase32
 from tvix_mountd.castore.addr import PATH_INFO_SCHEMES, parse_address
+from tvix_mountd.castore.blobs import BlobReader, BlobService, BlobWriter
+from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories.memory import MemoryDirectoryService
-from tvix_mountd.castore.errors import AddressError, ValidationError
+from tvix_mountd.castore.errors import AddressError, StoreError, ValidationError
 from tvix_mountd.castore.importer import write_nar
 from tvix_mountd.castore.nar import (
     CLOSE,
@@ -403,3 +408,79 @@ def test_bad_nix_cache_addresses(addr: str, message: str) -> None:
 def test_a_nix_cache_is_no_blob_or_directory_service() -> None:
     with pytest.raises(AddressError, match=re.escape("unsupported scheme 'nix+https' here")):
         Store.from_addrs("nix+https://h", "memory://", "memory://")
+
+
+# -- services failing, memory ----------------------------------------------------------------
+
+
+class _Discarding(BlobService):
+    """Hashes what it is given and keeps nothing (or fails every put, when told)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.received = 0
+
+    async def has(self, digest: B3Digest) -> bool:
+        return False
+
+    async def _open_raw(self, digest: B3Digest) -> BlobReader | None:
+        return None
+
+    async def open_write(self) -> BlobWriter:
+        service = self
+
+        class Writer(BlobWriter):
+            hasher = blake3.blake3()
+
+            async def write(self, data: bytes) -> None:
+                if service.fail:
+                    raise StoreError("the blob service is broken")
+                service.received += len(data)
+                self.hasher.update(data)
+
+            async def close(self) -> B3Digest:
+                return B3Digest(self.hasher.digest())
+
+        return Writer()
+
+
+async def test_a_failing_blob_service_is_a_store_error_and_stores_no_directory(
+    small_nar: bytes,
+) -> None:
+    store = memory_store()
+    with pytest.raises(StoreError, match="broken"):
+        await ingest_nar(_Discarding(fail=True), store.directories, blocks_of(small_nar, 64))
+    assert not stored_directories(store)
+
+
+async def test_a_big_nar_streams_in_bounded_memory() -> None:
+    """A 256 MiB file is never held: what Python allocates at once stays a few
+    blocks, whatever the NAR's size."""
+    size = 256 << 20
+    piece = bytes(range(256)) * 4096  # 1 MiB
+    header = NAR_MAGIC + OPEN + TYPE + REGULAR + CONTENTS + size.to_bytes(8, "little")
+    pieces = iter([header, *([piece] * (size // len(piece))), CLOSE, b""])
+
+    async def next_block() -> bytes:
+        return next(pieces)
+
+    blobs = _Discarding()
+    tracemalloc.start()
+    try:
+        ingested = await ingest_nar(blobs, memory_store().directories, next_block)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert blobs.received == size
+    assert ingested.nar_size == len(header) + size + len(CLOSE)
+    assert peak < 16 << 20, f"{peak / 2**20:.1f} MiB allocated at once"
+
+
+async def test_cancelled_from_outside_it_stops(small_nar: bytes) -> None:
+    async def never() -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    with trio.move_on_after(0.2) as scope:
+        await ingest_nar(memory_store().blobs, memory_store().directories, never)
+    assert scope.cancelled_caught
