@@ -71,12 +71,18 @@ BLOCK_SIZE: Final = 1 << 20
 
 
 def _record_for(directories: DirectoryService, timeout: float) -> PathInfoService:
+    from tvix_mountd.castore.directories.memory import MemoryDirectoryService
     from tvix_mountd.castore.directories.sqlite import SqliteDirectoryService
     from tvix_mountd.castore.pathinfos.memory import MemoryPathInfoService
     from tvix_mountd.castore.pathinfos.sqlite import SqlitePathInfoService
 
     if isinstance(directories, SqliteDirectoryService):
         return SqlitePathInfoService(directories.path, timeout=timeout)
+    if not isinstance(directories, MemoryDirectoryService):
+        log.warning(
+            "a binary cache ingesting into a remote directory service remembers what it"
+            " fetched only while this process runs (no SQLite file to keep it next to)"
+        )
     return MemoryPathInfoService()
 
 
