@@ -30,7 +30,7 @@ from typing import Final
 
 import trio
 
-from tvix_mountd.castore.blobs import BlobService, BlobUpload, put_if_missing
+from tvix_mountd.castore.blobs import BlobService, BlobUpload, check_stored
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories import DirectoryService
 from tvix_mountd.castore.errors import IntegrityError, ValidationError
@@ -287,8 +287,11 @@ class _Ingest:
         return FileNode(digest, size, executable)
 
     async def _upload(self, data: bytes, digest: B3Digest, what: str) -> None:
+        # No `has` first: the files of a NAR fetched for the first time are
+        # mostly new, so asking would cost every one of them a call (a stat in
+        # the event loop, for the embedded store) to spare a few a write.
         try:
-            await put_if_missing(self._blobs, data, what, digest)
+            check_stored(what, digest, await self._blobs.put(data))
         finally:
             self._upload_slots.release()
 

@@ -155,17 +155,14 @@ def check_stored(what: str, computed: B3Digest, stored: B3Digest) -> B3Digest:
     return computed
 
 
-async def put_if_missing(
-    blobs: BlobService, data: bytes, what: str, digest: B3Digest | None = None
-) -> B3Digest:
+async def put_if_missing(blobs: BlobService, data: bytes, what: str) -> B3Digest:
     """Store a blob held in memory unless the service has it already.
 
-    Its digest (`digest`, if the caller has it already) costs nothing extra:
-    the bytes are here. `has` is a stat for the embedded store, so storing the
-    same small file again opens no writer and writes nothing.
+    Its digest costs nothing extra (the bytes are here), and `has` is a stat
+    for the embedded store, so storing the same small file again opens no
+    writer and writes nothing.
     """
-    if digest is None:
-        digest = B3Digest.of(data)
+    digest = B3Digest.of(data)
     if not await blobs.has(digest):
         check_stored(what, digest, await blobs.put(data))
     return digest

@@ -264,13 +264,18 @@ class FileBlobService(BlobService):
             raise StoreError(f"opening blob file {path}: {e}") from e
 
     async def put(self, data: bytes) -> B3Digest:
-        """A whole blob in one worker-thread hop (create, write, fsync, rename),
-        where a writer costs two and creates its temp file in the event loop's
-        thread, which waits there while other threads' fsyncs hold the journal."""
+        """A whole blob in one worker-thread hop (check, create, write, fsync,
+        rename), where a writer costs two and creates its temp file in the event
+        loop's thread, which waits there while other threads' fsyncs hold the
+        journal. A blob stored already is left as it is."""
         await self._prepare()
         return await trio.to_thread.run_sync(self._put_sync, data)
 
     def _put_sync(self, data: bytes) -> B3Digest:
+        digest = B3Digest.of(data)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self.blob_path(digest)).st_size == len(data):
+                return digest  # stored already: nothing to write
         writer = self._new_writer()
         try:
             writer._write_sync(data)
