@@ -126,7 +126,7 @@ def _metric(text: str, name: str, **labels: str) -> float:
     raise AssertionError(f"no sample {name} {labels} in:\n{text}")
 
 
-def test_supervisor_twenty_readers_one_download_metrics_and_a_restart_offline(
+def test_supervisor_twenty_readers_of_two_mounts_one_download_metrics_and_a_restart_offline(
     caches: Caches, tmp_path: Path
 ) -> None:
     with (
@@ -138,19 +138,24 @@ def test_supervisor_twenty_readers_one_download_metrics_and_a_restart_offline(
         svc.add_store(
             "cache", local_addrs(tmp_path / "local", address), backend_timeout=BACKEND_TIMEOUT
         )
+        # Two mounts of the store: two workers, whose lookups meet in the rootcache.
         mountpoint = svc.add_mount("nix", "cache")
+        other_mountpoint = svc.add_mount("nix2", "cache")
         svc.start()
         tree = mountpoint / caches.paths["tree"].basename
         expected = snapshot(caches.sources["tree"])
         results: list[object] = []
 
-        def read() -> None:
+        def read(root: Path) -> None:
             try:
-                results.append(snapshot(tree) == expected)
+                results.append(snapshot(root / caches.paths["tree"].basename) == expected)
             except OSError as e:
                 results.append(e)
 
-        readers = [threading.Thread(target=read) for _ in range(20)]
+        readers = [
+            threading.Thread(target=read, args=(point,))
+            for point in [mountpoint, other_mountpoint] * 10
+        ]
         started = time.monotonic()
         for reader in readers:
             reader.start()
