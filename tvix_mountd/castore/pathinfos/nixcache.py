@@ -118,8 +118,14 @@ class _Download:
             raise IntegrityError(f"{info.url}: does not match its FileHash")
 
     def close(self) -> None:
-        self._decompressed.close()
-        self.counted.close()
+        """Best effort: after a failure, a thread abandoned at its deadline may
+        still be reading (until its socket times out); closing the body first
+        makes that read fail, and whatever closing raises is no news."""
+        for stream in (self.counted, self._decompressed):
+            try:
+                stream.close()
+            except Exception as e:
+                log.debug("closing %s: %s", self.narinfo.url, e)
 
 
 class NixCachePathInfoService(PathInfoService):
