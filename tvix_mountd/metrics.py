@@ -92,8 +92,31 @@ class Metrics:
     mount_up: Gauge
 
 
+# Fetching a NAR from a binary cache: from well under a second to many minutes.
+INGEST_BUCKETS: Final = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0)
+
+
+@dataclass(frozen=True, slots=True)
+class NixCacheMetrics:
+    """What Nix binary caches (nix+ path-info services) did, by cache URL.
+
+    Written where NARs are fetched: the rootcache under the supervisor.
+    """
+
+    # result: hit (narinfo found and accepted), miss (404/403), refused (bad
+    # or missing signature, other store path), error (HTTP or parse failure),
+    # local (answered by the local record, no network).
+    narinfo_lookups: Counter
+    # result: ok or failed
+    nar_downloads: Counter
+    downloaded_bytes: Counter
+    ingested_bytes: Counter
+    ingest_seconds: Histogram
+
+
 _directory: str | None = None
 _metrics: Metrics | None = None
+_nix_cache_metrics: NixCacheMetrics | None = None
 
 
 def setup_multiprocess_dir(path: str) -> None:
@@ -103,7 +126,7 @@ def setup_multiprocess_dir(path: str) -> None:
     Metric objects made before this call write elsewhere; metrics() builds
     fresh ones after it.
     """
-    global _directory, _metrics
+    global _directory, _metrics, _nix_cache_metrics
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path, mode=0o700, exist_ok=True)
     os.environ[ENV_VAR] = path
@@ -116,6 +139,7 @@ def setup_multiprocess_dir(path: str) -> None:
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
     _directory = path
     _metrics = None
+    _nix_cache_metrics = None
 
 
 def metrics() -> Metrics:
@@ -172,6 +196,47 @@ def metrics() -> Metrics:
             ),
         )
     return _metrics
+
+
+def nix_cache_metrics() -> NixCacheMetrics:
+    """The binary-cache metric objects, built on first use (as `metrics`)."""
+    global _nix_cache_metrics
+    if _nix_cache_metrics is None:
+        _nix_cache_metrics = NixCacheMetrics(
+            narinfo_lookups=Counter(
+                "tvix_mountd_nix_cache_narinfo_lookups",
+                "narinfo lookups of Nix binary caches, by result"
+                " (hit, miss, refused, error, local)",
+                ["cache", "result"],
+                registry=None,
+            ),
+            nar_downloads=Counter(
+                "tvix_mountd_nix_cache_nar_downloads",
+                "NAR downloads from Nix binary caches, by result (ok, failed)",
+                ["cache", "result"],
+                registry=None,
+            ),
+            downloaded_bytes=Counter(
+                "tvix_mountd_nix_cache_downloaded_bytes",
+                "Bytes of (compressed) NAR files received from Nix binary caches",
+                ["cache"],
+                registry=None,
+            ),
+            ingested_bytes=Counter(
+                "tvix_mountd_nix_cache_ingested_bytes",
+                "NAR bytes ingested into the local store from Nix binary caches",
+                ["cache"],
+                registry=None,
+            ),
+            ingest_seconds=Histogram(
+                "tvix_mountd_nix_cache_ingest_seconds",
+                "Time from the start of a NAR download to the path being ingested",
+                ["cache"],
+                buckets=INGEST_BUCKETS,
+                registry=None,
+            ),
+        )
+    return _nix_cache_metrics
 
 
 def count_restart(mount: str) -> None:

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
 
-import blake3
 import trio
 
 from tvix_mountd.castore import storepath
+from tvix_mountd.castore.blobs import BlobUpload, put_if_missing
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.errors import IntegrityError, StoreError, ValidationError
 from tvix_mountd.castore.nar import NAR_MAGIC, NarHasher
@@ -218,61 +218,32 @@ class _Importer:
         return FileNode(digest, size, executable)
 
     async def _small_blob(self, path: bytes, data: bytes, size: int) -> B3Digest:
-        """A file read whole in its first chunk: upload it only if missing.
-
-        Its digest costs nothing extra here (the bytes are in memory), and
-        `has` is a stat for the embedded store, so re-importing a tree of
-        small files opens no writer, creates no temp file, writes nothing.
-        """
+        """A file read whole in its first chunk: upload it only if missing."""
         if len(data) != size:
             raise ImportSourceError(f"file {os.fsdecode(path)!r} changed size while read")
         self.nar.write(data)
-        digest = B3Digest.of(data)
-        if not await self._store.blobs.has(digest):
-            _check_stored(path, digest, await self._store.blobs.put(data))
-        return digest
+        return await put_if_missing(self._store.blobs, data, repr(os.fsdecode(path)))
 
     async def _streamed_blob(self, path: bytes, fd: int, first: bytes, size: int) -> B3Digest:
-        """A file larger than a chunk: streamed through a writer as it is read.
-
-        Hashing first and uploading only if missing would read it twice on a
-        first import (the common case); a writer that finds its blob already
-        stored just drops its temp file, which costs less than a second read.
-        """
-        hasher = blake3.blake3()
-        writer = await self._store.blobs.open_write()
+        """A file larger than a chunk: streamed through a writer as it is read."""
+        upload = await BlobUpload.open(self._store.blobs, repr(os.fsdecode(path)))
         try:
             chunk = first
-            total = 0
             while True:
-                total += len(chunk)
-                if total > size:
+                if upload.size + len(chunk) > size:
                     raise ImportSourceError(f"file {os.fsdecode(path)!r} grew while read")
-                if chunk:
-                    self.nar.write(chunk)
-                    hasher.update(chunk)
-                    await writer.write(chunk)
+                self.nar.write(chunk)
+                await upload.write(chunk)
                 if len(chunk) < CHUNK_SIZE:
                     break
                 chunk = await trio.to_thread.run_sync(_read_full, fd, CHUNK_SIZE)
-            if total != size:
+            if upload.size != size:
                 raise ImportSourceError(f"file {os.fsdecode(path)!r} shrank while read")
-            stored = await writer.close()
+            return await upload.close()
         except BaseException:
             with trio.CancelScope(shield=True):
-                await writer.abort()
+                await upload.abort()
             raise
-        digest = B3Digest(hasher.digest())
-        _check_stored(path, digest, stored)
-        return digest
-
-
-def _check_stored(path: bytes, digest: B3Digest, stored: B3Digest) -> None:
-    # The backend computes its own digest; a remote one is checked, not trusted.
-    if stored != digest:
-        raise IntegrityError(
-            f"blob service stored {os.fsdecode(path)!r} as {stored}, its contents hash to {digest}"
-        )
 
 
 def _normalise(path: str | os.PathLike[str]) -> bytes:

@@ -26,12 +26,19 @@ class Store:
         *,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> Store:
-        """Open all three; AddressError (naming the address) if one is bad."""
-        return cls(
-            blobs.from_addr(blob_service_addr, timeout=timeout),
-            directories.from_addr(directory_service_addr, timeout=timeout),
-            pathinfos.from_addr(path_info_service_addr, timeout=timeout),
+        """Open all three; AddressError (naming the address) if one is bad.
+
+        A Nix binary cache as the path-info service ingests into the other two.
+        """
+        blob_service = blobs.from_addr(blob_service_addr, timeout=timeout)
+        directory_service = directories.from_addr(directory_service_addr, timeout=timeout)
+        path_info_service = pathinfos.from_addr(
+            path_info_service_addr,
+            timeout=timeout,
+            blobs=blob_service,
+            directories=directory_service,
         )
+        return cls(blob_service, directory_service, path_info_service)
 
     async def aclose(self) -> None:
         await self.blobs.aclose()

@@ -22,6 +22,7 @@ Two halves:
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import multiprocessing
@@ -41,6 +42,7 @@ from tvix_mountd.castore import pathinfos
 from tvix_mountd.castore.errors import BackendUnavailable, StoreError
 from tvix_mountd.castore.nodes import Node, node_to_proto
 from tvix_mountd.castore.pathinfos import PathInfoService
+from tvix_mountd.castore.store import Store
 from tvix_mountd.coalesce import Coalescer
 from tvix_mountd.config import Config
 from tvix_mountd.grpc_server import serve_unix
@@ -65,6 +67,9 @@ LIST_BATCH: Final = 256
 # ignored, so one arriving before trio listens cannot kill us either; a
 # parent that died then is caught by the getppid() checks around it.
 PARENT_DEATH_SIGNAL: Final = signal.SIGURG
+# A Resolve that accepts `pending` is answered so at the latest after this
+# many seconds (or half the client's deadline), while the resolution goes on.
+PENDING_AFTER: Final = 5.0
 
 
 class UnknownStoreError(LookupError):
@@ -271,9 +276,12 @@ def _status_on_error(context: grpc.ServicerContext) -> Iterator[None]:
 class _Servicer(rootcache_pb2_grpc.RootCacheServicer):
     """Runs in grpcio's threads; all but cache hits happen in the trio loop."""
 
-    def __init__(self, cache: RootCache, token: trio.lowlevel.TrioToken) -> None:
+    def __init__(
+        self, cache: RootCache, token: trio.lowlevel.TrioToken, nursery: trio.Nursery
+    ) -> None:
         self._cache = cache
         self._token = token
+        self._nursery = nursery
 
     def _in_trio(
         self, context: grpc.ServicerContext, fn: Callable[..., Awaitable[T]], *args: object
@@ -286,11 +294,41 @@ class _Servicer(rootcache_pb2_grpc.RootCacheServicer):
     ) -> rootcache_pb2.ResolveResponse:
         with _status_on_error(context):
             node = self._cache.cached_node(request.store, request.basename)
-        if node is None:
+        if node is None and request.accept_pending:
+            resolution = self._resolve_in_background(context, request.store, request.basename)
+            remaining = context.time_remaining()
+            # Half the client's time: the answer (or `pending`) reaches it in time.
+            patience = PENDING_AFTER if remaining is None else min(PENDING_AFTER, remaining / 2)
+            try:
+                with _status_on_error(context):
+                    node = resolution.result(timeout=patience)
+            except concurrent.futures.TimeoutError:
+                return rootcache_pb2.ResolveResponse(pending=True)
+        elif node is None:
             node = self._in_trio(context, self._cache.resolve, request.store, request.basename)
         if node is None:
             return rootcache_pb2.ResolveResponse()
         return rootcache_pb2.ResolveResponse(node=node_to_proto(request.basename, node))
+
+    def _resolve_in_background(
+        self, context: grpc.ServicerContext, store: str, basename: bytes
+    ) -> concurrent.futures.Future[Node | None]:
+        """`cache.resolve` in a task of the rootcache's own, not of this call: a
+        client told `pending` asks again and joins the same resolution."""
+        resolution: concurrent.futures.Future[Node | None] = concurrent.futures.Future()
+
+        async def resolve() -> None:
+            try:
+                resolution.set_result(await self._cache.resolve(store, basename))
+            except Exception as e:
+                resolution.set_exception(e)
+            except BaseException as e:  # cancelled: the rootcache is stopping
+                resolution.set_exception(trio.RunFinishedError(str(e)))
+                raise
+
+        with _status_on_error(context):
+            trio.from_thread.run_sync(self._nursery.start_soon, resolve, trio_token=self._token)
+        return resolution
 
     def List(
         self, request: rootcache_pb2.ListRequest, context: grpc.ServicerContext
@@ -325,14 +363,16 @@ async def serve(
 
     Must run in the thread that runs trio (normally the main thread); started
     (task_status) once the socket accepts connections."""
-    servicer = _Servicer(cache, trio.lowlevel.current_trio_token())
-    await serve_unix(
-        lambda server: rootcache_pb2_grpc.add_RootCacheServicer_to_server(servicer, server),
-        socket_path,
-        max_workers=RPC_THREADS,
-        name="rootcache",
-        task_status=task_status,
-    )
+    async with trio.open_nursery() as nursery:
+        servicer = _Servicer(cache, trio.lowlevel.current_trio_token(), nursery)
+        await serve_unix(
+            lambda server: rootcache_pb2_grpc.add_RootCacheServicer_to_server(servicer, server),
+            socket_path,
+            max_workers=RPC_THREADS,
+            name="rootcache",
+            task_status=task_status,
+        )
+        nursery.cancel_scope.cancel()
 
 
 async def serve_rootcache(
@@ -343,6 +383,7 @@ async def serve_rootcache(
 ) -> None:
     """Serve the root nodes of every store in `config` until cancelled."""
     services: dict[str, PathInfoService] = {}
+    closers: list[Callable[[], Awaitable[None]]] = []
     try:
         for name, store in config.stores.items():
             if store.path_info_service_addr.startswith("memory:"):
@@ -351,9 +392,31 @@ async def serve_rootcache(
                     " sees none of the workers' data",
                     name,
                 )
-            services[name] = pathinfos.from_addr(
-                store.path_info_service_addr, timeout=store.backend_timeout
-            )
+            # A Nix binary cache ingests into its store's blob and directory
+            # services: for such a store the rootcache opens the whole store.
+            if store.path_info_service_addr.startswith("nix+"):
+                if any(
+                    addr.startswith("memory:")
+                    for addr in (store.blob_service_addr, store.directory_service_addr)
+                ):
+                    log.warning(
+                        "store %r: the rootcache ingests NARs of the binary cache into"
+                        " memory:// services of its own, which no worker can read",
+                        name,
+                    )
+                opened = Store.from_addrs(
+                    store.blob_service_addr,
+                    store.directory_service_addr,
+                    store.path_info_service_addr,
+                    timeout=store.backend_timeout,
+                )
+                closers.append(opened.aclose)
+                services[name] = opened.path_infos
+            else:
+                services[name] = pathinfos.from_addr(
+                    store.path_info_service_addr, timeout=store.backend_timeout
+                )
+                closers.append(services[name].aclose)
         cache = RootCache(
             {name: PathInfoRootNodes(service) for name, service in services.items()},
             entries=config.supervisor.rootcache_entries,
@@ -362,8 +425,8 @@ async def serve_rootcache(
         await serve(cache, socket_path, task_status=task_status)
     finally:
         with trio.CancelScope(shield=True):
-            for service in services.values():
-                await service.aclose()
+            for close in closers:
+                await close()
 
 
 def _parent_pid() -> int:

@@ -13,6 +13,7 @@ from functools import partial
 from typing import Final
 
 from tvix_mountd.castore.addr import parse_address
+from tvix_mountd.castore.blocking import past_caller_deadline
 from tvix_mountd.castore.errors import IntegrityError
 from tvix_mountd.castore.grpc_channel import CHANNEL_OPTIONS, GrpcConnection, naming
 from tvix_mountd.castore.nodes import Node, node_from_proto
@@ -54,14 +55,28 @@ class RootCacheRootNodes(RootNodes):
     def _stub(self) -> rootcache_pb2_grpc.RootCacheStub:
         return self._conn.stub(rootcache_pb2_grpc.RootCacheStub)
 
-    async def get_by_basename(self, name: bytes) -> Node | None:
-        what = f"Resolve {name.decode(errors='replace')!r} in store {self._store!r}"
-        msg = await self._conn.unary(
+    async def _resolve(self, name: bytes, what: str) -> rootcache_pb2.ResolveResponse:
+        return await self._conn.unary(
             self._stub().Resolve,
-            rootcache_pb2.ResolveRequest(store=self._store, basename=name),
+            rootcache_pb2.ResolveRequest(store=self._store, basename=name, accept_pending=True),
             what=what,
             wait_for_ready=True,
         )
+
+    async def _until_resolved(self, name: bytes, what: str) -> rootcache_pb2.ResolveResponse:
+        while (msg := await self._resolve(name, what)).pending:
+            pass
+        return msg
+
+    async def get_by_basename(self, name: bytes) -> Node | None:
+        what = f"Resolve {name.decode(errors='replace')!r} in store {self._store!r}"
+        msg = await self._resolve(name, what)
+        if msg.pending:
+            # A download in the rootcache that keeps arriving: each call has the
+            # timeout as its deadline, and the rootcache answers `pending` within
+            # it while the download goes on, so a stalled or dead rootcache still
+            # fails in time, while the caller's own deadline must not cut it.
+            msg = await past_caller_deadline(lambda: self._until_resolved(name, what))
         if not msg.HasField("node"):
             return None
         what = self._conn.describe(what)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
 
+from tvix_mountd.castore.blocking import past_caller_deadline
 from tvix_mountd.castore.errors import ValidationError
 from tvix_mountd.castore.nodes import Node
 from tvix_mountd.castore.pathinfos import PathInfoService
@@ -48,11 +49,15 @@ class PathInfoRootNodes(RootNodes):
             store_path = StorePath.parse(name)
         except ValidationError:
             return None
-        info = await self._path_infos.get(store_path.digest)
-        # Same digest, other name: a different path as far as the user is concerned.
-        if info is None or info.store_path.name != store_path.name:
-            return None
-        return info.node
+        # Same digest, other name: a different path as far as the user is
+        # concerned (None).
+        if self._path_infos.waits_for_progress:
+            # A binary cache may download for longer than the caller's deadline;
+            # it fails by itself once the download stalls.
+            info = await past_caller_deadline(lambda: self._path_infos.get_store_path(store_path))
+        else:
+            info = await self._path_infos.get_store_path(store_path)
+        return None if info is None else info.node
 
     async def list(self) -> AsyncIterator[tuple[bytes, Node]]:
         async for info in self._path_infos.list():

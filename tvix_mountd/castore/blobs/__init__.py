@@ -146,6 +146,61 @@ class BlobService(ABC):
         """Release connections and files."""
 
 
+def check_stored(what: str, computed: B3Digest, stored: B3Digest) -> B3Digest:
+    """The backend computes its own digest; a remote one is checked, not trusted."""
+    if stored != computed:
+        raise IntegrityError(
+            f"blob service stored {what} as {stored}, its contents hash to {computed}"
+        )
+    return computed
+
+
+async def put_if_missing(blobs: BlobService, data: bytes, what: str) -> B3Digest:
+    """Store a blob held in memory unless the service has it already.
+
+    Its digest costs nothing extra (the bytes are here), and `has` is a stat
+    for the embedded store, so storing the same small file again opens no
+    writer and writes nothing.
+    """
+    digest = B3Digest.of(data)
+    if not await blobs.has(digest):
+        check_stored(what, digest, await blobs.put(data))
+    return digest
+
+
+class BlobUpload:
+    """One blob streamed to a writer piece by piece, and hashed here as well.
+
+    Hashing first and uploading only if missing would read the source twice;
+    a writer that finds its blob already stored just drops its temp file,
+    which costs less. `abort` (also on cancellation) drops a half-written blob.
+    """
+
+    def __init__(self, writer: BlobWriter, what: str) -> None:
+        self._writer = writer
+        self._hasher = blake3.blake3()
+        self._what = what
+        self.size = 0
+
+    @classmethod
+    async def open(cls, blobs: BlobService, what: str) -> BlobUpload:
+        return cls(await blobs.open_write(), what)
+
+    async def write(self, data: bytes) -> None:
+        if data:
+            self._hasher.update(data)
+            self.size += len(data)
+            await self._writer.write(data)
+
+    async def close(self) -> B3Digest:
+        """Finish the blob; IntegrityError if the backend stored other bytes."""
+        stored = await self._writer.close()
+        return check_stored(self._what, B3Digest(self._hasher.digest()), stored)
+
+    async def abort(self) -> None:
+        await self._writer.abort()
+
+
 def from_addr(raw: str, *, timeout: float = DEFAULT_TIMEOUT) -> BlobService:
     """The BlobService an address names. Raises AddressError for a bad address."""
     addr = parse_address(raw, BLOB_SCHEMES)

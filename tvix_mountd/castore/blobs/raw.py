@@ -17,9 +17,11 @@ blob already there, with the same size, leaves the first file in place.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import blake3
+import trio
 
 from tvix_mountd.castore.blobs import BlobReader, BlobService, BlobWriter
 from tvix_mountd.castore.blobs.localdir import (
@@ -176,3 +178,22 @@ class RawFileBlobService(BlobService):
         await self.local.prepare()
         fd, temp_path = self.local.create_temp()
         return RawFileWriter(self, fd, temp_path)
+
+    async def put(self, data: bytes) -> B3Digest:
+        """A whole blob in one worker-thread hop (check, create, write, fsync,
+        rename), where a writer costs two and creates its temp file in the
+        event loop's thread. A blob stored already is left as it is."""
+        await self.local.prepare()
+        return await trio.to_thread.run_sync(self._put_sync, data)
+
+    def _put_sync(self, data: bytes) -> B3Digest:
+        digest = B3Digest.of(data)
+        target = self.blob_path(digest)
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(target).st_size == len(data):
+                return digest  # stored already: nothing to write
+        try:
+            self.local.write_file(target, data)
+        except OSError as e:
+            raise StoreError(f"storing blob {digest} in {self.root}: {e}") from e
+        return digest

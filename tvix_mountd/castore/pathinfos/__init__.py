@@ -4,17 +4,33 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, ClassVar
 
-from tvix_mountd.castore.addr import PATH_INFO_SCHEMES, parse_address
+from tvix_mountd.castore.addr import NIX_CACHE_SCHEMES, PATH_INFO_SCHEMES, parse_address
 from tvix_mountd.castore.blocking import DEFAULT_TIMEOUT
-from tvix_mountd.castore.errors import IntegrityError
+from tvix_mountd.castore.errors import AddressError, IntegrityError
 from tvix_mountd.castore.pathinfo import PathInfo
+from tvix_mountd.castore.storepath import StorePath
+
+if TYPE_CHECKING:
+    from tvix_mountd.castore.blobs import BlobService
+    from tvix_mountd.castore.directories import DirectoryService
 
 
 class PathInfoService(ABC):
+    # True for a service whose `get` may take long while making progress (a
+    # download) and fails by itself once it stalls for its backend timeout:
+    # callers must not cut it short with a total-time deadline of their own.
+    waits_for_progress: ClassVar[bool] = False
+
     @abstractmethod
     async def get(self, digest: bytes) -> PathInfo | None:
         """The PathInfo for the store path with this 20-byte digest, or None."""
+
+    async def get_store_path(self, path: StorePath) -> PathInfo | None:
+        """The PathInfo of exactly `path`: None also for its digest under another name."""
+        info = await self.get(path.digest)
+        return info if info is not None and info.store_path.name == path.name else None
 
     @abstractmethod
     async def put(self, info: PathInfo) -> PathInfo: ...
@@ -36,8 +52,25 @@ def check_answer(digest: bytes, info: PathInfo | None) -> PathInfo | None:
     return info
 
 
-def from_addr(raw: str, *, timeout: float = DEFAULT_TIMEOUT) -> PathInfoService:
+def from_addr(
+    raw: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    blobs: BlobService | None = None,
+    directories: DirectoryService | None = None,
+) -> PathInfoService:
+    """The PathInfoService an address names. A Nix binary cache (nix+...) also
+    needs the store's `blobs` and `directories`, which NARs are ingested into
+    (the service uses them, the caller closes them)."""
     addr = parse_address(raw, PATH_INFO_SCHEMES)
+    if addr.scheme in NIX_CACHE_SCHEMES:
+        if blobs is None or directories is None:
+            raise AddressError(
+                raw, "a Nix binary cache needs the store's blob and directory services"
+            )
+        from tvix_mountd.castore.pathinfos.nixcache import NixCachePathInfoService
+
+        return NixCachePathInfoService(addr, blobs, directories, timeout=timeout)
     if addr.scheme == "memory":
         from tvix_mountd.castore.pathinfos.memory import MemoryPathInfoService
 

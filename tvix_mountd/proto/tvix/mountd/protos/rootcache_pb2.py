@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tvix_mountd.proto.tvix.castore.protos import castore_pb2 as tvix_dot_castore_dot_protos_dot_castore__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tvix/mountd/protos/rootcache.proto\x12\x0etvix.mountd.v1\x1a!tvix/castore/protos/castore.proto\"1\n\x0eResolveRequest\x12\r\n\x05store\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61sename\x18\x02 \x01(\x0c\"6\n\x0fResolveResponse\x12#\n\x04node\x18\x01 \x01(\x0b\x32\x15.tvix.castore.v1.Node\"\x1c\n\x0bListRequest\x12\r\n\x05store\x18\x01 \x01(\t\"3\n\x0cListResponse\x12#\n\x04node\x18\x01 \x01(\x0b\x32\x15.tvix.castore.v1.Node\"\x0e\n\x0cStatsRequest\"\x8c\x01\n\nStoreStats\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x15\n\rnegative_hits\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\x15\n\rbackend_calls\x18\x04 \x01(\x04\x12\x11\n\tcoalesced\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x07 \x01(\x04\"\x95\x01\n\rStatsResponse\x12\x39\n\x06stores\x18\x01 \x03(\x0b\x32).tvix.mountd.v1.StatsResponse.StoresEntry\x1aI\n\x0bStoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.tvix.mountd.v1.StoreStats:\x02\x38\x01\x32\xe2\x01\n\tRootCache\x12J\n\x07Resolve\x12\x1e.tvix.mountd.v1.ResolveRequest\x1a\x1f.tvix.mountd.v1.ResolveResponse\x12\x43\n\x04List\x12\x1b.tvix.mountd.v1.ListRequest\x1a\x1c.tvix.mountd.v1.ListResponse0\x01\x12\x44\n\x05Stats\x12\x1c.tvix.mountd.v1.StatsRequest\x1a\x1d.tvix.mountd.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tvix/mountd/protos/rootcache.proto\x12\x0etvix.mountd.v1\x1a!tvix/castore/protos/castore.proto\"I\n\x0eResolveRequest\x12\r\n\x05store\x18\x01 \x01(\t\x12\x10\n\x08\x62\x61sename\x18\x02 \x01(\x0c\x12\x16\n\x0e\x61\x63\x63\x65pt_pending\x18\x03 \x01(\x08\"G\n\x0fResolveResponse\x12#\n\x04node\x18\x01 \x01(\x0b\x32\x15.tvix.castore.v1.Node\x12\x0f\n\x07pending\x18\x02 \x01(\x08\"\x1c\n\x0bListRequest\x12\r\n\x05store\x18\x01 \x01(\t\"3\n\x0cListResponse\x12#\n\x04node\x18\x01 \x01(\x0b\x32\x15.tvix.castore.v1.Node\"\x0e\n\x0cStatsRequest\"\x8c\x01\n\nStoreStats\x12\x0c\n\x04hits\x18\x01 \x01(\x04\x12\x15\n\rnegative_hits\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\x15\n\rbackend_calls\x18\x04 \x01(\x04\x12\x11\n\tcoalesced\x18\x05 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x0f\n\x07\x65ntries\x18\x07 \x01(\x04\"\x95\x01\n\rStatsResponse\x12\x39\n\x06stores\x18\x01 \x03(\x0b\x32).tvix.mountd.v1.StatsResponse.StoresEntry\x1aI\n\x0bStoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.tvix.mountd.v1.StoreStats:\x02\x38\x01\x32\xe2\x01\n\tRootCache\x12J\n\x07Resolve\x12\x1e.tvix.mountd.v1.ResolveRequest\x1a\x1f.tvix.mountd.v1.ResolveResponse\x12\x43\n\x04List\x12\x1b.tvix.mountd.v1.ListRequest\x1a\x1c.tvix.mountd.v1.ListResponse0\x01\x12\x44\n\x05Stats\x12\x1c.tvix.mountd.v1.StatsRequest\x1a\x1d.tvix.mountd.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATSRESPONSE_STORESENTRY']._loaded_options = None
   _globals['_STATSRESPONSE_STORESENTRY']._serialized_options = b'8\001'
   _globals['_RESOLVEREQUEST']._serialized_start=89
-  _globals['_RESOLVEREQUEST']._serialized_end=138
-  _globals['_RESOLVERESPONSE']._serialized_start=140
-  _globals['_RESOLVERESPONSE']._serialized_end=194
-  _globals['_LISTREQUEST']._serialized_start=196
-  _globals['_LISTREQUEST']._serialized_end=224
-  _globals['_LISTRESPONSE']._serialized_start=226
-  _globals['_LISTRESPONSE']._serialized_end=277
-  _globals['_STATSREQUEST']._serialized_start=279
-  _globals['_STATSREQUEST']._serialized_end=293
-  _globals['_STORESTATS']._serialized_start=296
-  _globals['_STORESTATS']._serialized_end=436
-  _globals['_STATSRESPONSE']._serialized_start=439
-  _globals['_STATSRESPONSE']._serialized_end=588
-  _globals['_STATSRESPONSE_STORESENTRY']._serialized_start=515
-  _globals['_STATSRESPONSE_STORESENTRY']._serialized_end=588
-  _globals['_ROOTCACHE']._serialized_start=591
-  _globals['_ROOTCACHE']._serialized_end=817
+  _globals['_RESOLVEREQUEST']._serialized_end=162
+  _globals['_RESOLVERESPONSE']._serialized_start=164
+  _globals['_RESOLVERESPONSE']._serialized_end=235
+  _globals['_LISTREQUEST']._serialized_start=237
+  _globals['_LISTREQUEST']._serialized_end=265
+  _globals['_LISTRESPONSE']._serialized_start=267
+  _globals['_LISTRESPONSE']._serialized_end=318
+  _globals['_STATSREQUEST']._serialized_start=320
+  _globals['_STATSREQUEST']._serialized_end=334
+  _globals['_STORESTATS']._serialized_start=337
+  _globals['_STORESTATS']._serialized_end=477
+  _globals['_STATSRESPONSE']._serialized_start=480
+  _globals['_STATSRESPONSE']._serialized_end=629
+  _globals['_STATSRESPONSE_STORESENTRY']._serialized_start=556
+  _globals['_STATSRESPONSE_STORESENTRY']._serialized_end=629
+  _globals['_ROOTCACHE']._serialized_start=632
+  _globals['_ROOTCACHE']._serialized_end=858
 # @@protoc_insertion_point(module_scope)

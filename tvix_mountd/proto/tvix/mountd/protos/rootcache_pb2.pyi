@@ -27,17 +27,24 @@ class ResolveRequest(_message.Message):
 
     STORE_FIELD_NUMBER: _builtins.int
     BASENAME_FIELD_NUMBER: _builtins.int
+    ACCEPT_PENDING_FIELD_NUMBER: _builtins.int
     store: _builtins.str
     basename: _builtins.bytes
+    accept_pending: _builtins.bool
+    """The client asks again when told `pending`. Then a resolution that takes
+    longer than the call's deadline (a download from a binary cache that
+    keeps arriving) is answered `pending` within it instead of failing.
+    """
     def __init__(
         self,
         *,
         store: _builtins.str = ...,
         basename: _builtins.bytes = ...,
+        accept_pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basename", b"basename", "store", b"store"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_pending", b"accept_pending", "basename", b"basename", "store", b"store"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -48,18 +55,22 @@ class ResolveResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NODE_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    pending: _builtins.bool
+    """Still being resolved, making progress; ask again. Only if accept_pending."""
     @_builtins.property
     def node(self) -> _castore_pb2.Node:
-        """Named by the basename asked for. Unset: no such store path."""
+        """Named by the basename asked for. Unset (and not pending): no such store path."""
 
     def __init__(
         self,
         *,
         node: _castore_pb2.Node | None = ...,
+        pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "pending", b"pending"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

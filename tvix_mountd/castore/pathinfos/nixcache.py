@@ -1,0 +1,330 @@
+"""nix+http://, nix+https://, nix+file://: a Nix binary cache as a path-info service.
+
+tvix's NixHTTPPathInfoService, with what a mount service needs on top. A
+`get` of a store path the local store has not seen:
+
+1. fetches `<hash>.narinfo`: 404 (or 403, as Nix) is "not there" (None);
+2. checks it: its StorePath is the one asked for, and with trusted keys one
+   of its `Sig:` lines verifies over Nix's fingerprint; otherwise the path is
+   refused (None and a log line), as Nix refuses to substitute it;
+3. streams the NAR from `URL:` through its decompressor into the store's
+   blob and directory services (`nar_ingest`), checking FileSize/FileHash
+   where given and always NarSize/NarHash, never holding the NAR in memory;
+4. records the PathInfo (root node, references, signatures) in the local
+   record, so the next `get` (also after a restart) needs no network.
+
+The record lives next to the local directory service: the `pathinfos` table
+of the same SQLite file for `sqlite://`; in memory otherwise (a `memory://`
+store remembers nothing across processes, and a remote directory service
+has no file to keep it next to). A recorded path is checked against the
+trusted keys again when read, so a record shared with a store that trusts
+other keys (or none) never lets an unsigned path through.
+
+Any failure (HTTP error, reset, stall, bad hash, truncation) is a StoreError
+and a log line; nothing is recorded, so the next lookup tries again. Blobs of
+a failed download may stay behind unreferenced (content-addressed, harmless).
+
+Concurrent `get`s of one path in this process share one download. The
+deadline is on progress (`backend_timeout` without a byte arriving), not on
+the whole download: `waits_for_progress` tells callers not to cut a lookup
+with a deadline of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, ClassVar, Final
+
+import trio
+
+from tvix_mountd.castore import nixbase32
+from tvix_mountd.castore.addr import StoreAddress
+from tvix_mountd.castore.blobs import BlobService
+from tvix_mountd.castore.blocking import ProgressDeadline, run_blocking
+from tvix_mountd.castore.directories import DirectoryService
+from tvix_mountd.castore.errors import IntegrityError, StoreError, ValidationError
+from tvix_mountd.castore.nar_ingest import IngestedNar, ingest_nar
+from tvix_mountd.castore.narinfo import NarInfo, PublicKey, fingerprint, signed_by
+from tvix_mountd.castore.pathinfo import PathInfo
+from tvix_mountd.castore.pathinfos import PathInfoService, check_answer
+from tvix_mountd.castore.pathinfos.nixcache_files import (
+    DECOMPRESSION_ERRORS,
+    MAX_NARINFO_SIZE,
+    ByteSource,
+    CacheFiles,
+    CountingReader,
+    cache_files,
+    decompressing,
+)
+from tvix_mountd.castore.storepath import StorePath
+from tvix_mountd.coalesce import Coalescer
+
+if TYPE_CHECKING:
+    from tvix_mountd.metrics import NixCacheMetrics
+
+log = logging.getLogger(__name__)
+
+# Decompressed bytes handed from the download thread to the ingest per hop.
+BLOCK_SIZE: Final = 1 << 20
+
+
+def _record_for(directories: DirectoryService, timeout: float) -> PathInfoService:
+    from tvix_mountd.castore.directories.memory import MemoryDirectoryService
+    from tvix_mountd.castore.directories.sqlite import SqliteDirectoryService
+    from tvix_mountd.castore.pathinfos.memory import MemoryPathInfoService
+    from tvix_mountd.castore.pathinfos.sqlite import SqlitePathInfoService
+
+    if isinstance(directories, SqliteDirectoryService):
+        return SqlitePathInfoService(directories.path, timeout=timeout)
+    if not isinstance(directories, MemoryDirectoryService):
+        log.warning(
+            "a binary cache ingesting into a remote directory service remembers what it"
+            " fetched only while this process runs (no SQLite file to keep it next to)"
+        )
+    return MemoryPathInfoService()
+
+
+class _Download:
+    """One NAR being read in a worker thread: network (or file) -> counting
+    -> decompression, `read` returning at most BLOCK_SIZE decompressed bytes."""
+
+    def __init__(self, raw: ByteSource, narinfo: NarInfo, deadline: ProgressDeadline) -> None:
+        self.narinfo = narinfo
+        self.counted = CountingReader(raw, lambda _n: deadline.progressed())
+        self._decompressed = decompressing(self.counted, narinfo.compression)
+
+    def read(self) -> bytes:
+        try:
+            return self._decompressed.read(BLOCK_SIZE)
+        except StoreError:
+            raise
+        except DECOMPRESSION_ERRORS as e:
+            raise IntegrityError(f"cannot decompress ({self.narinfo.compression}): {e}") from e
+
+    def finish(self) -> None:
+        """After the NAR's end: the compressed file must end too, and match."""
+        info = self.narinfo
+        # Whatever follows the compressed stream counts for FileSize/FileHash.
+        limit = 1 << 20 if info.file_size is None else info.file_size - self.counted.size + 1
+        while limit > 0 and (rest := self.counted.read(min(limit, BLOCK_SIZE))):
+            limit -= len(rest)
+        if info.file_size is not None and self.counted.size != info.file_size:
+            raise IntegrityError(
+                f"{info.url}: {self.counted.size} bytes or more, FileSize says {info.file_size}"
+            )
+        if info.file_sha256 is not None and self.counted.sha256.digest() != info.file_sha256:
+            raise IntegrityError(f"{info.url}: does not match its FileHash")
+
+    def close(self) -> None:
+        """Best effort: after a failure, a thread abandoned at its deadline may
+        still be reading (until its socket times out); closing the body first
+        makes that read fail, and whatever closing raises is no news."""
+        for stream in (self.counted, self._decompressed):
+            try:
+                stream.close()
+            except Exception as e:
+                log.debug("closing %s: %s", self.narinfo.url, e)
+
+
+class NixCachePathInfoService(PathInfoService):
+    waits_for_progress: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        addr: StoreAddress,
+        blobs: BlobService,
+        directories: DirectoryService,
+        *,
+        timeout: float,
+    ) -> None:
+        self.url = addr.url
+        self._blobs = blobs
+        self._directories = directories
+        self._timeout = timeout
+        self._keys = (
+            None
+            if addr.public_keys is None
+            else tuple(PublicKey.parse(k) for k in addr.public_keys)
+        )
+        self._record = _record_for(directories, timeout)
+        self._files: CacheFiles | None = None
+        self._fetches: Coalescer[tuple[bytes, str | None], PathInfo | None] = Coalescer()
+        self._metrics: NixCacheMetrics | None = None
+        self._metrics_loaded = False
+
+    # -- the PathInfoService interface ----------------------------------
+
+    async def get(self, digest: bytes) -> PathInfo | None:
+        return await self._lookup(bytes(digest), None)
+
+    async def get_store_path(self, path: StorePath) -> PathInfo | None:
+        # The name is checked against the narinfo before anything is downloaded.
+        return await self._lookup(path.digest, path.name)
+
+    async def _lookup(self, digest: bytes, name: str | None) -> PathInfo | None:
+        info = await self._record.get(digest)
+        if info is not None and self._trusted(info):
+            self._count_lookup("local")
+            return info if name in (None, info.store_path.name) else None
+        return await self._fetches.run((digest, name), lambda: self._fetch(digest, name))
+
+    async def put(self, info: PathInfo) -> PathInfo:
+        raise StoreError(f"{self.url} is a Nix binary cache: paths cannot be added to it")
+
+    async def list(self) -> AsyncIterator[PathInfo]:
+        """The paths fetched so far (the cache itself cannot be listed)."""
+        async for info in self._record.list():
+            if self._trusted(info):
+                yield info
+
+    async def aclose(self) -> None:
+        await self._record.aclose()
+        files, self._files = self._files, None
+        if files is not None:
+            files.close()
+
+    # -- fetching ---------------------------------------------------------
+
+    def _cache_files(self) -> CacheFiles:
+        # Made on first use: the process that opens the service (a supervisor
+        # about to fork, say) is not always the one that fetches.
+        if self._files is None:
+            self._files = cache_files(self.url, timeout=self._timeout)
+        return self._files
+
+    def _trusted(self, info: PathInfo | NarInfo) -> bool:
+        if self._keys is None:
+            return True
+        signed = fingerprint(info.store_path, info.nar_sha256, info.nar_size, info.references)
+        return signed_by(signed, info.signatures, self._keys) is not None
+
+    async def _fetch(self, digest: bytes, name: str | None) -> PathInfo | None:
+        hash_part = nixbase32.encode(digest)
+        narinfo = await self._narinfo(hash_part)
+        if narinfo is None:
+            return None
+        if narinfo.store_path.digest != digest or name not in (None, narinfo.store_path.name):
+            asked = hash_part if name is None else f"{hash_part}-{name}"
+            self._refuse(asked, f"its narinfo is for {narinfo.store_path.basename}")
+            return None
+        if not self._trusted(narinfo):
+            self._refuse(hash_part, "no signature by a trusted key (trusted-public-keys)")
+            return None
+        started = time.monotonic()
+        try:
+            ingested = await self._download(narinfo)
+        except StoreError as e:
+            self._count_download("failed")
+            log.warning("%s: %s: NAR %s: %s", self.url, narinfo.store_path.basename, narinfo.url, e)
+            # The same kind of error (unavailable, or bad data), saying which path.
+            raise type(e)(f"{narinfo.store_path.basename}: NAR {narinfo.url}: {e}") from e
+        self._count_download("ok", ingested.nar_size, time.monotonic() - started)
+        info = PathInfo(
+            store_path=narinfo.store_path,
+            node=ingested.node,
+            nar_size=narinfo.nar_size,
+            nar_sha256=narinfo.nar_sha256,
+            references=narinfo.references,
+            signatures=narinfo.signatures,
+            deriver=narinfo.deriver,
+            ca=narinfo.ca,
+        )
+        await self._record.put(info)
+        log.info(
+            "%s: fetched %s (%d NAR bytes in %.2f s)",
+            self.url,
+            narinfo.store_path.basename,
+            ingested.nar_size,
+            time.monotonic() - started,
+        )
+        return check_answer(digest, info)
+
+    def _refuse(self, name: str, why: str) -> None:
+        self._count_lookup("refused")
+        log.warning("%s: refusing %s: %s", self.url, name, why)
+
+    async def _narinfo(self, name: str) -> NarInfo | None:
+        files = self._cache_files()
+        what = f"{self.url}{name}.narinfo"
+        try:
+            data = await run_blocking(
+                files.read_small,
+                f"{name}.narinfo",
+                MAX_NARINFO_SIZE,
+                timeout=self._timeout,
+                what=f"GET {what}",
+            )
+        except StoreError as e:
+            self._count_lookup("error")
+            log.warning("%s: %s", what, e)
+            raise
+        if data is None:
+            self._count_lookup("miss")
+            return None
+        try:
+            narinfo = NarInfo.parse(data.decode())
+        except (UnicodeDecodeError, ValidationError) as e:
+            self._count_lookup("error")
+            log.warning("%s: not a valid narinfo: %s", what, e)
+            raise IntegrityError(f"{what}: not a valid narinfo: {e}") from e
+        self._count_lookup("hit")
+        return narinfo
+
+    async def _download(self, narinfo: NarInfo) -> IngestedNar:
+        files = self._cache_files()
+        deadline = ProgressDeadline(self._timeout, f"{self.url}{narinfo.url}")
+        raw = await run_blocking(
+            files.open, narinfo.url, timeout=self._timeout, what=f"GET {self.url}{narinfo.url}"
+        )
+        download = _Download(raw, narinfo, deadline)
+        try:
+            ingested = await ingest_nar(
+                self._blobs,
+                self._directories,
+                lambda: deadline.run(download.read),
+                expected_size=narinfo.nar_size,
+                expected_sha256=narinfo.nar_sha256,
+            )
+            await deadline.run(download.finish)
+            return ingested
+        finally:
+            self._count_downloaded(download.counted.size)
+            with trio.CancelScope(shield=True):
+                # A thread may still be reading (abandoned at a deadline);
+                # closing the body from here makes it stop.
+                await trio.to_thread.run_sync(download.close)
+
+    # -- metrics ----------------------------------------------------------
+
+    def _metrics_or_none(self) -> NixCacheMetrics | None:
+        # Looked up on first use: under the supervisor, the metric objects must
+        # be made in the process that counts (the rootcache), after its fork.
+        if not self._metrics_loaded:
+            self._metrics_loaded = True
+            try:
+                from tvix_mountd.metrics import nix_cache_metrics
+
+                self._metrics = nix_cache_metrics()
+            except Exception:  # metrics are optional; the cache works without them
+                log.exception("metrics unavailable")
+        return self._metrics
+
+    def _count_lookup(self, result: str) -> None:
+        metrics = self._metrics_or_none()
+        if metrics is not None:
+            metrics.narinfo_lookups.labels(self.url, result).inc()
+
+    def _count_download(self, result: str, nar_bytes: int = 0, seconds: float = 0.0) -> None:
+        metrics = self._metrics_or_none()
+        if metrics is not None:
+            metrics.nar_downloads.labels(self.url, result).inc()
+            if result == "ok":
+                metrics.ingested_bytes.labels(self.url).inc(nar_bytes)
+                metrics.ingest_seconds.labels(self.url).observe(seconds)
+
+    def _count_downloaded(self, size: int) -> None:
+        metrics = self._metrics_or_none()
+        if metrics is not None and size:
+            metrics.downloaded_bytes.labels(self.url).inc(size)
