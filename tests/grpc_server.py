@@ -120,6 +120,12 @@ class CallLog:
         self._lock = threading.Lock()
         self.reads: list[B3Digest] = []  # Read requests, by digest
         self.put_message_sizes: list[int] = []  # BlobChunk sizes received by Put
+        # Calls blocked by `hang` right now: a client is waiting on them.
+        self.held = 0
+
+    def hold(self, delta: int) -> None:
+        with self._lock:
+            self.held += delta
 
     def read(self, digest: B3Digest) -> None:
         with self._lock:
@@ -149,7 +155,13 @@ class _State:
             time.sleep(_POLL)
 
     def gate(self, context: grpc.ServicerContext) -> None:
-        self.wait_while(lambda: self.faults.hang, context)
+        if not self.faults.hang:
+            return
+        self.calls.hold(1)
+        try:
+            self.wait_while(lambda: self.faults.hang, context)
+        finally:
+            self.calls.hold(-1)
 
     def stream(self, items: Sequence[T], context: grpc.ServicerContext) -> Iterator[T]:
         """Send `items`; mid-stream faults strike once about half (at least one) went out."""

@@ -39,6 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
+import tvix_mountd
 from tests.mounting import BackingStore, StoreAddrs, wait_until
 from tvix_mountd.workers.mount import detach
 
@@ -251,6 +252,21 @@ class Service:
         env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
         env.update(self.extra_env)
         return env
+
+    def use_overlay(self) -> Path:
+        """Run the service from a copy of the tvix_mountd package (first on
+        PYTHONPATH), and return where it is: what a test changes there is
+        "the code installed now" for processes started afterwards."""
+        overlay = self.base / "overlay"
+        package = overlay / "tvix_mountd"
+        shutil.copytree(
+            Path(tvix_mountd.__file__).parent,
+            package,
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+        path = os.environ.get("PYTHONPATH")
+        self.extra_env["PYTHONPATH"] = str(overlay) + (f":{path}" if path else "")
+        return package
 
     def start(self, *, wait: bool = True, timeout: float = START_TIMEOUT) -> None:
         """`tvix-mountd start --config ...`; by default wait until /readyz answers 200."""

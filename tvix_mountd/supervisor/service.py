@@ -290,7 +290,12 @@ class Supervisor:
             # Every worker is a child of the spawner and follows it out.
             log.error("%s; shutting down (the service manager may restart us)", e)
             self.exit_status = 1
-            self.request_shutdown()
+            # Nobody reports our children's exits now; watch them ourselves,
+            # so that the shutdown that waits for them ends.
+            async with trio.open_nursery() as nursery:
+                for child in list(self._children.values()):
+                    nursery.start_soon(_watch_exit, child)
+                self.request_shutdown()
 
     def _add_mounts(self, mounts: list[MountConfig]) -> list[MountRunner]:
         runners = [MountRunner(self, m, self.config.stores[m.store]) for m in mounts]
@@ -554,6 +559,21 @@ class Supervisor:
 
         await self._refresh_rootcache_stats()
         return render([rootcache_collector(lambda: self._rootcache_stats)])
+
+
+async def _watch_exit(child: Child) -> None:
+    """Mark `child` exited once it is (through a pidfd: it is not our child,
+    and its exit status is its parent's to read)."""
+    try:
+        pidfd = os.pidfd_open(child.pid)
+    except ProcessLookupError:
+        child.exited.set()
+        return
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+    child.exited.set()
 
 
 def needs_new_mount(old: MountConfig, new: MountConfig) -> bool:

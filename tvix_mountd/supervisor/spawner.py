@@ -97,9 +97,15 @@ def _exec_child(
         if log_fd is not None:
             spec["log_fd"] = log_fd
             pass_fds.append(log_fd)
-        # The name is for ps and top; the child reads its spec only.
+        # The name is for ps and top; the child reads its spec only. -P and
+        # cwd /: the code comes from the installation (sys.path), never from
+        # whatever directory the service was started in, and a worker pins
+        # no directory of ours.
         popen = subprocess.Popen(
-            [sys.executable, "-m", module, name], stdin=subprocess.PIPE, pass_fds=pass_fds
+            [sys.executable, "-P", "-m", module, name],
+            stdin=subprocess.PIPE,
+            pass_fds=pass_fds,
+            cwd="/",
         )
     finally:
         for fd in fds:

@@ -10,6 +10,7 @@ mount.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Final
@@ -17,6 +18,7 @@ from typing import Final
 import trio
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+import tvix_mountd
 from tvix_mountd import logs, procutil
 from tvix_mountd.castore import blobs, directories
 from tvix_mountd.config import MountConfig, StoreConfig
@@ -99,6 +101,12 @@ async def serve_worker(spec: WorkerSpec) -> None:
         backend_timeout=store.backend_timeout,
         metrics=metrics,
         inodes=inodes,
+    )
+    log.info(
+        "worker %d: tvix-mountd %s from %s",
+        os.getpid(),
+        tvix_mountd.__version__,
+        os.path.dirname(tvix_mountd.__file__),
     )
     left = fs.journal.take_over(blame=spec.blame)
     if left:
