@@ -504,3 +504,34 @@ def test_init_request_parsing_refuses_what_is_no_init() -> None:
     header = (104).to_bytes(4, "little") + (15).to_bytes(4, "little") + bytes(96)
     with pytest.raises(Exception, match="opcode 15, not INIT"):
         InitRequest.parse(header)
+
+
+# -- reload: another store -----------------------------------------------------------------------
+
+
+@needs_resend
+def test_reload_onto_another_store_hands_over_and_forgets_the_old_names(tmp_path: Path) -> None:
+    old_source = handover_tree(tmp_path / "src" / "old", 1)
+    new_source = handover_tree(tmp_path / "src" / "new", 2)
+    old_addrs, (old_name,) = embedded_store(tmp_path / "store-old", [old_source])
+    new_addrs, (new_name,) = embedded_store(tmp_path / "store-new", [new_source])
+    with Service(tmp_path / "svc") as svc:
+        svc.add_store("old", old_addrs)
+        svc.add_store("new", new_addrs)
+        svc.add_mount("a", store="old")
+        svc.start()
+        point = svc.mountpoint("a")
+        ids = mount_id(point)
+        # The kernel caches this entry for good (content never changes)...
+        assert tree_files(point / old_name) == tree_files(old_source)
+        assert _errno(lambda: os.stat(point / new_name)) == errno.ENOENT
+        svc.mount_entry("a")["store"] = "new"
+        svc.write_config()
+        done = svc.cli("reload", "--config", str(svc.config_path))
+        assert done.returncode == 0, done.stderr
+        assert "handed over a" in done.stdout.splitlines(), done.stdout
+        # ...until the store changes under it: then it is asked again.
+        svc.wait_for(lambda: _errno(lambda: os.stat(point / old_name)) == errno.ENOENT, "forget")
+        assert tree_files(point / new_name) == tree_files(new_source)
+        assert mount_id(point) == ids
+        assert "the store changed: invalidating 1 root entries" in svc.log()

@@ -148,6 +148,9 @@ class MountRunner:
         self._probe_sent: float | None = None
         # Whether the current worker served.
         self._served = False
+        # The store changed (reload) and no worker has served from the new
+        # one yet: the next invalidates the root entries the kernel caches.
+        self._store_changed = False
 
     @property
     def name(self) -> str:
@@ -370,6 +373,7 @@ class MountRunner:
             "resend": connection.resend and not os.environ.get(NO_RESEND_ENV),
             # A worker that left on request is not suspected of anything.
             "blame": handover not in ("restart", "reload"),
+            "store_changed": self._store_changed,
         }
         try:
             # Shielded and never cancelled by stop(): a worker being started
@@ -411,6 +415,7 @@ class MountRunner:
             self._end(child, "hang", f"not serving: {problem}")
             return
         self._served = True
+        self._store_changed = False
         self._set_state("serving")
         # Its INIT reply has set the readahead to what libfuse offers: raise it
         # (again, for a handover: harmless).
@@ -480,8 +485,10 @@ class MountRunner:
         on, if given); returns once that one serves, with a line saying so."""
         async with self._handover_lock:
             if mount is not None:
+                self._store_changed |= mount.store != self.mount.store
                 self.mount = mount
             if store is not None:
+                self._store_changed |= store != self.store
                 self.store = store
             old = self._child
             started = time.monotonic()

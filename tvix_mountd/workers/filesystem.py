@@ -373,6 +373,7 @@ class StoreFilesystem(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         packed = pack_node(found)
         self._remember_root_name(name, packed)
+        self.inodes.state.log_root_name(name)
         return packed
 
     async def _children(self, ino: int) -> Children:

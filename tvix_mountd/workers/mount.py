@@ -9,7 +9,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,6 +19,7 @@ import pyfuse3
 import trio
 
 from tvix_mountd.workers.filesystem import KERNEL_CACHES_LISTINGS, StoreFilesystem
+from tvix_mountd.workers.inodes import ROOT_INODE
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,8 @@ class LentConnection:
     # Whether to have the kernel hand out again what the worker before this
     # one had taken and not answered.
     resend: bool
+    # Root entries the kernel may cache from another store, to invalidate.
+    stale_root_names: Collection[bytes] = ()
 
     def detach_if_ours(self) -> None:
         """Unmount, if what is mounted at the mountpoint is still this connection."""
@@ -241,6 +244,15 @@ async def serve_lent(
             await pyfuse3.process_request(connection.init)
         if connection.resend:
             request_resend(connection.fuse_fd)
+        if connection.stale_root_names:
+            log.info(
+                "the store changed: invalidating %d root entries the kernel may cache",
+                len(connection.stale_root_names),
+            )
+            # Asynchronous (a thread of pyfuse3's): the kernel takes the
+            # root's lock, which a lookup waiting for us may hold.
+            for name in connection.stale_root_names:
+                pyfuse3.invalidate_entry_async(ROOT_INODE, name, ignore_enoent=True)
         log.info("serving %s", connection.mountpoint)
         # Not a statfs of our own mount here (for the readahead, as `serve`
         # does): a request the session reads as it is ended is dropped

@@ -70,6 +70,8 @@ class WorkerSpec(BaseModel):
     # Whether requests the worker before left in flight count against them:
     # not when it left on request (a handover).
     blame: bool = True
+    # The mount's store changed since the kernel last learnt root entries.
+    store_changed: bool = False
 
 
 async def serve_worker(spec: WorkerSpec) -> None:
@@ -126,6 +128,7 @@ async def serve_worker(spec: WorkerSpec) -> None:
         fuse_fd=spec.fuse_fd,
         init=init,
         resend=spec.resend,
+        stale_root_names=inodes.state.root_names() if spec.store_changed else (),
     )
     options = MountOptions(fsname=fsname(mount.name), allow_other=mount.allow_other)
     try:

@@ -10,7 +10,9 @@ It holds three regions:
   kept listing holds (see inodes.py) and the packed node;
 - a heap for symlink targets (the only variable-length part of a node);
 - the request journal (journal.py): requests in flight, and the ones that
-  were in flight when a worker died.
+  were in flight when a worker died;
+- a log of the root names the kernel was given, for a worker that serves
+  the mount from another store to invalidate.
 
 A worker may be SIGKILLed at any instruction, so every change is ordered so
 that the file is usable at every instant: a slot is live only while its
@@ -43,13 +45,16 @@ SLOT_SIZE: Final = 64
 # GiB for them itself.
 MAX_SLOTS: Final = 1 << 26
 HEAP_SIZE: Final = 1 << 32
+NAMES_SIZE: Final = 1 << 30
 SLOTS_OFFSET: Final = HEADER_SIZE
 HEAP_OFFSET: Final = SLOTS_OFFSET + SLOT_SIZE * MAX_SLOTS
-FILE_SIZE: Final = HEAP_OFFSET + HEAP_SIZE
+NAMES_OFFSET: Final = HEAP_OFFSET + HEAP_SIZE
+FILE_SIZE: Final = NAMES_OFFSET + NAMES_SIZE
 
 # Header fields (byte offsets).
 _HWM: Final = 8  # u64: slots below this index have been used at least once
 _HEAP_END: Final = 16  # u64: bytes of the heap in use (records below it are whole)
+_NAMES_END: Final = 24  # u64: bytes of the root-name log in use
 JOURNAL_OFFSET: Final = 64  # journal.py's region, up to the end of the header
 JOURNAL_SIZE: Final = HEADER_SIZE - JOURNAL_OFFSET
 
@@ -61,6 +66,7 @@ _NODE_END: Final = _NODE + 41
 # A symlink's slot: kind byte at _NODE, then the heap offset and length of its target.
 _TARGET: Final = struct.Struct("<QI")
 _HEAP_RECORD: Final = struct.Struct("<I4x")  # the record's capacity; its bytes follow
+_NAME_RECORD: Final = struct.Struct("<H")  # a logged root name's length; its bytes follow
 _MIN_RECORD: Final = 16
 
 _U64_PER_SLOT: Final = SLOT_SIZE // 8
@@ -89,9 +95,12 @@ class StateFile:
         # Slot i's lookup count is counts[i * 8]: one aligned 8-byte word.
         self._counts = self._slots.cast("Q")
         self._held = self._slots.cast("I")
-        self._heap = view[HEAP_OFFSET:]
+        self._heap = view[HEAP_OFFSET:NAMES_OFFSET]
+        self._names = view[NAMES_OFFSET:]
         # Heap records free for reuse, by capacity (rebuilt by `scan`).
         self._free_records: dict[int, list[int]] = {}
+        # The root names logged so far (read by `root_names`).
+        self._logged_names: set[bytes] = set()
 
     @classmethod
     def create(cls, name: str = "tvix-mountd-state") -> int:
@@ -113,6 +122,7 @@ class StateFile:
         for view in (self._counts, self._held, self._header, self.journal, self._slots):
             view.release()
         self._heap.release()
+        self._names.release()
         with contextlib.suppress(BufferError):
             self._map.close()
 
@@ -198,6 +208,7 @@ class StateFile:
             live.append((ino, self.node(ino), count))
             if slots[ino * SLOT_SIZE + _NODE] == PACKED_SYMLINK:
                 used.add(_TARGET.unpack_from(slots, ino * SLOT_SIZE + _NODE + 1)[0])
+        self.root_names()
         self._free_records = {}
         offset, end = 0, self._heap_end()
         while offset < end:
@@ -206,6 +217,37 @@ class StateFile:
                 self._free_records.setdefault(capacity, []).append(offset)
             offset += _HEAP_RECORD.size + capacity
         return live, free
+
+    # -- the root-name log ---------------------------------------------------------
+
+    def log_root_name(self, name: bytes) -> None:
+        """Note that the kernel was told about root entry `name` (a lookup
+        answered with it), once per name: a worker serving a changed store
+        invalidates every entry the kernel may still cache. Names that no
+        longer fit are not logged (the log holds about 17 million)."""
+        if name in self._logged_names:
+            return
+        end: int = self._header[_NAMES_END // 8]
+        record_end = end + _NAME_RECORD.size + len(name)
+        if record_end > NAMES_SIZE:
+            return
+        _NAME_RECORD.pack_into(self._names, end, len(name))
+        self._names[end + _NAME_RECORD.size : record_end] = name
+        # The record first, then the end that covers it.
+        self._header[_NAMES_END // 8] = record_end
+        self._logged_names.add(name)
+
+    def root_names(self) -> set[bytes]:
+        """Every root name logged on this connection."""
+        names = set()
+        offset, end = 0, self._header[_NAMES_END // 8]
+        while offset < end:
+            (length,) = _NAME_RECORD.unpack_from(self._names, offset)
+            start = offset + _NAME_RECORD.size
+            names.add(bytes(self._names[start : start + length]))
+            offset = start + length
+        self._logged_names = set(names)
+        return names
 
     # -- the heap of symlink targets ---------------------------------------------
 
