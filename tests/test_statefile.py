@@ -1,0 +1,360 @@
+"""The state that outlives a worker: the inode table in its state file, the
+request journal and the root-name log (workers/statefile.py, inodes.py,
+journal.py), in one process and across real processes killed at random."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+
+from tests.mounting import wait_until
+from tvix_mountd.castore.nodes import PACKED_DIRECTORY, PACKED_FILE, PACKED_SYMLINK
+from tvix_mountd.workers.inodes import InodeTable
+from tvix_mountd.workers.journal import CONVICTED_AFTER, RequestJournal, request_key
+from tvix_mountd.workers.names import PackedNames
+from tvix_mountd.workers.statefile import StateFile, StateFileError
+
+FORK = multiprocessing.get_context("fork")
+
+
+@pytest.fixture
+def state_fd() -> Iterator[int]:
+    fd = StateFile.create()
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def directory(i: int) -> bytes:
+    return b"d" + i.to_bytes(32, "little") + (i * 7).to_bytes(8, "little")
+
+
+def file(i: int) -> bytes:
+    return b"f" + (i + 1 << 128).to_bytes(32, "little") + i.to_bytes(8, "little")
+
+
+def symlink(i: int, length: int) -> bytes:
+    """A target that says how long it is: a torn one shows."""
+    head = f"target-{i}-{length}-".encode()
+    return b"l" + (head + b"x" * length)[: max(length, len(head))]
+
+
+def table(fd: int) -> InodeTable:
+    return InodeTable(StateFile(fd))
+
+
+def test_a_new_mapping_takes_over_numbers_nodes_counts_and_holds(state_fd: int) -> None:
+    first = table(state_fd)
+    nodes = [directory(1), file(2), symlink(3, 10), symlink(4, 5000), directory(5)]
+    numbers = [first.ref(node) for node in nodes]
+    first.ref(nodes[1])
+    first.forget(numbers[4], 1)  # freed: its number is reused
+    children = (PackedNames([b"a", b"b"]), (nodes[1], nodes[2]))
+    first.set_children(numbers[0], nodes[0], children)
+    first.hold(numbers[0], 0, 2)
+    again = table(state_fd)
+    assert len(again) == 4
+    for ino, node in zip(numbers[:4], nodes[:4], strict=True):
+        assert again.node(ino) == node
+        assert again.ref(node) == ino  # same content, same number
+    assert again.lookups(numbers[1]) == 2 + 1 + 1  # two lookups, the hold, ours
+    assert again.held(numbers[0]) == 2
+    assert again.node(numbers[4]) is None
+    assert again.ref(directory(6)) == numbers[4]  # the freed number, reused
+
+
+def test_a_forgotten_directory_gives_back_what_it_held_after_a_handover(state_fd: int) -> None:
+    first = table(state_fd)
+    parent, child = directory(1), file(2)
+    parent_ino = first.ref(parent)
+    child_ino = first.ref(child)
+    first.set_children(parent_ino, parent, (PackedNames([b"c"]), (child,)))
+    first.hold(parent_ino, 0, 1)
+    first.forget(child_ino, 1)  # the kernel forgot the entry; the listing holds it
+    assert first.lookups(child_ino) == 1
+    again = table(state_fd)  # its contents are not in this process
+    unresolved = again.forget(parent_ino, 1)
+    assert unresolved == [(parent, 1)]
+    assert again.node(child_ino) == child  # still held until given back
+    assert again.release_held((child,)) == []
+    assert again.node(child_ino) is None
+    assert len(again) == 0
+
+
+def test_a_file_that_is_not_a_state_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other"
+    path.write_bytes(b"x" * 100)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(StateFileError, match="bytes"):
+            StateFile(fd)
+    finally:
+        os.close(fd)
+
+
+def test_root_names_are_logged_once_and_read_back(state_fd: int) -> None:
+    state = StateFile(state_fd)
+    for name in (b"aaa-one", b"bbb-two", b"aaa-one"):
+        state.log_root_name(name)
+    again = StateFile(state_fd)
+    assert again.root_names() == {b"aaa-one", b"bbb-two"}
+    again.log_root_name(b"bbb-two")
+    assert StateFile(state_fd).root_names() == {b"aaa-one", b"bbb-two"}
+
+
+# -- the request journal -----------------------------------------------------------------
+
+
+def test_requests_left_in_flight_become_suspects_then_convicted(state_fd: int) -> None:
+    key = request_key(2, (5, b"name", object()))
+    other = request_key(2, (5, b"other"))
+    assert key != other and key == request_key(2, (5, b"name"))
+    first = RequestJournal(StateFile(state_fd).journal)
+    first.begin(key)
+    done = first.begin(other)
+    first.end(done)
+    # The worker dies with `key` in flight.
+    second = RequestJournal(StateFile(state_fd).journal)
+    assert second.take_over(blame=True) == [key]
+    assert second.suspects == {key: 1} and not second.convicted(key)
+    second.begin(key)  # resent, and it kills this worker too
+    third = RequestJournal(StateFile(state_fd).journal)
+    third.take_over(blame=True)
+    assert third.suspects[key] == CONVICTED_AFTER and third.convicted(key)
+    # A suspect that completes is cleared, also for the next worker.
+    third.cleared(key)
+    assert RequestJournal(StateFile(state_fd).journal).suspects == {}
+
+
+def test_a_worker_that_left_on_request_is_not_held_against_its_requests(state_fd: int) -> None:
+    first = RequestJournal(StateFile(state_fd).journal)
+    key = request_key(7, (9,))
+    first.begin(key)
+    second = RequestJournal(StateFile(state_fd).journal)
+    assert second.take_over(blame=False) == [key]
+    assert second.suspects == {}
+    assert RequestJournal(StateFile(state_fd).journal).take_over(blame=True) == []
+
+
+def test_request_keys_are_the_same_in_another_interpreter() -> None:
+    code = (
+        "from tvix_mountd.workers.journal import request_key;"
+        "print(request_key(3, (17, b'some-name', 4096)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert int(out) == request_key(3, (17, b"some-name", 4096))
+
+
+# -- killed at random ------------------------------------------------------------------------
+
+_MODEL = struct.Struct("<cI")  # op (r: a lookup answered, f: one forgotten), node index
+
+
+def _node_of(index: int) -> bytes:
+    kind = index % 3
+    if kind == 0:
+        return directory(index)
+    if kind == 1:
+        return file(index)
+    return symlink(index, (index * 37) % 3000)
+
+
+def _worker(state_fd: int, model_path: str, seed: int) -> None:  # pragma: no cover - a child
+    """A worker's use of the table, forever: lookups answered (a count the
+    kernel then holds, logged after the reply) and forgets (logged before,
+    as the kernel forgets before it tells us)."""
+    rng = random.Random(seed)
+    inodes = table(state_fd)
+    held = _held(Path(model_path))
+    model = os.open(model_path, os.O_WRONLY | os.O_APPEND)
+    while True:
+        index = rng.randrange(200)
+        if held[index] > 0 and rng.random() < 0.5:
+            held[index] -= 1
+            os.write(model, _MODEL.pack(b"f", index))
+            ino = inodes.ref(_node_of(index))  # its number, as the kernel knows it
+            inodes.forget(ino, 1)  # our lookup just now
+            inodes.forget(ino, 1)  # the kernel's forget
+        else:
+            inodes.ref(_node_of(index))
+            held[index] += 1
+            os.write(model, _MODEL.pack(b"r", index))
+
+
+def test_a_table_written_by_processes_killed_at_random_stays_usable_and_never_low(
+    state_fd: int, tmp_path: Path
+) -> None:
+    model_path = tmp_path / "model"
+    model_path.write_bytes(b"")
+    rng = random.Random(1)
+    for round_ in range(25):
+        child = FORK.Process(target=_worker, args=(state_fd, str(model_path), round_))
+        child.start()
+        # Let it work a while, then kill it wherever it is.
+        target = model_path.stat().st_size + rng.randrange(1, 400) * _MODEL.size
+
+        def worked(child: BaseProcess = child, target: int = target) -> bool:
+            return model_path.stat().st_size >= target or not child.is_alive()
+
+        wait_until(worked, 30, "the worker to get going")
+        assert child.is_alive(), child.exitcode
+        assert child.pid is not None
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        _check(state_fd, model_path)
+
+
+def _held(model_path: Path) -> Counter[int]:
+    """Node index -> lookups the kernel holds, as the model log says."""
+    data = model_path.read_bytes()
+    held: Counter[int] = Counter()
+    for i in range(0, len(data) - len(data) % _MODEL.size, _MODEL.size):
+        op, index = _MODEL.unpack_from(data, i)
+        held[index] += 1 if op == b"r" else -1
+    return held
+
+
+def _check(state_fd: int, model_path: Path) -> None:
+    state = StateFile(state_fd)
+    live, free = state.scan()
+    targets: set[bytes] = set()
+    for ino, node, count in live:
+        assert count > 0
+        assert node[0] in (PACKED_DIRECTORY, PACKED_FILE, PACKED_SYMLINK), (ino, node[:1])
+        if node[0] == PACKED_SYMLINK:
+            head, _, _ = node[1:].partition(b"x")
+            _, number, length = head.rstrip(b"-").split(b"-")
+            assert node == symlink(int(number), int(length)), "a torn target"
+            assert node not in targets, "two live slots share a target"
+            targets.add(node)
+        else:
+            assert len(node) == 41
+    assert not set(free) & {ino for ino, _, _ in live}
+    # What the kernel holds (the model), the table holds at least.
+    counts = {node: count for _, node, count in live}
+    for index, count in _held(model_path).items():
+        if count > 0:
+            assert counts.get(_node_of(index), 0) >= count, (index, count)
+
+
+# -- killed at every line ----------------------------------------------------------------------
+
+_TRACED = ("workers/statefile.py", "workers/inodes.py")
+
+
+def _scripted_worker(state_fd: int, model_path: str, kill_at: int) -> None:  # pragma: no cover
+    """A fixed sequence of what a worker does to the table, killed (SIGKILL,
+    by itself) before the `kill_at`th line of the table's code runs."""
+    lines = 0
+
+    def trace(frame: Any, event: str, arg: object) -> Any:
+        nonlocal lines
+        if not frame.f_code.co_filename.endswith(_TRACED):
+            return None
+        if event == "line":
+            lines += 1
+            if lines == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return trace
+
+    model = os.open(model_path, os.O_WRONLY | os.O_APPEND)
+
+    def replied(index: int) -> None:
+        os.write(model, _MODEL.pack(b"r", index))
+
+    def forgotten(index: int) -> None:
+        os.write(model, _MODEL.pack(b"f", index))
+
+    sys.settrace(trace)
+    inodes = table(state_fd)
+    numbers = {}
+    for index in range(6):  # directories, files, symlinks, short and long
+        numbers[index] = inodes.ref(_node_of(index))
+        replied(index)
+    parent = _node_of(0)
+    children = (PackedNames([b"a", b"b"]), (_node_of(1), _node_of(2)))
+    inodes.set_children(numbers[0], parent, children)
+    inodes.hold(numbers[0], 0, 2)
+    for index in (1, 2, 5):
+        forgotten(index)
+        inodes.forget(numbers[index], 1)
+    numbers[6] = inodes.ref(_node_of(6))  # into a freed number, and the freed target
+    replied(6)
+    forgotten(0)
+    inodes.forget(numbers[0], 1)  # gives back what it held
+    sys.settrace(None)
+    os._exit(0)
+
+
+# The children the scripted worker's directory 0 holds (a kept listing).
+_HELD_CHILDREN: Final = (_node_of(1), _node_of(2))
+
+
+def _drain(state_fd: int, model_path: Path) -> None:
+    """The next worker takes the table over, and the kernel forgets all it
+    holds, directories first (what they hold is given back with them): no
+    count may drop below what the kernel still holds, at any step."""
+    inodes = table(state_fd)
+    held = _held(model_path)
+
+    def number(index: int) -> int:
+        ino = inodes.ref(_node_of(index))  # found (or made), plus one...
+        inodes.forget(ino, 1)  # ...given back
+        return ino
+
+    def check_remaining() -> None:
+        for index, count in held.items():
+            if count > 0:
+                node = inodes.node(number(index))
+                assert node == _node_of(index) and inodes.lookups(number(index)) >= count, (
+                    f"node {index}: the kernel holds {count}, the table"
+                    f" {inodes.lookups(number(index))}"
+                )
+
+    check_remaining()
+    for index in sorted(held, key=lambda i: (_node_of(i)[0] != PACKED_DIRECTORY, i)):
+        count, held[index] = held[index], 0
+        if count <= 0:
+            continue
+        for node, how_many in inodes.forget(number(index), count):
+            assert node == _node_of(0) and how_many <= len(_HELD_CHILDREN)
+            assert inodes.release_held(_HELD_CHILDREN[:how_many]) == []
+        check_remaining()
+
+
+def test_a_table_killed_before_any_line_of_its_code_stays_usable_and_never_low(
+    tmp_path: Path,
+) -> None:
+    kill_at = 1
+    while True:
+        fd = StateFile.create()
+        try:
+            model_path = tmp_path / f"model-{kill_at}"
+            model_path.write_bytes(b"")
+            child = FORK.Process(target=_scripted_worker, args=(fd, str(model_path), kill_at))
+            child.start()
+            child.join(30)
+            assert child.exitcode in (0, -signal.SIGKILL), child.exitcode
+            _check(fd, model_path)
+            _drain(fd, model_path)
+        finally:
+            os.close(fd)
+        if child.exitcode == 0:
+            break  # it ran to its end: every line has been a kill point
+        kill_at += 1
+    assert kill_at > 50, kill_at  # the sequence was traced at all
