@@ -23,6 +23,7 @@ bench:
 	$(BIN)/python -m benchmarks.dispatch_floor
 	$(BIN)/python -m benchmarks.bigwalk
 	$(BIN)/python -m benchmarks.service
+	$(BIN)/python -m benchmarks.handover
 	$(BIN)/python -m benchmarks.nixcache
 
 setup:

@@ -19,30 +19,20 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import trio
 
+from benchmarks.supervised import BIN, free_port, percentile, start, stop
 from tvix_mountd.castore.storepath import StorePath
 from tvix_mountd.workers.rootcache_client import RootCacheRootNodes, fetch_stats
 
 WORK = Path(__file__).resolve().parent / "work" / "service"
-BIN = Path(sys.executable).parent / "tvix-mountd"
 MOUNTS = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _config(port: int) -> Path:
@@ -77,43 +67,6 @@ def _import_sample(config: Path) -> str:
     return out.stdout.strip().rsplit("/", 1)[1]
 
 
-def _ready(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
-
-
-def _start(config: Path, port: int) -> tuple[subprocess.Popen[bytes], float]:
-    started = time.perf_counter()
-    process = subprocess.Popen(
-        [str(BIN), "start", "--config", str(config)],
-        stderr=(WORK / "supervisor.log").open("ab"),
-    )
-    deadline = started + 30
-    while not _ready(port):
-        if process.poll() is not None or time.perf_counter() > deadline:
-            process.kill()
-            raise SystemExit(f"the supervisor did not become ready; see {WORK}/supervisor.log")
-        time.sleep(0.005)  # polling another process's readiness: nothing to wait on
-    return process, time.perf_counter() - started
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def _percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
-
-
 async def _lookups(socket_path: str, basename: str, n: int) -> dict[str, float]:
     client = RootCacheRootNodes(socket_path, "local", timeout=10)
     try:
@@ -139,10 +92,10 @@ async def _lookups(socket_path: str, basename: str, n: int) -> dict[str, float]:
     finally:
         await client.aclose()
     return {
-        "hit_p50": _percentile(hits, 0.5),
-        "hit_p99": _percentile(hits, 0.99),
-        "miss_p50": _percentile(misses, 0.5),
-        "miss_p99": _percentile(misses, 0.99),
+        "hit_p50": percentile(hits, 0.5),
+        "hit_p99": percentile(hits, 0.99),
+        "miss_p50": percentile(misses, 0.5),
+        "miss_p99": percentile(misses, 0.99),
         "coalesced_backend_calls": after - before,
     }
 
@@ -154,19 +107,19 @@ def main() -> int:
     args = parser.parse_args()
     shutil.rmtree(WORK / "run", ignore_errors=True)
     WORK.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     config = _config(port)
     basename = _import_sample(config)
     startups = []
     for _ in range(args.reps):
-        process, seconds = _start(config, port)
+        process, seconds = start(config, port, WORK / "supervisor.log")
         startups.append(seconds)
-        _stop(process)
-    process, _ = _start(config, port)
+        stop(process)
+    process, _ = start(config, port, WORK / "supervisor.log")
     try:
         figures = trio.run(_lookups, str(WORK / "run" / "rootcache.sock"), basename, args.lookups)
     finally:
-        _stop(process)
+        stop(process)
     ms = 1000.0
     rows = [
         ("start with 8 mounts ready (median)", f"{statistics.median(startups):.2f} s", "< 2 s"),
