@@ -281,7 +281,7 @@ class MountRunner:
         connection = self.connection
         if connection is None or connection.init is None:
             return False
-        return drained or (connection.resend and not os.environ.get(NO_RESEND_ENV))
+        return drained or connection.resend
 
     def _why_no_handover(self) -> str:
         if not CAN_FEED_INIT:
@@ -339,7 +339,13 @@ class MountRunner:
             # Shielded: a mount made must be ours to unmount.
             with trio.CancelScope(shield=True):
                 connection = self.connection = await trio.to_thread.run_sync(
-                    partial(FuseConnection.mount, point, options, read_init=CAN_FEED_INIT)
+                    partial(
+                        FuseConnection.mount,
+                        point,
+                        options,
+                        read_init=CAN_FEED_INIT,
+                        use_resend=not os.environ.get(NO_RESEND_ENV),
+                    )
                 )
         except (MountError, OSError) as e:
             return str(e)
@@ -370,7 +376,7 @@ class MountRunner:
             "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
             "mount_id": connection.mount_id,
             "init": connection.init.raw.hex() if connection.init is not None else None,
-            "resend": connection.resend and not os.environ.get(NO_RESEND_ENV),
+            "resend": connection.resend,
             # A worker that left on request is not suspected of anything.
             "blame": handover not in ("restart", "reload"),
             "store_changed": self._store_changed,

@@ -88,21 +88,32 @@ class FuseConnection:
     file that outlives the workers serving it, and the kernel's INIT."""
 
     def __init__(
-        self, mountpoint: str, fuse_fd: int, state_fd: int, init: InitRequest | None
+        self,
+        mountpoint: str,
+        fuse_fd: int,
+        state_fd: int,
+        init: InitRequest | None,
+        *,
+        resend: bool,
     ) -> None:
         self.mountpoint = mountpoint
         self.fuse_fd = fuse_fd
         self.state_fd = state_fd
         self.init = init
+        # Whether requests a dead worker had taken can be handed out again.
+        self.resend = resend
         self.mount_id = find_mount_id(mountpoint)
 
     @classmethod
-    def mount(cls, mountpoint: str, options: MountOptions, *, read_init: bool) -> FuseConnection:
+    def mount(
+        cls, mountpoint: str, options: MountOptions, *, read_init: bool, use_resend: bool = True
+    ) -> FuseConnection:
         """Mount a new FUSE connection at `mountpoint` (an empty directory).
 
         `read_init`: read the kernel's INIT here, for workers that can be fed
         it (`process_request`); otherwise the first worker reads it itself,
-        and the connection cannot be handed to a second one.
+        and the connection cannot be handed to a second one. `use_resend`
+        false: treat the kernel as one without FUSE_NOTIFY_RESEND.
         """
         fuse_fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         state_fd = -1
@@ -120,7 +131,8 @@ class FuseConnection:
             try:
                 init = InitRequest.parse(_read_init(fuse_fd)) if read_init else None
                 state_fd = StateFile.create(f"tvix-mountd {options.fsname}")
-                return cls(mountpoint, fuse_fd, state_fd, init)
+                resend = use_resend and init is not None and init.resend
+                return cls(mountpoint, fuse_fd, state_fd, init, resend=resend)
             except BaseException:
                 detach(mountpoint)
                 raise
@@ -129,10 +141,6 @@ class FuseConnection:
             if state_fd >= 0:
                 os.close(state_fd)
             raise
-
-    @property
-    def resend(self) -> bool:
-        return self.init is not None and self.init.resend
 
     def is_mounted(self) -> bool:
         """Whether our mount is still the one at the mountpoint."""
