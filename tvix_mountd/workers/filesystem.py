@@ -657,10 +657,18 @@ class StoreFilesystem(pyfuse3.Operations):
         blob = self._readers.pop(ino, None)
         if blob is None:
             return
-        async with blob.lock:  # after a read in progress
+        # After a read in progress; without a scheduler trip when none is.
+        lock = blob.lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             blob.closed = True
             if blob.reader is not None:
                 await blob.reader.aclose()
+        finally:
+            lock.release()
 
     @_request("read")
     async def read(self, fh: int, off: int, size: int) -> bytes:
