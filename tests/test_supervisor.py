@@ -177,6 +177,7 @@ flavour = 1
 name = "a"
 store = "local"
 mountpoint = "{good}"
+hang_timeout = 0
 
 [[mounts]]
 name = "b"
@@ -214,6 +215,7 @@ sparkle = true
             "stores.local.flavour": "unknown key",
             "stores.local.blob_service_addr": "",
             "stores.local.directory_service_addr": "",
+            "mounts.0.hang_timeout": "greater than 0",
             "mounts.1.store": "unknown store 'nowhere'",
             "mounts.2.name": "duplicate mount name 'a'",
             "mounts.3.mountpoint": "already used by mount 'a'",
