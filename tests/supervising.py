@@ -26,6 +26,7 @@ import http.client
 import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -133,6 +134,28 @@ def process_figures(pid: int) -> tuple[int, int] | None:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]), fds
     return None
+
+
+# -- metrics ------------------------------------------------------------------------
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse_metrics(text: str) -> Samples:
+    """Prometheus text exposition -> {(name, labels): value}."""
+    samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)", line)
+        assert match, f"not a sample line: {line!r}"
+        labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
+        samples[(match.group(1), labels)] = float(match.group(3))
+    return samples
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
 
 
 # -- the config ---------------------------------------------------------------------

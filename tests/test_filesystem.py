@@ -75,6 +75,8 @@ class Tree:
         }
 
     def fs(self, root_nodes: RootNodes, **kwargs: Any) -> StoreFilesystem:
+        # As the kernel sends OPEN (stock pyfuse3); the other way has tests of its own.
+        kwargs.setdefault("open_requests", True)
         return StoreFilesystem(self.blobs, self.directories, root_nodes, **kwargs)
 
 
@@ -149,11 +151,21 @@ async def test_root_lookup_errors() -> None:
     assert await fuse_errno(fs.lookup(ROOT_INODE, b"missing", CTX)) == errno.ENOENT
 
 
-async def test_lookup_of_missing_child_is_enoent() -> None:
+async def test_lookup_of_missing_child_is_a_negative_entry_kept_for_good() -> None:
+    # Nothing can appear in a store path: "no such entry" (inode 0) that the
+    # kernel may cache forever. The kernel answers ENOENT (FUSE tests check).
     fs, _ = await make_fs()
     a = await lookup_path(fs, store_name(1, "a"))
-    assert await fuse_errno(fs.lookup(a.st_ino, b"nope", CTX)) == errno.ENOENT
-    assert await fuse_errno(fs.lookup(a.st_ino, b"hellp", CTX)) == errno.ENOENT
+    for name in (b"nope", b"hellp"):
+        miss = await fs.lookup(a.st_ino, name, CTX)
+        assert miss.st_ino == 0 and miss.entry_timeout == filesystem.FOREVER
+    assert len(fs.inodes) == 1  # no lookup count was taken for a miss
+
+
+async def test_lookup_of_a_missing_root_name_is_enoent_and_not_kept() -> None:
+    # A store path may be added later: no negative entry in the root.
+    fs, _ = await make_fs()
+    assert await fuse_errno(fs.lookup(ROOT_INODE, store_name(9, "later"), CTX)) == errno.ENOENT
 
 
 async def test_path_info_root_nodes_check_the_name() -> None:

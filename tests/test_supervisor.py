@@ -29,6 +29,8 @@ from tests.supervising import (
     make_tree,
     mount_id,
     mounts_under,
+    parse_metrics,
+    sample,
     start_time,
     tree_files,
     world,
@@ -370,25 +372,6 @@ def test_invalid_reload_changes_nothing(tmp_path: Path, how: str) -> None:
 
 
 # -- health endpoint ------------------------------------------------------------------
-
-
-def parse_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Prometheus text exposition -> {(name, labels): value}."""
-    samples = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        match = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)", line)
-        assert match, f"not a sample line: {line!r}"
-        labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2) or ""))
-        samples[(match.group(1), labels)] = float(match.group(3))
-    return samples
-
-
-def sample(
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
 
 
 def _shape(value: Any) -> Any:

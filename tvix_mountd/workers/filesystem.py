@@ -49,6 +49,7 @@ from tvix_mountd.coalesce import Coalescer
 from tvix_mountd.workers.inodes import ROOT_INODE, Children, InodeTable
 from tvix_mountd.workers.journal import RequestJournal, request_key
 from tvix_mountd.workers.names import PackedNames
+from tvix_mountd.workers.notices import KernelNotices
 from tvix_mountd.workers.rootnodes import RootNodes
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,12 @@ ROOT_NAME_CACHE_SIZE: Final = 100_000
 # scripts/setup.sh (third_party/pyfuse3/). Stock pyfuse3 still works; every
 # listing then comes to us.
 KERNEL_CACHES_LISTINGS: Final = hasattr(pyfuse3.FileInfo(), "cache_readdir")
+# Whether pyfuse3 hands read() the inode when the kernel sends handle 0
+# (third_party/pyfuse3/03-zero-fh-is-inode.patch). Then open answers ENOSYS,
+# once: the kernel stops sending OPEN and RELEASE (two requests fewer per
+# file read) and keeps every file's pages (content never changes). On a
+# stock pyfuse3 every open comes to us.
+READS_WITHOUT_OPEN: Final = hasattr(pyfuse3.Operations, "zero_fh_is_inode")
 # Handles of root listings: above every inode number (a handle below it is
 # the inode number of the directory or file it opened).
 ROOT_LISTING_HANDLES: Final = 1 << 62
@@ -195,16 +202,13 @@ def entry_attributes(ino: int, node: PackedNode | None) -> pyfuse3.EntryAttribut
 class _OpenBlob:
     """A file's blob reader, shared by every open of the file's inode."""
 
+    ino: int
+    packed: PackedNode  # what the inode number stood for when opened
     node: FileNode
     reader: BlobReader | None  # None for the empty file: nothing to fetch
     # The kernel may send reads of one file concurrently (readahead); a
     # streaming reader must see them one at a time.
     lock: trio.Lock = field(default_factory=trio.Lock)
-    # Set once the backend's bytes failed their check: every later read
-    # fails too. (The kernel retries a failed page read, and that retry, out
-    # of order for the verifying reader, would otherwise pass unchecked and
-    # hand the corrupt bytes out.)
-    corrupt: bool = False
     closed: bool = False  # released, or pushed out by newer open files
 
 
@@ -230,6 +234,8 @@ class StoreFilesystem(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
+    # A read's handle is the file's inode number, whether open made it or not.
+    zero_fh_is_inode = True
 
     def __init__(
         self,
@@ -242,10 +248,16 @@ class StoreFilesystem(pyfuse3.Operations):
         backend_timeout: float = 10.0,
         metrics: RequestObserver | None = None,
         inodes: InodeTable | None = None,
+        open_requests: bool = not READS_WITHOUT_OPEN,
     ) -> None:
         """`inodes`: the table to serve from, with what it already holds (a
-        mount handed over from another worker); a fresh one by default."""
+        mount handed over from another worker); a fresh one by default.
+        `open_requests` false: `open` answers ENOSYS, and the kernel reads
+        files without opening them here (see READS_WITHOUT_OPEN)."""
         super().__init__()
+        self.open_requests = open_requests
+        # Sent from a thread by whoever serves this filesystem (mount.py).
+        self.notices = KernelNotices()
         self.observer = metrics
         # The largest read the kernel sent (logged at unmount): how well
         # readahead and max_pages let sequential reads batch up.
@@ -259,6 +271,10 @@ class StoreFilesystem(pyfuse3.Operations):
         self.inodes = inodes if inodes is not None else InodeTable()
         self.journal = RequestJournal(self.inodes.state.journal)
         self._root_attr = entry_attributes(ROOT_INODE, None)
+        # A lookup's answer "no such entry, and there never will be".
+        self._no_entry = pyfuse3.EntryAttributes()
+        self._no_entry.st_ino = 0
+        self._no_entry.entry_timeout = FOREVER
         self._root_names: OrderedDict[bytes, PackedNode] = OrderedDict()
         self._root_lookups: Coalescer[bytes, Node | None] = Coalescer()
         self._directory_fetches: Coalescer[B3Digest, Children] = Coalescer()
@@ -270,8 +286,9 @@ class StoreFilesystem(pyfuse3.Operations):
         # the last of them is released.
         self._readers: OrderedDict[int, _OpenBlob] = OrderedDict()
         self._opens: dict[int, int] = {}
-        # Blobs whose bytes failed their check once: opened without keep_cache
-        # from then on, so the kernel drops pages cached before the check failed.
+        # Blobs whose bytes failed their check: read (and checked) again in
+        # full before another byte of them is served, and meanwhile opened
+        # without keep_cache, so that the kernel drops what it cached before.
         self._corrupt_blobs: set[B3Digest] = set()
         # Root listings (the one listing whose state is a stream), by handle.
         self._root_listings: dict[int, _RootListing] = {}
@@ -423,7 +440,9 @@ class StoreFilesystem(pyfuse3.Operations):
             names, nodes = await self._children(parent_inode)
             i = bisect.bisect_left(names, name)
             if i == len(names) or names[i] != name:
-                raise pyfuse3.FUSEError(errno.ENOENT)
+                # Nothing can ever appear in a store path: the kernel may keep
+                # the miss for good (loaders and interpreters probe many names).
+                return self._no_entry
             node = nodes[i]
         return entry_attributes(self.inodes.ref(node), node)
 
@@ -594,6 +613,10 @@ class StoreFilesystem(pyfuse3.Operations):
 
     @_request("open")
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if not self.open_requests:
+            # Once: the kernel opens files itself from now on (a missing or
+            # unreadable blob then fails the first read, not the open).
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         if flags & _WRITE_FLAGS:
             raise _erofs()
         if inode == ROOT_INODE:
@@ -613,11 +636,14 @@ class StoreFilesystem(pyfuse3.Operations):
     async def _open_blob(self, ino: int) -> _OpenBlob:
         """The reader of file inode `ino`'s blob, opened if this process has
         none (a first open, or a file opened before a handover)."""
+        packed = self.inodes.node(ino)
         blob = self._readers.get(ino)
         if blob is not None:
-            self._readers.move_to_end(ino)
-            return blob
-        packed = self.inodes.node(ino)
+            if blob.packed == packed:
+                self._readers.move_to_end(ino)
+                return blob
+            # The number was forgotten and given to another file since.
+            await self._close_blob(ino)
         if packed is None or packed[0] not in (PACKED_FILE, PACKED_EXECUTABLE):
             raise pyfuse3.FUSEError(errno.EBADF)
         node = unpack_node(packed)
@@ -642,10 +668,12 @@ class StoreFilesystem(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EIO)
         existing = self._readers.get(ino)
         if existing is not None:  # opened by another request meanwhile
-            if reader is not None:
-                await reader.aclose()
-            return existing
-        blob = self._readers[ino] = _OpenBlob(node, reader)
+            if existing.packed == packed:
+                if reader is not None:
+                    await reader.aclose()
+                return existing
+            await self._close_blob(ino)
+        blob = self._readers[ino] = _OpenBlob(ino, packed, node, reader)
         if len(self._readers) > OPEN_READERS:
             # Files opened before a handover and never released to this
             # process, or simply very many open files: close the oldest.
@@ -676,8 +704,14 @@ class StoreFilesystem(pyfuse3.Operations):
             self.largest_read = size
         while True:
             blob = self._readers.get(fh)
-            if blob is None:
+            # Readers are kept by inode number, which the kernel may have
+            # forgotten and we given to another file (no RELEASE closes them
+            # when the kernel does not open files here).
+            if blob is None or blob.packed != self.inodes.node(fh):
                 blob = await self._open_blob(fh)
+            if blob.node.digest in self._corrupt_blobs:
+                await self._check_again(blob)  # EIO while it is still wrong
+                continue
             # Uncontended (every read of a local blob, which never yields), the
             # lock is taken without a trip through trio's scheduler, which
             # `async with lock` makes even when the lock is free.
@@ -709,8 +743,6 @@ class StoreFilesystem(pyfuse3.Operations):
                 self._caught_corrupt(blob)
                 raise
 
-        if blob.corrupt:
-            raise pyfuse3.FUSEError(errno.EIO)
         data = await self._backend(
             read_checked,
             "read blob %s at %d",
@@ -727,8 +759,25 @@ class StoreFilesystem(pyfuse3.Operations):
         return data
 
     def _caught_corrupt(self, blob: _OpenBlob) -> None:
-        blob.corrupt = True
+        # From now on no byte of this blob is served unless all of it checks
+        # out again: the kernel retries a failed page read, and that retry,
+        # out of order for the verifying reader, would pass unchecked.
         self._corrupt_blobs.add(blob.node.digest)
+        if not self.open_requests:
+            # No open will come to say "without keep_cache": drop now any page
+            # the kernel cached before the check failed.
+            self.notices.invalidate(blob.ino)
+
+    async def _check_again(self, blob: _OpenBlob) -> None:
+        """Read a blob that failed its check once, all of it, and check it
+        again: EIO if it still fails; else it is served again, by a new reader."""
+        digest = blob.node.digest
+        if not await self._backend(
+            lambda: self._blobs.check(digest), "blob %s, read again in full", digest
+        ):
+            raise pyfuse3.FUSEError(errno.EIO)
+        self._corrupt_blobs.discard(digest)
+        await self._close_blob(blob.ino)
 
     @_request("release")
     async def release(self, fh: int) -> None:

@@ -18,7 +18,11 @@ from typing import Final, NamedTuple
 import pyfuse3
 import trio
 
-from tvix_mountd.workers.filesystem import KERNEL_CACHES_LISTINGS, StoreFilesystem
+from tvix_mountd.workers.filesystem import (
+    KERNEL_CACHES_LISTINGS,
+    READS_WITHOUT_OPEN,
+    StoreFilesystem,
+)
 from tvix_mountd.workers.inodes import ROOT_INODE
 
 log = logging.getLogger(__name__)
@@ -188,7 +192,7 @@ async def serve(
         log.info("mounted %s", mountpoint)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_after_init, mountpoint, options.read_ahead_kb)
-            await _serve_session(task_status)
+            await _serve_session(fs, task_status)
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
@@ -258,23 +262,26 @@ async def serve_lent(
         # does): a request the session reads as it is ended is dropped
         # unanswered (libfuse), and a thread of ours waiting on it would keep
         # this process, and the connection, alive. The keeper sets it.
-        await _serve_session(task_status)
+        await _serve_session(fs, task_status)
     finally:
         with trio.CancelScope(shield=True):
             await fs.close()
         pyfuse3.close(unmount=False)
 
 
-async def _serve_session(task_status: trio.TaskStatus[None]) -> None:
-    if not KERNEL_CACHES_LISTINGS:
+async def _serve_session(fs: StoreFilesystem, task_status: trio.TaskStatus[None]) -> None:
+    if not (KERNEL_CACHES_LISTINGS and READS_WITHOUT_OPEN):
         log.info(
-            "this pyfuse3 (%s) cannot let the kernel keep directory listings;"
-            " scripts/setup.sh builds one that can",
+            "this pyfuse3 (%s) cannot let the kernel keep directory listings or read"
+            " files it did not open here; scripts/setup.sh builds one that can",
             pyfuse3.__version__,
         )
     _tune_gc()
-    task_status.started()
-    await pyfuse3.main()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.notices.run)
+        task_status.started()
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
 
 
 async def serve_until_signalled(

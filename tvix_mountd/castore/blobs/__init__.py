@@ -8,6 +8,7 @@ its BLAKE3 digest, and a blob shorter or longer than it claims is an error.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 import blake3
@@ -127,18 +128,29 @@ class BlobService(ABC):
 
     async def read_all(self, digest: B3Digest) -> bytes | None:
         """The whole blob, verified. For small blobs and tests."""
+        chunks: list[bytes] = []
+        if not await self._read_through(digest, chunks.append):
+            return None
+        return b"".join(chunks)
+
+    async def check(self, digest: B3Digest) -> bool:
+        """Read the whole blob and check it, keeping nothing: whether it
+        exists. IntegrityError (or another StoreError) if it is wrong."""
+        return await self._read_through(digest, lambda chunk: None)
+
+    async def _read_through(self, digest: B3Digest, take: Callable[[bytes], None]) -> bool:
+        # In order from 0: the verifying reader checks the digest at the end.
         reader = await self.open_read(digest)
         if reader is None:
-            return None
+            return False
         try:
-            chunks = []
             offset = 0
             while True:
                 chunk = await reader.read_at(offset, 1 << 20)
-                chunks.append(chunk)
+                take(chunk)
                 offset += len(chunk)
                 if len(chunk) < 1 << 20:
-                    return b"".join(chunks)
+                    return True
         finally:
             await reader.aclose()
 
