@@ -15,7 +15,7 @@ test:
 	$(BIN)/ruff format --check tvix_mountd tests benchmarks scripts
 	$(BIN)/ruff check tvix_mountd tests benchmarks scripts
 	$(BIN)/mypy
-	$(BIN)/pytest -n 2 -q
+	$(BIN)/pytest -n 2 --dist loadgroup -q
 
 bench:
 	@scripts/setup.sh --bench

@@ -50,6 +50,10 @@ START_TIMEOUT: Final = 30.0
 STOP_TIMEOUT: Final = 20.0
 _POLL: Final = 0.02
 STORE_KINDS: Final = ("embedded", "grpc")
+# An xdist group for the tests that drop the kernel's caches (machine-wide)
+# and those that count what the kernel does not ask because it caches: they
+# run one after the other, on one worker (`pytest --dist loadgroup`).
+KERNEL_CACHES: Final = "kernel-caches"
 
 
 # -- waiting ------------------------------------------------------------------

@@ -158,6 +158,49 @@ def sample(samples: Samples, name: str, **labels: str) -> float | None:
     return samples.get((name, frozenset(labels.items())))
 
 
+class DaemonRequests:
+    """FUSE requests mount `mount`'s worker has handled, by operation, from
+    the service's /metrics.
+
+    A worker writes its figures in batches, so a reading marks its point in
+    time with a request the kernel never answers itself (a getxattr of
+    `marker`, a directory in the mount): once that request shows, so do the
+    ones before it. The figures are read once more after that, since one
+    batch is written figure by figure and a reading may fall in between.
+    """
+
+    OPS: Final = ("lookup", "open", "release", "read", "getattr", "opendir", "readdir")
+
+    def __init__(self, svc: Service, mount: str, marker: Path) -> None:
+        self._svc = svc
+        self._mount = mount
+        self._marker = marker
+        self._marks = 0
+
+    def _counts(self) -> dict[str, float]:
+        s = parse_metrics(self._svc.http("/metrics")[1])
+        return {
+            op: sample(s, "tvix_mountd_requests_total", mount=self._mount, op=op) or 0
+            for op in (*self.OPS, "getxattr")
+        }
+
+    def now(self) -> dict[str, float]:
+        """Counts so far, everything before this call included."""
+        from tvix_mountd.workers.filesystem import XATTR_DIRECTORY_DIGEST
+
+        os.getxattr(self._marker, XATTR_DIRECTORY_DIGEST)
+        self._marks += 1
+        self._svc.wait_for(lambda: self._counts()["getxattr"] >= self._marks, "the figures")
+        return self._counts()
+
+    def during(self, action: Callable[[], object]) -> dict[str, float]:
+        """Requests `action()` caused, by operation (the marker's excepted)."""
+        before = self.now()
+        action()
+        after = self.now()
+        return {op: after[op] - before[op] for op in self.OPS}
+
+
 # -- the config ---------------------------------------------------------------------
 
 

@@ -10,59 +10,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.supervising import World, parse_metrics, sample, world
-from tvix_mountd.workers.filesystem import READS_WITHOUT_OPEN, XATTR_DIRECTORY_DIGEST
+from tests.mounting import KERNEL_CACHES
+from tests.supervising import DaemonRequests, World, world
+from tvix_mountd.workers.filesystem import READS_WITHOUT_OPEN
 
-pytestmark = [pytest.mark.fuse]
-
-OPS = ("lookup", "open", "release", "read", "getattr", "opendir", "readdir")
-
-
-class Requests:
-    """Requests mount `mount`'s worker has handled, by operation."""
-
-    def __init__(self, w: World, mount: str) -> None:
-        self._w = w
-        self._mount = mount
-        self._marks = 0
-
-    def now(self) -> dict[str, float]:
-        """Counts so far, everything before this call included: a request
-        the kernel never answers itself (getxattr) marks the point, and its
-        count showing means the ones before it are flushed too."""
-        svc = self._w.svc
-        os.getxattr(svc.mountpoint(self._mount) / self._w.names[0], XATTR_DIRECTORY_DIGEST)
-        self._marks += 1
-
-        def counts() -> dict[str, float]:
-            s = parse_metrics(svc.http("/metrics")[1])
-            return {
-                op: sample(s, "tvix_mountd_requests_total", mount=self._mount, op=op) or 0
-                for op in (*OPS, "getxattr")
-            }
-
-        svc.wait_for(lambda: counts()["getxattr"] >= self._marks, "the figures so far")
-        return counts()
-
-    def during(self, action: object) -> dict[str, float]:
-        """Requests `action()` caused, by operation."""
-        assert callable(action)
-        before = self.now()
-        action()
-        after = self.now()
-        return {op: after[op] - before[op] for op in OPS}
+# Counting what the kernel does not ask because it caches: not alongside a
+# test that drops the kernel's caches (machine-wide).
+pytestmark = [pytest.mark.fuse, pytest.mark.xdist_group(KERNEL_CACHES)]
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[World, Requests]]:
+def served(tmp_path: Path) -> Iterator[tuple[World, DaemonRequests]]:
     with world(tmp_path, mounts=("a",)) as w:
         w.svc.start()
-        yield w, Requests(w, "a")
+        yield w, DaemonRequests(w.svc, "a", w.path("a"))
 
 
 @pytest.mark.skipif(not READS_WITHOUT_OPEN, reason="needs the pyfuse3 patch set (setup.sh)")
 def test_files_are_read_without_open_or_release_requests(
-    served: tuple[World, Requests],
+    served: tuple[World, DaemonRequests],
 ) -> None:
     w, requests = served
     directory = w.path("a") / "dir0"
@@ -79,7 +45,7 @@ def test_files_are_read_without_open_or_release_requests(
 
 
 def test_a_miss_in_a_store_path_is_asked_once_and_one_in_the_root_every_time(
-    served: tuple[World, Requests],
+    served: tuple[World, DaemonRequests],
 ) -> None:
     w, requests = served
     inside = w.path("a") / "dir0" / "no-such-file.so"

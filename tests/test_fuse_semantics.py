@@ -27,6 +27,7 @@ import pytest
 import trio
 
 from tests.mounting import (
+    KERNEL_CACHES,
     BackingStore,
     DirStream,
     Mount,
@@ -526,6 +527,7 @@ def _snapshot(root: Path) -> tuple[dict[str, tuple[int, int, bytes]], set[frozen
     return entries, {frozenset(paths) for paths in by_ino.values()}
 
 
+@pytest.mark.xdist_group(KERNEL_CACHES)
 def test_the_same_tree_after_the_kernel_forgets(world: World) -> None:
     # The daemon reuses an inode number once the kernel forgot it; after a
     # forget of everything and other entries taking the freed numbers, the
@@ -539,6 +541,7 @@ def test_the_same_tree_after_the_kernel_forgets(world: World) -> None:
     assert world.mount.alive(), world.mount.log()
 
 
+@pytest.mark.xdist_group(KERNEL_CACHES)
 def test_listings_the_kernel_kept_agree_with_stat_after_it_forgets(world: World) -> None:
     # The kernel keeps a store directory's listing (d_ino included) for as
     # long as it keeps the directory, which may outlive the entries' own
@@ -560,6 +563,7 @@ def test_listings_the_kernel_kept_agree_with_stat_after_it_forgets(world: World)
     assert world.mount.alive(), world.mount.log()
 
 
+@pytest.mark.xdist_group(KERNEL_CACHES)
 def test_every_inode_is_given_back_once_the_kernel_forgets(store_kind: str, tmp_path: Path) -> None:
     # Forget is honoured through the kernel, kept listings included: after a
     # walk and the kernel dropping its caches, the daemon holds no inode.

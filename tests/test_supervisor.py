@@ -22,7 +22,9 @@ from typing import Any, Final
 
 import pytest
 
+from tests.mounting import KERNEL_CACHES
 from tests.supervising import (
+    DaemonRequests,
     Reader,
     Service,
     embedded_store,
@@ -36,7 +38,6 @@ from tests.supervising import (
     world,
 )
 from tvix_mountd.config import SupervisorConfig
-from tvix_mountd.workers.filesystem import XATTR_DIRECTORY_DIGEST
 
 pytestmark = [
     pytest.mark.fuse,
@@ -462,6 +463,7 @@ def test_health_endpoint(tmp_path: Path) -> None:
         assert svc.http("/nothing")[0] == 404
 
 
+@pytest.mark.xdist_group(KERNEL_CACHES)
 def test_the_kernel_keeps_store_listings_but_asks_for_the_root_every_time(
     tmp_path: Path,
 ) -> None:
@@ -470,27 +472,12 @@ def test_the_kernel_keeps_store_listings_but_asks_for_the_root_every_time(
         svc.add_mount("a", list_root=True)
         svc.start()
         store_path = svc.mountpoint("a") / w.names[0]
-        marks = 0
+        requests = DaemonRequests(svc, "a", store_path)
 
         def list_and_count(path: Path) -> tuple[float, float]:
             """List `path`; then (opendir, readdir) requests so far, that listing's included."""
-            nonlocal marks
-            listed = os.listdir(path)
-            # A request the kernel never answers itself, observed after the
-            # listing's: once it shows, the listing's figures are flushed too.
-            os.getxattr(store_path, XATTR_DIRECTORY_DIGEST)
-            marks += 1
-
-            def counts() -> dict[str, float]:
-                s = parse_metrics(svc.http("/metrics")[1])
-                ops = ("opendir", "readdir", "getxattr")
-                return {
-                    op: sample(s, "tvix_mountd_requests_total", mount="a", op=op) or 0 for op in ops
-                }
-
-            svc.wait_for(lambda: counts()["getxattr"] == marks, "the listing's figures")
-            assert listed, path
-            now = counts()
+            assert os.listdir(path), path
+            now = requests.now()
             return now["opendir"], now["readdir"]
 
         for path, cached in ((store_path / "dir0", True), (svc.mountpoint("a"), False)):

@@ -50,6 +50,7 @@ from tvix_mountd.workers.inodes import ROOT_INODE, Children, InodeTable
 from tvix_mountd.workers.journal import RequestJournal, request_key
 from tvix_mountd.workers.names import PackedNames
 from tvix_mountd.workers.notices import KernelNotices
+from tvix_mountd.workers.prefetch import BlobPrefetcher
 from tvix_mountd.workers.rootnodes import RootNodes
 
 log = logging.getLogger(__name__)
@@ -256,8 +257,9 @@ class StoreFilesystem(pyfuse3.Operations):
         files without opening them here (see READS_WITHOUT_OPEN)."""
         super().__init__()
         self.open_requests = open_requests
-        # Sent from a thread by whoever serves this filesystem (mount.py).
+        # Both run by whoever serves this filesystem (`run_background`).
         self.notices = KernelNotices()
+        self.prefetcher = BlobPrefetcher(blobs) if blobs.prefetches else None
         self.observer = metrics
         # The largest read the kernel sent (logged at unmount): how well
         # readahead and max_pages let sequential reads batch up.
@@ -295,6 +297,14 @@ class StoreFilesystem(pyfuse3.Operations):
         # Unlikely to meet handles of a worker before this one, still held by
         # the kernel (which would share a listing's state: slower, not wrong).
         self._next_root_listing = ROOT_LISTING_HANDLES + (random.getrandbits(40) << 20)
+
+    async def run_background(self) -> None:
+        """What the filesystem does besides answering requests (notices to
+        the kernel, reading ahead), until cancelled; run it while serving."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.notices.run)
+            if self.prefetcher is not None:
+                nursery.start_soon(self.prefetcher.run)
 
     # -- helpers ---------------------------------------------------------
 
@@ -444,6 +454,10 @@ class StoreFilesystem(pyfuse3.Operations):
                 # the miss for good (loaders and interpreters probe many names).
                 return self._no_entry
             node = nodes[i]
+            if self.prefetcher is not None and node[0] != PACKED_DIRECTORY:
+                parent = self.inodes.node(parent_inode)
+                assert parent is not None  # its children were just read
+                self.prefetcher.looked_up(parent, i, nodes)
         return entry_attributes(self.inodes.ref(node), node)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -702,6 +716,11 @@ class StoreFilesystem(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         if size > self.largest_read:
             self.largest_read = size
+        if self.prefetcher is not None:
+            packed = self.inodes.node(fh)
+            ahead = None if packed is None else self.prefetcher.read(packed, off, size)
+            if ahead is not None:  # read ahead, and checked
+                return ahead
         while True:
             blob = self._readers.get(fh)
             # Readers are kept by inode number, which the kernel may have

@@ -278,7 +278,7 @@ async def _serve_session(fs: StoreFilesystem, task_status: trio.TaskStatus[None]
         )
     _tune_gc()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(fs.notices.run)
+        nursery.start_soon(fs.run_background)
         task_status.started()
         await pyfuse3.main()
         nursery.cancel_scope.cancel()

@@ -8,7 +8,7 @@ its BLAKE3 digest, and a blob shorter or longer than it claims is an error.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import blake3
@@ -102,6 +102,8 @@ class BlobService(ABC):
     # on a peer, and a deadline could not interrupt them anyway, so callers
     # skip the deadline (trio's CancelScope costs as much as a cached read).
     local_reads: ClassVar[bool] = False
+    # Whether `prefetch` does anything.
+    prefetches: ClassVar[bool] = False
 
     @abstractmethod
     async def has(self, digest: B3Digest) -> bool: ...
@@ -153,6 +155,21 @@ class BlobService(ABC):
                     return True
         finally:
             await reader.aclose()
+
+    def prefetch(self, digests: Sequence[B3Digest]) -> None:  # noqa: B027 - optional
+        """Hint that these blobs will be read soon, from their start.
+
+        Blocking and best effort (errors are ignored): call it from a worker
+        thread. A local store has the kernel read them into its page cache
+        meanwhile; by default nothing happens.
+        """
+
+    def read_small(self, digest: B3Digest, size: int) -> bytes | None:
+        """The `size` bytes of a small blob, verified, read in the calling
+        thread (blocking: call it from a worker thread), or None if this
+        store cannot do that cheaply or the blob is missing or wrong (the
+        normal read path then says why). By default None."""
+        return None
 
     async def aclose(self) -> None:  # noqa: B027 - optional
         """Release connections and files."""

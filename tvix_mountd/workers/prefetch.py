@@ -1,0 +1,148 @@
+"""Reading ahead the blobs of the files that come next in a directory.
+
+Programs read many small files of one directory by name, often in name
+order: a `cat *`, an interpreter importing modules, a compiler reading
+headers. Each file costs the daemon a LOOKUP and a READ, and on a cold local
+store the READ waits for the disk. When a file is looked up, the blobs of
+the files after it (in name order) are read ahead, in worker threads (the
+loop's thread keeps answering requests, on the other core): the smallest
+whole, checked against their digests and kept in memory until read to
+the end (`SMALL`, `KEPT` bytes at most), the others asked of the disk
+(`BlobService.prefetch`: posix_fadvise WILLNEED for the embedded store).
+A READ of a kept file is then a slice of bytes, without a syscall.
+
+Bounded: a window of files ahead per directory, small files only, a few
+threads, a queue that drops rather than grows. A lookup that is not
+followed by reads (a stat by path) costs the disk reads of the window.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Final
+
+import trio
+
+from tvix_mountd.castore.blobs import BlobService
+from tvix_mountd.castore.nodes import (
+    PACKED_EXECUTABLE,
+    PACKED_FILE,
+    PACKED_SIZE,
+    PackedNode,
+    packed_digest,
+)
+
+# Files ahead of the one looked up; asked for again once half are read.
+AHEAD: Final = 64
+BATCH: Final = 16  # files per thread call
+THREADS: Final = 4
+MAX_FILE: Final = 1 << 20  # larger files have the kernel's own readahead
+SMALL: Final = 64 << 10  # files this small are read whole and kept
+KEPT: Final = 16 << 20  # bytes kept at most (the oldest go first)
+DIRECTORIES: Final = 4096  # directories whose window is remembered
+QUEUE: Final = 256
+
+_size_field = PACKED_SIZE.unpack_from
+
+
+class BlobPrefetcher:
+    def __init__(self, blobs: BlobService) -> None:
+        self._blobs = blobs
+        # Packed file node -> its contents, checked. Filled by the threads,
+        # taken by the loop's thread.
+        self._kept: OrderedDict[PackedNode, bytes] = OrderedDict()
+        self.kept_bytes = 0
+        self._lock = threading.Lock()
+        # Directory (its packed node: content, unlike an inode number that
+        # may be reused) -> index up to which its files were asked for.
+        self._upto: OrderedDict[PackedNode, int] = OrderedDict()
+        self._send, self._receive = trio.open_memory_channel[Sequence[PackedNode]](QUEUE)
+        self._batch_done = trio.Event()
+
+    def looked_up(self, directory: PackedNode, index: int, nodes: Sequence[PackedNode]) -> None:
+        """Entry `index` of directory `directory` (whose entries are `nodes`,
+        in name order) was just looked up."""
+        upto = self._upto.get(directory, index + 1)
+        if upto - index > AHEAD // 2 or upto >= len(nodes):
+            return
+        stop = min(len(nodes), index + 1 + AHEAD)
+        files = [
+            node
+            for node in nodes[max(upto, index + 1) : stop]
+            if node[0] in (PACKED_FILE, PACKED_EXECUTABLE) and 0 < _size_field(node)[0] <= MAX_FILE
+        ]
+        self._upto[directory] = stop
+        self._upto.move_to_end(directory)
+        if len(self._upto) > DIRECTORIES:
+            self._upto.popitem(last=False)
+        for i in range(0, len(files), BATCH):
+            try:
+                self._send.send_nowait(files[i : i + BATCH])
+            except trio.WouldBlock:
+                return  # the disk is behind already: drop the rest
+
+    async def wait_batch(self) -> None:
+        """Until the next batch has been read ahead (for tests, and for
+        whoever wants to see it work)."""
+        await self._batch_done.wait()
+
+    def holds(self, node: PackedNode) -> bool:
+        """Whether the contents of file node `node` are kept, read ahead."""
+        with self._lock:
+            return node in self._kept
+
+    def read(self, node: PackedNode, offset: int, size: int) -> bytes | None:
+        """`size` bytes from `offset` of file node `node`, if its contents were
+        read ahead (and checked); they are let go once read to the end (the
+        kernel keeps the pages, it will not ask again soon)."""
+        if not self._kept:
+            return None
+        with self._lock:
+            data = self._kept.get(node)
+            if data is None:
+                return None
+            if offset + size >= len(data):
+                del self._kept[node]
+                self.kept_bytes -= len(data)
+        return data[offset : offset + size]
+
+    def read_ahead(self, batch: Sequence[PackedNode]) -> None:
+        """In a worker thread: keep the small files, have the disk read the others."""
+        larger = []
+        for node in batch:
+            size = _size_field(node)[0]
+            if size > SMALL:
+                larger.append(packed_digest(node))
+                continue
+            data = self._blobs.read_small(packed_digest(node), size)
+            if data is None:
+                continue  # not cheaply readable, or wrong: the READ will say
+            with self._lock:
+                if node in self._kept:
+                    continue
+                self._kept[node] = data
+                self.kept_bytes += size
+                while self.kept_bytes > KEPT:
+                    _, dropped = self._kept.popitem(last=False)
+                    self.kept_bytes -= len(dropped)
+        if larger:
+            self._blobs.prefetch(larger)
+
+    async def run(self) -> None:
+        """Ask for the blobs, from up to THREADS threads at once, until cancelled."""
+        slots = trio.Semaphore(THREADS)
+
+        async def prefetch(batch: Sequence[PackedNode]) -> None:
+            try:
+                await trio.to_thread.run_sync(self.read_ahead, batch)
+            finally:
+                slots.release()
+                self._batch_done.set()
+                self._batch_done = trio.Event()
+
+        async with trio.open_nursery() as nursery:
+            async for batch in self._receive:
+                await slots.acquire()
+                nursery.start_soon(prefetch, batch)
