@@ -151,6 +151,9 @@ class Mount:
     def vmhwm_kb(self) -> int | None:
         return None if self.pid is None else vmhwm_kb(self.pid)
 
+    def vmrss_kb(self) -> int | None:
+        return None if self.pid is None else status_kb(self.pid, "VmRSS")
+
     def read_ahead_kb(self) -> int | None:
         return None if self.device is None else read_ahead_kb(self.device)
 
