@@ -1,10 +1,13 @@
 """The benchmark data: built once, cached under benchmarks/work/, reused while complete.
 
-One tree, three parts, each its own store path when imported:
+One tree, four parts, each its own store path when imported:
 
     big/big.bin                    one file of incompressible pseudo-random bytes
     small/dNNNN/fNNNNNN            many small files (1-4 KiB, all different) in ~1,000 dirs
     wide/eNNNNNN                   one directory of many small files
+    startup/bin/python3.11         Debian's python3.11 and its standard library
+    startup/lib/python3.11/...     (benchmarks.interpreter; left out, with the start-up
+                                   row, on a machine without /usr/bin/python3.11)
 
 The tree exists three times: as a plain directory (native, bindfs), as a
 squashfs image (squashfuse_ll) and in an embedded tvix store (raw+file
@@ -27,19 +30,23 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
 import blake3
 
+from benchmarks import interpreter
+
 # Bump when the layout or the contents of the generated data change.
-DATA_VERSION: Final = 1
+# 2: the startup part.
+DATA_VERSION: Final = 2
 
 BIG: Final = "big"
 SMALL: Final = "small"
 WIDE: Final = "wide"
-PARTS: Final = (BIG, SMALL, WIDE)
+STARTUP: Final = "startup"
+PARTS: Final = (BIG, SMALL, WIDE, STARTUP)  # every part; DataSet.parts: those built
 BIG_FILE_NAME: Final = "big.bin"
 
 # Uncompressed everything (inodes, data, fragments, xattrs): the read path is a
@@ -120,8 +127,16 @@ class DataSet:
     spec: DataSpec
     root: Path
     small_bytes: int  # total bytes of the small files (for checking cat)
+    # Modules loaded by the reference start-up (for checking it); None: no
+    # startup part on this machine.
+    startup_modules: int | None
     store_paths: dict[str, str]  # part -> /nix/store/<hash>-<part>
     squashfs_options: tuple[str, ...]
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The parts this data set holds."""
+        return tuple(p for p in PARTS if p != STARTUP or self.startup_modules is not None)
 
     @property
     def tree(self) -> Path:
@@ -230,9 +245,18 @@ def _build_tree(spec: DataSpec, tree: Path, log: Log) -> dict[str, Any]:
         _write_file(f"{root}/{rel}", contents)
         if rel.startswith(SMALL + "/"):
             small_bytes += len(contents)
+
+    startup_modules = None
+    why_not = interpreter.missing()
+    if why_not is None:
+        log(f"data: copying {interpreter.SOURCE_BINARY} and {interpreter.SOURCE_LIBRARY}")
+        startup_modules = interpreter.build(tree / STARTUP)
+        log(f"data: the reference start-up loads {startup_modules} modules")
+    else:
+        log(f"data: no {STARTUP} part, and no start-up row: {why_not}")
     os.sync()
     log(f"data: tree written in {time.perf_counter() - started:.1f} s")
-    return {"small_bytes": small_bytes}
+    return {"small_bytes": small_bytes, "startup_modules": startup_modules}
 
 
 def _build_image(tree: Path, image: Path, options: tuple[str, ...], log: Log) -> None:
@@ -279,18 +303,18 @@ def _build_store(data: DataSet, log: Log) -> dict[str, str]:
             str(config),
             "--store",
             "bench",
-            *(str(data.tree / part) for part in PARTS),
+            *(str(data.tree / part) for part in data.parts),
         ],
         check=True,
         stdout=subprocess.PIPE,
         text=True,
     )
     lines = result.stdout.split()
-    if len(lines) != len(PARTS) or not all(line.startswith("/nix/store/") for line in lines):
+    if len(lines) != len(data.parts) or not all(line.startswith("/nix/store/") for line in lines):
         raise RuntimeError(f"tvix-mountd import printed {result.stdout!r}")
     os.sync()
     log(f"data: store imported in {time.perf_counter() - started:.1f} s")
-    return dict(zip(PARTS, lines, strict=True))
+    return dict(zip(data.parts, lines, strict=True))
 
 
 def prepare(
@@ -304,7 +328,9 @@ def prepare(
     """The data set for `spec`: reused if complete, otherwise built (stage by stage)."""
     root = work_dir / f"data-v{DATA_VERSION}-{spec.name}"
     root.mkdir(parents=True, exist_ok=True)
-    key = {"version": DATA_VERSION, "spec": asdict(spec)}
+    # A new interpreter (or one installed since) means a new startup part.
+    startup_python = None if interpreter.missing() else interpreter.source_version()
+    key = {"version": DATA_VERSION, "spec": asdict(spec), "startup_python": startup_python}
     tree_marker = root / "tree.done"
     image_marker = root / "image.done"
     store_marker = root / "store.done"
@@ -333,19 +359,14 @@ def prepare(
         spec=spec,
         root=root,
         small_bytes=int(tree_info["small_bytes"]),
+        startup_modules=tree_info["startup_modules"],
         store_paths={},
         squashfs_options=squashfs_options,
     )
     store_info = _read_marker(store_marker)
-    if store_info is None or sorted(store_info.get("store_paths", {})) != sorted(PARTS):
+    if store_info is None or sorted(store_info.get("store_paths", {})) != sorted(data.parts):
         _remove(store_marker)
         _remove(data.store)
         store_info = {"store_paths": _build_store(data, log)}
         _write_marker(store_marker, store_info)
-    return DataSet(
-        spec=spec,
-        root=root,
-        small_bytes=data.small_bytes,
-        store_paths=dict(store_info["store_paths"]),
-        squashfs_options=squashfs_options,
-    )
+    return replace(data, store_paths=dict(store_info["store_paths"]))

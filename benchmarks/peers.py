@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from benchmarks.data import BIG, BIG_FILE_NAME, PARTS, SMALL, WIDE, DataSet, tvix_mountd_command
+from benchmarks.data import BIG, BIG_FILE_NAME, SMALL, STARTUP, WIDE, DataSet, tvix_mountd_command
 
 REPO: Final = Path(__file__).resolve().parent.parent
 MOUNT_DEADLINE: Final = 60.0
@@ -144,8 +144,15 @@ class Mount:
     def wide_dir(self) -> Path:
         return self.parts[WIDE]
 
+    @property
+    def startup_dir(self) -> Path:
+        return self.parts[STARTUP]
+
     def vmhwm_kb(self) -> int | None:
         return None if self.pid is None else vmhwm_kb(self.pid)
+
+    def vmrss_kb(self) -> int | None:
+        return None if self.pid is None else status_kb(self.pid, "VmRSS")
 
     def read_ahead_kb(self) -> int | None:
         return None if self.device is None else read_ahead_kb(self.device)
@@ -172,7 +179,7 @@ class NativePeer(Peer):
 
     @contextlib.contextmanager
     def mounted(self) -> Iterator[Mount]:
-        yield Mount(self.name, {part: self._data.tree / part for part in PARTS})
+        yield Mount(self.name, {part: self._data.tree / part for part in self._data.parts})
 
 
 # -- FUSE daemons ------------------------------------------------------------
@@ -311,7 +318,7 @@ class BindfsPeer(FusePeer):
         return ["bindfs", "-f", "-o", "ro", str(self._data.tree), str(self.mountpoint)]
 
     def part_paths(self) -> dict[str, Path]:
-        return {part: self.mountpoint / part for part in PARTS}
+        return {part: self.mountpoint / part for part in self._data.parts}
 
 
 class SquashfusePeer(FusePeer):
@@ -323,7 +330,7 @@ class SquashfusePeer(FusePeer):
         return ["squashfuse_ll", "-f", str(self._data.image), str(self.mountpoint)]
 
     def part_paths(self) -> dict[str, Path]:
-        return {part: self.mountpoint / part for part in PARTS}
+        return {part: self.mountpoint / part for part in self._data.parts}
 
 
 class TvixPeer(FusePeer):
@@ -368,7 +375,8 @@ class TvixPeer(FusePeer):
 
     def part_paths(self) -> dict[str, Path]:
         return {
-            part: self.mountpoint / os.path.basename(self._data.store_paths[part]) for part in PARTS
+            part: self.mountpoint / os.path.basename(self._data.store_paths[part])
+            for part in self._data.parts
         }
 
 

@@ -36,7 +36,14 @@ from typing import Any, Final
 from benchmarks import data as data_mod
 from benchmarks import peers as peers_mod
 from benchmarks.run import DEFAULT_WORK_DIR, REPO, log
-from benchmarks.workloads import WORKLOAD_NAMES, Measurement, Workload, drop_caches, workloads
+from benchmarks.workloads import (
+    WORKLOAD_NAMES,
+    Measurement,
+    Workload,
+    drop_caches,
+    why_unavailable,
+    workloads,
+)
 
 SNAPSHOT_DEADLINE: Final = 10.0
 
@@ -346,7 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     peers_mod.clear_stale_mounts(work_dir / "mnt")
     try:
         dataset = data_mod.prepare(spec, work_dir, log=log)
-        workload = workloads(dataset)[args.workload]
+        available = workloads(dataset)
+        if args.workload not in available:
+            raise SystemExit(f"no {args.workload} here: {why_unavailable(args.workload)}")
+        workload = available[args.workload]
         counts = spy = None
         if args.tool in ("probe", "both"):
             counts = probe(workload, dataset, work_dir, args.phase)

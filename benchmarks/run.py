@@ -3,9 +3,9 @@
 For each workload, repetition and peer (peers in a rotating order, so drift on
 a shared machine does not always hit the same peer): a fresh mount (FUSE
 peers: a new daemon, so its caches are cold too), `sync` and drop_caches, the
-cold run, at once the warm run on the same mount, then the daemon's VmHWM and
-the mount's bdi read_ahead_kb, then unmount. Medians per (workload, peer) go
-into the table; every sample goes into the JSON file.
+cold run, at once the warm run on the same mount, then the daemon's VmRSS and
+VmHWM and the mount's bdi read_ahead_kb, then unmount. Medians per (workload,
+peer) go into the tables; every sample goes into the JSON file.
 
 Needs root (drop_caches, mounting). Unmounts everything it mounted and stops
 every daemon it started, also on Ctrl-C, SIGTERM or an error.
@@ -39,6 +39,7 @@ from benchmarks.workloads import (
     Measurement,
     check,
     drop_caches,
+    why_unavailable,
     workloads,
 )
 
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(WORKLOAD_NAMES),
         metavar="WORKLOAD,...",
         help=f"workloads to run (default all: {','.join(WORKLOAD_NAMES)});"
-        " the RSS row comes with walk",
+        " the RSS row comes with walk, the memory table with every workload",
     )
     p.add_argument(
         "--peers",
@@ -275,6 +276,7 @@ def measure(
                         "cold": _phase(cold, cpu0, cpu1),
                         "warm": None if warm is None else _phase(warm, cpu1, cpu2),
                         "vmhwm_kb": mount.vmhwm_kb(),
+                        "vmrss_kb": mount.vmrss_kb(),
                         "read_ahead_kb": mount.read_ahead_kb(),
                         "load_average": load,
                         "cpu_pressure": pressure,
@@ -282,10 +284,14 @@ def measure(
                     }
                 samples.append(sample)
                 warm_text = "" if warm is None else f", warm {warm.seconds:8.3f} s"
-                rss = sample["vmhwm_kb"]
-                rss_text = "" if rss is None else f", VmHWM {rss / 1024:6.1f} MB"
+                rss, peak = sample["vmrss_kb"], sample["vmhwm_kb"]
+                rss_text = (
+                    ""
+                    if rss is None or peak is None
+                    else f", VmRSS {rss / 1024:6.1f} MB, VmHWM {peak / 1024:6.1f} MB"
+                )
                 log(
-                    f"{name:5} rep {rep + 1}/{reps[name]} {peer.name:10}"
+                    f"{name:7} rep {rep + 1}/{reps[name]} {peer.name:10}"
                     f" cold {cold.seconds:8.3f} s{warm_text}{rss_text}"
                     f" (load {load:.1f}, cpu pressure {pressure or 0:.0f}%)"
                 )
@@ -311,6 +317,7 @@ def markdown_document(
     reps: dict[str, int],
     samples: list[dict[str, Any]],
     whatif_patches: list[str],
+    memory: str,
 ) -> str:
     loads = sorted(s["load_average"] for s in samples)
     pressures = sorted(s["cpu_pressure"] for s in samples if s.get("cpu_pressure") is not None)
@@ -356,6 +363,10 @@ def markdown_document(
             "",
             spread,
             "",
+            "Daemon memory after each workload (VmRSS then / VmHWM, the peak; medians):",
+            "",
+            memory,
+            "",
         ]
     )
 
@@ -386,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     peers_mod.clear_stale_mounts(work_dir / "mnt")
     try:
         dataset = data_mod.prepare(spec, work_dir, rebuild=args.rebuild, log=log)
+        available = workloads(dataset)
+        for name in [n for n in args.only if n not in available]:
+            log(f"skipping {name}: {why_unavailable(name)}")
+        only = [n for n in args.only if n in available]
+        reps = {name: n for name, n in reps.items() if name in only}
         code_dir, code_hash = peers_mod.snapshot_code(work_dir)
         env["tvix_mountd_code"] = code_hash
         log(f"tvix-mountd daemons run the copy {code_dir} of tvix_mountd/")
@@ -398,9 +414,9 @@ def main(argv: list[str] | None = None) -> int:
             code_dir=code_dir,
             whatif=args.whatif,
         )
-        log(f"measuring {', '.join(args.only)} on {', '.join(peer_names)} ({spec.describe()})")
+        log(f"measuring {', '.join(only)} on {', '.join(peer_names)} ({spec.describe()})")
         started = time.perf_counter()
-        samples = measure(dataset, peers, args.only, reps, args.quiet_below, args.quiet_max_wait)
+        samples = measure(dataset, peers, only, reps, args.quiet_below, args.quiet_max_wait)
         log(f"measured in {time.perf_counter() - started:.0f} s")
     except (IncompleteRun, RuntimeError, OSError, subprocess.CalledProcessError) as e:
         log(f"benchmark failed: {e}")
@@ -416,8 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     table = report.summarize(samples, peer_names)
     header, rows = report.table_rows(table, peer_names, spec)
     spread = report.render_spread_markdown(table, peer_names, spec)
+    memory_header, memory_rows = report.memory_rows(samples, peer_names, spec)
     read_ahead = _read_ahead_summary(samples)
     print(report.render_text(header, rows))
+    print()
+    print(report.render_text(memory_header, memory_rows))
     if read_ahead:
         print(
             "bdi read_ahead_kb: "
@@ -426,7 +445,17 @@ def main(argv: list[str] | None = None) -> int:
 
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     markdown = markdown_document(
-        env, spec, dataset, header, rows, spread, read_ahead, reps, samples, args.whatif
+        env,
+        spec,
+        dataset,
+        header,
+        rows,
+        spread,
+        read_ahead,
+        reps,
+        samples,
+        args.whatif,
+        report.render_markdown(memory_header, memory_rows),
     )
     md_path = args.markdown or work_dir / f"results-{spec.name}-{stamp}.md"
     md_path.write_text(markdown)
@@ -448,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": report.ratios(table),
         "read_ahead_kb": read_ahead,
         "table": {"header": header, "rows": rows},
+        "memory_table": {"header": memory_header, "rows": memory_rows},
     }
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     log(f"wrote {md_path} and {json_path}")

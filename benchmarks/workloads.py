@@ -10,22 +10,35 @@ that fails part-way cannot look fast.
 - ls:   the real `ls -f DIR` (no sorting, no stat), output counted in lines.
 - cat:  one in-process loop over the small files in name order:
         open, read until EOF (64 KiB reads), close.
+- find: `find DIR -type f` at C speed over the small files, output counted in
+        lines: unlike walk, the type comes from the listing (d_type), no stat.
+- cat4: 4 processes at once, each the cat loop over its own quarter of the
+        small files (consecutive in name order, so each has its own
+        directories); the time until the last is done, bytes summed.
+- startup: Debian's python3.11 started from the mount, importing a set of
+        stdlib modules (benchmarks.interpreter); counted in loaded modules,
+        every one from the mount.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
+from benchmarks import interpreter
 from benchmarks.data import DataSet
 from benchmarks.peers import Mount
 
 READ_CHUNK: Final = 1 << 20
 CAT_READ: Final = 64 << 10
+CONCURRENT_READERS: Final = 4
 _ENV: Final = {**os.environ, "LC_ALL": "C"}
 
 
@@ -56,19 +69,25 @@ def sequential_read(path: str) -> Measurement:
     return Measurement(time.perf_counter() - started, total)
 
 
-def stat_walk(path: str) -> Measurement:
+def _timed_output(argv: list[str], env: dict[str, str] = _ENV) -> tuple[float, bytes]:
+    """Seconds a command took from start to exit, and its output (it must succeed)."""
     started = time.perf_counter()
-    out = subprocess.run(
-        ["find", path, "-printf", "%i %s\n"], check=True, stdout=subprocess.PIPE, env=_ENV
-    ).stdout
-    seconds = time.perf_counter() - started
+    out = subprocess.run(argv, check=True, stdout=subprocess.PIPE, env=env).stdout
+    return time.perf_counter() - started, out
+
+
+def stat_walk(path: str) -> Measurement:
+    seconds, out = _timed_output(["find", path, "-printf", "%i %s\n"])
     return Measurement(seconds, out.count(b"\n") - 1)  # without the starting point
 
 
+def find_files(path: str) -> Measurement:
+    seconds, out = _timed_output(["find", path, "-type", "f"])
+    return Measurement(seconds, out.count(b"\n"))
+
+
 def list_directory(path: str) -> Measurement:
-    started = time.perf_counter()
-    out = subprocess.run(["ls", "-f", path], check=True, stdout=subprocess.PIPE, env=_ENV).stdout
-    seconds = time.perf_counter() - started
+    seconds, out = _timed_output(["ls", "-f", path])
     names = out.split(b"\n")
     # Not every filesystem reports "." and ".." (tvix-mountd does not): count entries only.
     count = sum(1 for name in names if name not in (b"", b".", b".."))
@@ -87,6 +106,70 @@ def cat_files(paths: list[str]) -> Measurement:
         finally:
             close(fd)
     return Measurement(time.perf_counter() - started, total)
+
+
+def _cat_in_child(paths: list[str], go: int, result: int) -> None:
+    """A forked reader: wait for `go` to close, cat `paths`, write the byte count; never return."""
+    status = 1
+    try:
+        os.read(go, 1)  # EOF once the parent closes its end: all readers start at once
+        os.write(result, str(cat_files(paths).count).encode())
+        status = 0
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+    finally:
+        # The child must not run the harness's cleanups (unmounts) or flush its buffers.
+        os._exit(status)
+
+
+def concurrent_cat(path_sets: list[list[str]]) -> Measurement:
+    """`cat_files` over each set in its own process, all at once; bytes summed.
+
+    The readers are forked and waiting before the clock starts, so their
+    start-up is not timed; the time ends when the last has exited.
+    """
+    go_read, go_write = os.pipe()
+    readers: list[tuple[int, int]] = []  # (pid, read end of its result pipe)
+    try:
+        for paths in path_sets:
+            result_read, result_write = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(go_write)
+                _cat_in_child(paths, go_read, result_write)
+            os.close(result_write)
+            readers.append((pid, result_read))
+        started = time.perf_counter()
+        os.close(go_write)
+        go_write = -1
+        total = 0
+        failed: list[int] = []
+        for pid, result_read in readers:
+            with os.fdopen(result_read, "rb") as result:
+                count = result.read()
+            _, status = os.waitpid(pid, 0)
+            if os.waitstatus_to_exitcode(status) != 0 or not count:
+                failed.append(pid)
+            else:
+                total += int(count)
+        seconds = time.perf_counter() - started
+    finally:
+        os.close(go_read)
+        if go_write >= 0:
+            os.close(go_write)
+    if failed:
+        raise IncompleteRun(f"{len(failed)} of {len(path_sets)} concurrent readers failed")
+    return Measurement(seconds, total)
+
+
+def start_interpreter(part: Path, peer: str) -> Measurement:
+    """The start-up program of benchmarks.interpreter, run from `part`; counted in modules."""
+    seconds, out = _timed_output(interpreter.argv(part), env=interpreter.ENV)
+    try:
+        return Measurement(seconds, interpreter.loaded_modules(out, part))
+    except ValueError as e:
+        raise IncompleteRun(f"startup on {peer}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -118,17 +201,45 @@ def workloads(data: DataSet) -> dict[str, Workload]:
         base = str(mount.small_dir)
         return cat_files([f"{base}/{rel}" for rel in small_rel])
 
-    return {
+    def find(mount: Mount) -> Measurement:
+        return find_files(str(mount.small_dir))
+
+    def cat4(mount: Mount) -> Measurement:
+        base = str(mount.small_dir)
+        paths = [f"{base}/{rel}" for rel in small_rel]
+        n = len(paths)
+        quarters = [
+            paths[i * n // CONCURRENT_READERS : (i + 1) * n // CONCURRENT_READERS]
+            for i in range(CONCURRENT_READERS)
+        ]
+        return concurrent_cat(quarters)
+
+    def startup(mount: Mount) -> Measurement:
+        return start_interpreter(mount.startup_dir, mount.peer)
+
+    by_name = {
         "read": Workload("read", True, read, spec.big_bytes, "bytes"),
         "walk": Workload("walk", True, walk, spec.small_files + spec.small_dirs, "entries"),
         "ls": Workload("ls", True, ls, spec.wide_files, "entries"),
         "cat": Workload("cat", False, cat, data.small_bytes, "bytes"),
+        "find": Workload("find", False, find, spec.small_files, "files"),
+        "cat4": Workload("cat4", False, cat4, data.small_bytes, "bytes"),
     }
+    if data.startup_modules is not None:
+        by_name["startup"] = Workload("startup", True, startup, data.startup_modules, "modules")
+    return by_name
 
 
-WORKLOAD_NAMES: Final = ("read", "walk", "ls", "cat")
+def why_unavailable(name: str) -> str:
+    """Why `workloads()` has no workload `name` on this machine."""
+    if name == "startup":
+        return interpreter.missing() or "the data set was built without its startup part"
+    return "unknown workload"
+
+
+WORKLOAD_NAMES: Final = ("read", "walk", "ls", "cat", "find", "cat4", "startup")
 # Median of this many repetitions unless --reps says otherwise.
-DEFAULT_REPS: Final = {"read": 3, "walk": 5, "ls": 5, "cat": 3}
+DEFAULT_REPS: Final = {"read": 3, "walk": 5, "ls": 5, "cat": 3, "find": 5, "cat4": 3, "startup": 5}
 
 
 def check(workload: Workload, peer: str, m: Measurement) -> None:
