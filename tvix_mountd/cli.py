@@ -138,6 +138,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from tvix_mountd.procutil import raise_open_file_limit
     from tvix_mountd.workers.filesystem import StoreFilesystem
     from tvix_mountd.workers.mount import MountError, MountOptions, serve_until_signalled
     from tvix_mountd.workers.rootnodes import PathInfoRootNodes
@@ -157,6 +158,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         backend_timeout=args.backend_timeout,
     )
     options = MountOptions(fsname=args.fsname, allow_other=args.allow_other)
+    raise_open_file_limit()
 
     async def run() -> None:
         try:

@@ -8,6 +8,7 @@ import ctypes.util
 import logging
 import multiprocessing
 import os
+import resource
 import signal
 
 PR_SET_PDEATHSIG = 1
@@ -48,3 +49,17 @@ def prepare_child(
     from tvix_mountd.logs import tag_process
 
     tag_process(name)
+
+
+def raise_open_file_limit(wanted: int = 65536) -> None:
+    """Raise this process's soft limit on open files towards its hard limit.
+
+    A worker keeps blob readers open (one descriptor each) besides its
+    sockets and databases; the soft limit some service managers set (1024)
+    is for programs that never need more.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

@@ -84,8 +84,10 @@ READS_WITHOUT_OPEN: Final = hasattr(pyfuse3.Operations, "zero_fh_is_inode")
 # Handles of root listings: above every inode number (a handle below it is
 # the inode number of the directory or file it opened).
 ROOT_LISTING_HANDLES: Final = 1 << 62
-# Blob readers kept open for files the kernel has open, at most.
-OPEN_READERS: Final = 1024
+# Blob readers kept open, at most (each may hold a file descriptor). With the
+# kernel opening files itself no RELEASE says when a file is closed: the
+# least recently read reader goes.
+OPEN_READERS: Final = 512
 # Flags that would modify a file.
 _WRITE_FLAGS: Final = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
@@ -689,8 +691,6 @@ class StoreFilesystem(pyfuse3.Operations):
             await self._close_blob(ino)
         blob = self._readers[ino] = _OpenBlob(ino, packed, node, reader)
         if len(self._readers) > OPEN_READERS:
-            # Files opened before a handover and never released to this
-            # process, or simply very many open files: close the oldest.
             oldest = next(iter(self._readers))
             await self._close_blob(oldest)
         return blob

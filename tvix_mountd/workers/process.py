@@ -156,6 +156,7 @@ def main() -> None:
         print(f"tvix-mountd worker: bad spec on stdin: {e}", file=sys.stderr)
         sys.exit(2)
     procutil.prepare_child(spec.mount.name, parent_pid=spec.parent_pid)
+    procutil.raise_open_file_limit()
     if spec.log_fd is not None:
         logs.setup_exec_child_logging(spec.log_fd, spec.log_level, spec.mount.name)
     try:
