@@ -31,3 +31,16 @@ class AddressError(ValueError):
         super().__init__(f"invalid store address {addr!r}: {reason}")
         self.addr = addr
         self.reason = reason
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What a failed pipeline of tasks raises: the first error in its nursery's
+    group (the one that made the nursery cancel the other tasks), or the
+    group itself when it holds no error (a cancellation from outside)."""
+    errors, _ = group.split(Exception)
+    if errors is None:
+        return group
+    first: BaseException = errors
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first

@@ -33,7 +33,7 @@ import trio
 from tvix_mountd.castore.blobs import BlobService, BlobUpload, check_stored
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories import DirectoryService
-from tvix_mountd.castore.errors import IntegrityError, ValidationError
+from tvix_mountd.castore.errors import IntegrityError, ValidationError, first_error
 from tvix_mountd.castore.importer import CHUNK_SIZE
 from tvix_mountd.castore.nar import (
     CLOSE,
@@ -332,7 +332,7 @@ async def ingest_nar(
             if not await reader.at_end():
                 raise NarError(f"NAR: data after its end, at byte {reader.size}")
     except BaseExceptionGroup as group:
-        raise _first_error(group) from None
+        raise first_error(group) from None
     sha256 = reader.sha256.digest()
     if expected_size is not None and reader.size != expected_size:
         raise NarError(f"NAR has {reader.size} bytes, expected {expected_size}")
@@ -343,16 +343,3 @@ async def ingest_nar(
         if not isinstance(node, DirectoryNode) or stored != node.digest:
             raise IntegrityError(f"directory service stored the root as {stored}")
     return IngestedNar(node, reader.size, sha256)
-
-
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """What a failed ingest raises: the first error in its nursery's group (the
-    parse's, or an upload's; the other tasks were cancelled because of it), or
-    the group itself when it holds no error (a cancellation from outside)."""
-    errors, _ = group.split(Exception)
-    if errors is None:
-        return group
-    first: BaseException = errors
-    while isinstance(first, BaseExceptionGroup):
-        first = first.exceptions[0]
-    return first

@@ -3,11 +3,17 @@
 Every reader handed out is wrapped in `VerifyingReader`, so no backend's
 bytes reach a caller unchecked: reading a blob to its end in order verifies
 its BLAKE3 digest, and a blob shorter or longer than it claims is an error.
+
+Writing is fast and durability is a separate, batched step: a blob is
+readable once written, and durable once `sync` returned. Record nothing that
+refers to a blob (a PathInfo) before that; `put_batch` stores many small
+blobs in one call.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar
 
 import blake3
@@ -125,6 +131,23 @@ class BlobService(ABC):
             raise
         return await writer.close()
 
+    async def put_batch(self, blobs: Sequence[tuple[B3Digest, bytes]]) -> None:
+        """Store each `(digest, data)` whose blob is missing, in as few calls
+        to the backend as it allows (a local store: one worker-thread hop).
+
+        The digests are the caller's, hashed from the data in this process:
+        a local store names the files after them without hashing again (and
+        its readers check every digest), a remote one is checked as `put` is.
+        """
+        for digest, data in blobs:
+            if not await self.has(digest):
+                check_stored(f"blob {digest}", digest, await self.put(data))
+
+    async def sync(self) -> None:  # noqa: B027 - nothing to do for most backends
+        """Make every blob written so far durable, before something that
+        refers to them is recorded. A no-op here: memory holds nothing
+        durable, and a remote store answers a write once it has stored it."""
+
     async def read_all(self, digest: B3Digest) -> bytes | None:
         """The whole blob, verified. For small blobs and tests."""
         reader = await self.open_read(digest)
@@ -153,19 +176,6 @@ def check_stored(what: str, computed: B3Digest, stored: B3Digest) -> B3Digest:
             f"blob service stored {what} as {stored}, its contents hash to {computed}"
         )
     return computed
-
-
-async def put_if_missing(blobs: BlobService, data: bytes, what: str) -> B3Digest:
-    """Store a blob held in memory unless the service has it already.
-
-    Its digest costs nothing extra (the bytes are here), and `has` is a stat
-    for the embedded store, so storing the same small file again opens no
-    writer and writes nothing.
-    """
-    digest = B3Digest.of(data)
-    if not await blobs.has(digest):
-        check_stored(what, digest, await blobs.put(data))
-    return digest
 
 
 class BlobUpload:

@@ -11,14 +11,16 @@ deliberate, so the FUSE read path serves a read with one pread on the blob
 file, and the kernel's page cache and readahead do the rest.
 
 Writes are atomic (see localdir.py): a blob is streamed into a temp file while
-being hashed, then published under its digest's name. A writer that finds its
-blob already there, with the same size, leaves the first file in place.
+being hashed, then published under its digest's name; `sync` makes it durable.
+A writer that finds its blob already there, with the same size, leaves the
+first file in place (one of another size was damaged, and is replaced).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 
 import blake3
 import trio
@@ -180,20 +182,35 @@ class RawFileBlobService(BlobService):
         return RawFileWriter(self, fd, temp_path)
 
     async def put(self, data: bytes) -> B3Digest:
-        """A whole blob in one worker-thread hop (check, create, write, fsync,
+        """A whole blob in one worker-thread hop (check, create, write,
         rename), where a writer costs two and creates its temp file in the
         event loop's thread. A blob stored already is left as it is."""
         await self.local.prepare()
         return await trio.to_thread.run_sync(self._put_sync, data)
 
+    async def put_batch(self, blobs: Sequence[tuple[B3Digest, bytes]]) -> None:
+        """Every missing blob of the batch in one worker-thread hop."""
+        await self.local.prepare()
+        await trio.to_thread.run_sync(self._put_batch_sync, blobs)
+
+    async def sync(self) -> None:
+        await self.local.sync()
+
     def _put_sync(self, data: bytes) -> B3Digest:
         digest = B3Digest.of(data)
+        self._store_sync(digest, data)
+        return digest
+
+    def _put_batch_sync(self, blobs: Sequence[tuple[B3Digest, bytes]]) -> None:
+        for digest, data in blobs:
+            self._store_sync(digest, data)
+
+    def _store_sync(self, digest: B3Digest, data: bytes) -> None:
         target = self.blob_path(digest)
         with contextlib.suppress(FileNotFoundError):
             if os.stat(target).st_size == len(data):
-                return digest  # stored already: nothing to write
+                return  # stored already: nothing to write
         try:
             self.local.write_file(target, data)
         except OSError as e:
             raise StoreError(f"storing blob {digest} in {self.root}: {e}") from e
-        return digest
