@@ -15,7 +15,7 @@ import shutil
 import socket
 import sqlite3
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -710,3 +710,73 @@ async def _any_path_info(store: Store) -> bool:
     async for _ in store.path_infos.list():
         return True
     return False
+
+
+# --- the durability point -----------------------------------------------------------
+
+
+class _OrderedStore:
+    """A memory store that records the order of what an import does to it."""
+
+    def __init__(self, fail_sync: bool = False) -> None:
+        self.calls: list[str] = []
+        calls = self.calls
+
+        class Blobs(MemoryBlobService):
+            async def put_batch(self, blobs: Sequence[tuple[B3Digest, bytes]]) -> None:
+                calls.append("blobs")
+                await super().put_batch(blobs)
+
+            async def open_write(self) -> BlobWriter:
+                calls.append("blob writer")
+                return await super().open_write()
+
+            async def sync(self) -> None:
+                calls.append("sync")
+                if fail_sync:
+                    raise StoreError("the disk said no")
+
+        class Infos(MemoryPathInfoService):
+            async def put(self, info: PathInfo) -> PathInfo:
+                calls.append("path info")
+                return await super().put(info)
+
+        self.store = Store(Blobs(), MemoryDirectoryService(), Infos())
+
+
+async def test_blobs_are_made_durable_once_before_the_path_info(tmp_path: Path) -> None:
+    root = tree_big(tmp_path)
+    tree_mixed(root)
+    recording = _OrderedStore()
+    await import_path(recording.store, root)
+    calls = recording.calls
+    assert "blobs" in calls and "blob writer" in calls
+    assert calls.count("sync") == 1
+    assert calls[-2:] == ["sync", "path info"]
+
+
+async def test_a_failed_sync_records_nothing(tmp_path: Path) -> None:
+    recording = _OrderedStore(fail_sync=True)
+    with pytest.raises(StoreError, match="the disk said no"):
+        await import_path(recording.store, tree_mixed(tmp_path))
+    assert "path info" not in recording.calls
+    assert not await _any_path_info(recording.store)
+
+
+async def test_a_file_changing_size_while_read_is_an_error(tmp_path: Path) -> None:
+    # Stands in for a file that shrinks between fstat and read: a small file
+    # read in one go must come out at the size fstat gave.
+    root = tmp_path / "tree"
+    root.mkdir()
+    _write(root / "a", b"abc")
+    real_read = os.read
+
+    def short_read(fd: int, n: int) -> bytes:
+        return real_read(fd, n)[:1]
+
+    store = memory_store()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "read", short_read)
+        with pytest.raises(ImportSourceError, match="changed size while read"):
+            await import_path(store, root)
+    assert not await _any_path_info(store)
