@@ -177,7 +177,10 @@ def test_on_a_terminal_a_progress_line_is_drawn_in_place(tmp_path: Path, tree: P
     )
     assert reference.returncode == 0, reference.stderr
 
-    done = run_on_terminal("import", "--config", str(config), "--store", "local", str(tree))
+    # Wide enough for the whole line (tmp_path is long); narrow: the next test.
+    done = run_on_terminal(
+        "import", "--config", str(config), "--store", "local", str(tree), columns=400
+    )
 
     assert done.returncode == 0, done.stderr
     assert done.stdout == reference.stdout
