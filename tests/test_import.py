@@ -15,6 +15,8 @@ import shutil
 import socket
 import sqlite3
 import stat
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tvix_mountd.castore import nixbase32
+from tvix_mountd.castore import importer, nixbase32
 from tvix_mountd.castore.blobs import BlobWriter
 from tvix_mountd.castore.blobs.memory import MemoryBlobService
 from tvix_mountd.castore.digests import B3Digest
@@ -780,3 +782,54 @@ async def test_a_file_changing_size_while_read_is_an_error(tmp_path: Path) -> No
         with pytest.raises(ImportSourceError, match="changed size while read"):
             await import_path(store, root)
     assert not await _any_path_info(store)
+
+
+# --- the prefetcher -------------------------------------------------------------------
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+def test_prefetcher_runs_ahead_in_walk_order_by_a_bounded_count(tmp_path: Path) -> None:
+    # The files the walker will read, in its order (name order, depth first).
+    expected = []
+    for d in ("a", "b"):
+        for i in range(importer.PREFETCH_FILES):
+            path = tmp_path / "tree" / d / f"f{i:04d}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+            expected.append(os.fsencode(path))
+    (tmp_path / "tree" / "a" / "link").symlink_to("f0000")  # not a file to read
+    advised: list[bytes] = []
+    fds: dict[int, bytes] = {}
+    real_open = os.open
+
+    def recording_open(path: bytes, flags: int, *args: int) -> int:
+        fd = real_open(path, flags, *args)
+        fds[fd] = path
+        return fd
+
+    def recording_fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        assert (offset, length, advice) == (0, importer.PREFETCH_BYTES, os.POSIX_FADV_WILLNEED)
+        advised.append(fds[fd])
+
+    prefetcher = importer._Prefetcher()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "open", recording_open)
+        patch.setattr(os, "posix_fadvise", recording_fadvise)
+        thread = threading.Thread(target=prefetcher.run, args=(os.fsencode(tmp_path / "tree"),))
+        thread.start()
+        try:
+            _wait_for(lambda: len(advised) == importer.PREFETCH_FILES, "the first files")
+            prefetcher.consumed(10)
+            _wait_for(lambda: len(advised) == importer.PREFETCH_FILES + 10, "ten more")
+        finally:
+            prefetcher.stop()
+            thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert advised == expected[: importer.PREFETCH_FILES + 10]

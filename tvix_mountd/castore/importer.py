@@ -18,9 +18,15 @@ How an import runs, so that both cores work and no NAR is ever built:
   of BATCHES_IN_FLIGHT, to a task in trio that hands each batch to the
   store: the blobs in one `put_batch` (one worker-thread hop for the
   embedded store, whose thread writes the files while the walker reads the
-  next ones), the Directories to a tree upload. Memory is bounded by that:
-  a few batches, the walker's stack of directory listings, and what the
+  next ones; CONCURRENT_PUTS batches at once), the Directories to a tree
+  upload. Memory is bounded by that: a few batches, the walker's stack of directory listings, and what the
   tree upload keeps (for the embedded store, each Directory's digest).
+- On a cold cache, reading small files one after the other leaves the disk
+  idle between them (the kernel reads ahead within a file, not across
+  files): a prefetcher thread walks the same tree a few hundred files ahead
+  and asks the kernel for each (posix_fadvise WILLNEED, which reads in the
+  background), so many reads are in flight and the walker finds its files
+  in the page cache.
 - Durability has one point. After the walk, the tree upload is finished,
   `blobs.sync()` makes every blob durable (one syncfs for the embedded
   store, not an fsync per file), and only then is the PathInfo put. A crash
@@ -34,9 +40,11 @@ from __future__ import annotations
 import inspect
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
+from operator import attrgetter
 from typing import Final
 
 import blake3
@@ -67,6 +75,15 @@ BATCH_BYTES: Final = 4 << 20
 BATCH_FILES: Final = 1024
 # Batches the walker may be ahead of the store by.
 BATCHES_IN_FLIGHT: Final = 2
+# Batches of small blobs being stored at once.
+CONCURRENT_PUTS: Final = 2
+# Files the prefetcher may be ahead of the walker by, and how much of each
+# it asks the kernel for (the rest of a larger file comes with the kernel's
+# readahead once the walker reads it).
+PREFETCH_FILES: Final = 256
+PREFETCH_BYTES: Final = 256 << 10
+# The walker reports its progress to the prefetcher every so many files.
+_PREFETCH_STEP: Final = 32
 
 # O_NONBLOCK: a file swapped for a fifo after the listing must not hang open();
 # fstat then rejects it. O_NOFOLLOW: nor may it turn into a symlink we follow.
@@ -201,6 +218,66 @@ def _read_full(fd: int, n: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+class _Prefetcher:
+    """Asks the kernel to read files before the walker opens them (see the
+    module docstring). `run` is blocking, for its own worker thread; it walks
+    the tree in the walker's order and stays at most PREFETCH_FILES files
+    ahead. Best effort: whatever fails here is skipped (the walker meets it
+    again and reports it)."""
+
+    def __init__(self) -> None:
+        self._room = threading.Semaphore(PREFETCH_FILES)
+        self._stopped = False
+
+    def consumed(self, files: int) -> None:
+        """The walker opened `files` more files."""
+        self._room.release(files)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._room.release(PREFETCH_FILES)  # wakes a `run` waiting for room
+
+    @staticmethod
+    def _sorted(path: bytes) -> Iterator[os.DirEntry[bytes]]:
+        try:
+            with os.scandir(path) as it:
+                return iter(sorted(it, key=_entry_name))
+        except OSError:
+            return iter(())
+
+    def run(self, root: bytes) -> None:
+        stack = [self._sorted(root)]
+        while stack:
+            entry = next(stack[-1], None)
+            if entry is None:
+                stack.pop()
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(self._sorted(entry.path))
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+            except OSError:
+                continue
+            self._room.acquire()
+            if self._stopped:
+                return
+            try:
+                fd = os.open(entry.path, _OPEN_FLAGS)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, PREFETCH_BYTES, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+
+_entry_name = attrgetter("name")
+
+
 class _Walker:
     """The reading half of an import; `run` is blocking, for one worker thread.
 
@@ -208,10 +285,17 @@ class _Walker:
     BATCHES_IN_FLIGHT behind); it raises if the import was cancelled.
     """
 
-    def __init__(self, send: Callable[[_Batch], None], progress: ImportProgress) -> None:
+    def __init__(
+        self,
+        send: Callable[[_Batch], None],
+        progress: ImportProgress,
+        prefetcher: _Prefetcher | None,
+    ) -> None:
         self.nar = NarHasher()
         self._send = send
         self._progress = progress
+        self._prefetcher = prefetcher
+        self._opened = 0
         self._batch = _Batch()
 
     def run(self, root: _Entry) -> Node:
@@ -259,6 +343,9 @@ class _Walker:
 
     def _file(self, path: bytes) -> FileNode:
         fd = os.open(path, _OPEN_FLAGS)
+        self._opened += 1
+        if self._prefetcher is not None and self._opened % _PREFETCH_STEP == 0:
+            self._prefetcher.consumed(_PREFETCH_STEP)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -330,13 +417,28 @@ class _Walker:
 async def _store_batches(
     store: Store, batches: trio.MemoryReceiveChannel[_Batch], tree: TreeUpload
 ) -> None:
-    """The storing half of an import: each batch to the store, in order."""
+    """The storing half of an import: each batch to the store.
+
+    Up to CONCURRENT_PUTS batches of small blobs are stored at once: creating
+    a file waits on the disk whenever the file system's metadata is not
+    cached, and two threads keep it busy where one would leave it idle in
+    between. A large file's pieces and the Directories go in order.
+    """
     writer: BlobWriter | None = None
+    slots = trio.Semaphore(CONCURRENT_PUTS)
+
+    async def put(blobs: list[tuple[B3Digest, bytes]]) -> None:
+        try:
+            await store.blobs.put_batch(blobs)
+        finally:
+            slots.release()
+
     try:
-        async with batches:
+        async with batches, trio.open_nursery() as puts:
             async for batch in batches:
                 if batch.blobs:
-                    await store.blobs.put_batch(batch.blobs)
+                    await slots.acquire()
+                    puts.start_soon(put, batch.blobs)
                 for piece in batch.pieces:
                     if writer is None:
                         writer = await store.blobs.open_write()
@@ -400,19 +502,27 @@ async def import_path(
     store_name = _store_name(raw_path, name)
     root = await trio.to_thread.run_sync(_classify, raw_path)
     send, receive = trio.open_memory_channel[_Batch](BATCHES_IN_FLIGHT)
+    prefetcher = _Prefetcher() if root.kind is _Kind.DIRECTORY else None
     walker = _Walker(
         lambda batch: trio.from_thread.run(send.send, batch),
         progress if progress is not None else ImportProgress(),
+        prefetcher,
     )
     tree = store.directories.open_tree_upload()
     walked: list[Node] = []
 
     async def walk() -> None:
-        async with send:
-            walked.append(await trio.to_thread.run_sync(walker.run, root))
+        try:
+            async with send:
+                walked.append(await trio.to_thread.run_sync(walker.run, root))
+        finally:
+            if prefetcher is not None:
+                prefetcher.stop()
 
     try:
         async with trio.open_nursery() as nursery:
+            if prefetcher is not None:
+                nursery.start_soon(trio.to_thread.run_sync, prefetcher.run, root.path)
             nursery.start_soon(walk)
             await _store_batches(store, receive, tree)
     except BaseExceptionGroup as group:
