@@ -20,7 +20,7 @@ import` again into that store (the re-import: everything is there already).
 Before each timed command: `sync` and `echo 3 > /proc/sys/vm/drop_caches`
 (needs root), so each starts with cold caches and nothing left to write back
 from the one before (Nix does not sync what it writes; the sync before the
-next command is not timed). Peak RSS is the command's own (wait4's maxrss).
+next command is not timed). Peak RSS is the command's own (GNU time's %M).
 
 Both print the same store paths, or the run stops.
 
@@ -65,20 +65,26 @@ class Timed:
 
 
 def timed(command: list[str]) -> Timed:
-    """Run `command` after dropping caches; its wall time and peak RSS."""
+    """Run `command` after dropping caches; its wall time and peak RSS.
+
+    The peak comes from GNU time, whose child is forked from a small
+    process: a child forked from this one would start its count at this
+    process's own peak (Linux keeps the larger across fork and exec).
+    """
     drop_caches()
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.NamedTemporaryFile("r") as rss, tempfile.TemporaryFile() as err:
         started = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=err)
-        # wait4 reaps it with its resource usage (so Popen must not wait).
-        _, status, usage = os.wait4(process.pid, 0)
+        done = subprocess.run(
+            ["/usr/bin/time", "--format", "%M", "--output", rss.name, *command],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            check=False,
+        )
         elapsed = time.perf_counter() - started
-        process.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        if process.returncode != 0:
-            sys.exit(f"{' '.join(command)} failed ({process.returncode}): {err.read().decode()}")
-        return Timed(elapsed, usage.ru_maxrss, out.read().decode())
+        if done.returncode != 0:
+            err.seek(0)
+            sys.exit(f"{' '.join(command)} failed ({done.returncode}): {err.read().decode()}")
+        return Timed(elapsed, int(rss.read().split()[-1]), done.stdout.decode())
 
 
 def paths_of(tree: Path, workload: str) -> list[str]:

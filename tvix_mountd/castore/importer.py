@@ -18,18 +18,19 @@ How an import runs, so that both cores work and no NAR is ever built:
   of BATCHES_IN_FLIGHT, to a task in trio that hands each batch to the
   store: the blobs in one `put_batch` (one worker-thread hop for the
   embedded store, whose thread writes the files while the walker reads the
-  next ones; CONCURRENT_PUTS batches at once), the Directories to a tree
-  upload. Memory is bounded by that: a few batches, the walker's stack of directory listings, and what the
-  tree upload keeps (for the embedded store, each Directory's digest).
+  next ones; two batches at once, see BlobBatcher), the Directories to a
+  tree upload. Memory is bounded by that: a few batches, the walker's stack
+  of directory listings, and what the tree upload keeps (for the embedded
+  store, each Directory's digest).
 - On a cold cache, reading small files one after the other leaves the disk
   idle between them (the kernel reads ahead within a file, not across
   files): a prefetcher thread walks the same tree a few hundred files ahead
   and asks the kernel for each (posix_fadvise WILLNEED, which reads in the
   background), so many reads are in flight and the walker finds its files
   in the page cache.
-- Durability has one point. After the walk, the tree upload is finished,
-  `blobs.sync()` makes every blob durable (one syncfs for the embedded
-  store, not an fsync per file), and only then is the PathInfo put. A crash
+- Durability has one point (`put_durably`). After the walk, the tree upload
+  is finished, `blobs.sync()` makes every blob durable (one syncfs for the
+  embedded store, not an fsync per file), and only then is the PathInfo put. A crash
   at any moment before leaves blobs and Directories that nothing refers to,
   which are harmless and which the next import of the tree reuses; a crash
   after leaves a PathInfo whose whole tree is on disk.
@@ -51,7 +52,13 @@ import blake3
 import trio
 
 from tvix_mountd.castore import storepath
-from tvix_mountd.castore.blobs import BlobWriter, check_stored
+from tvix_mountd.castore.blobs import (
+    BATCH_BYTES,
+    BATCH_FILES,
+    BlobBatcher,
+    BlobWriter,
+    check_stored,
+)
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories import TreeUpload
 from tvix_mountd.castore.errors import (
@@ -63,20 +70,16 @@ from tvix_mountd.castore.errors import (
 from tvix_mountd.castore.nar import NAR_MAGIC, NarHasher
 from tvix_mountd.castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
 from tvix_mountd.castore.pathinfo import CAHashType, ContentAddress, PathInfo
+from tvix_mountd.castore.pathinfos import put_durably
 from tvix_mountd.castore.store import Store
 
 # A file up to this size is read whole and stored in a batch; a larger one is
 # streamed in pieces of this size through a blob writer.
 CHUNK_SIZE: Final = 1 << 20
-# File contents per batch (a batch also ends after a large file's last piece).
-BATCH_BYTES: Final = 4 << 20
-# Also a bound on the number of files per batch: many empty files cost little
-# memory, but each is work for the store.
-BATCH_FILES: Final = 1024
-# Batches the walker may be ahead of the store by.
+# Batches are of the BlobBatcher's measure (BATCH_BYTES, BATCH_FILES); one
+# also ends after a large file's last piece. The walker may be this many
+# batches ahead of the store.
 BATCHES_IN_FLIGHT: Final = 2
-# Batches of small blobs being stored at once.
-CONCURRENT_PUTS: Final = 2
 # Files the prefetcher may be ahead of the walker by, and how much of each
 # it asks the kernel for (the rest of a larger file comes with the kernel's
 # readahead once the walker reads it).
@@ -417,28 +420,16 @@ class _Walker:
 async def _store_batches(
     store: Store, batches: trio.MemoryReceiveChannel[_Batch], tree: TreeUpload
 ) -> None:
-    """The storing half of an import: each batch to the store.
-
-    Up to CONCURRENT_PUTS batches of small blobs are stored at once: creating
-    a file waits on the disk whenever the file system's metadata is not
-    cached, and two threads keep it busy where one would leave it idle in
-    between. A large file's pieces and the Directories go in order.
-    """
+    """The storing half of an import: each batch to the store; small blobs
+    CONCURRENT_PUTS batches at once, a large file's pieces and the
+    Directories in order."""
     writer: BlobWriter | None = None
-    slots = trio.Semaphore(CONCURRENT_PUTS)
-
-    async def put(blobs: list[tuple[B3Digest, bytes]]) -> None:
-        try:
-            await store.blobs.put_batch(blobs)
-        finally:
-            slots.release()
-
     try:
         async with batches, trio.open_nursery() as puts:
+            batcher = BlobBatcher(store.blobs, puts)
             async for batch in batches:
                 if batch.blobs:
-                    await slots.acquire()
-                    puts.start_soon(put, batch.blobs)
+                    await batcher.put(batch.blobs)
                 for piece in batch.pieces:
                     if writer is None:
                         writer = await store.blobs.open_write()
@@ -532,8 +523,6 @@ async def import_path(
         stored = await tree.finish()
         if stored != node.digest:
             raise IntegrityError(f"directory service stored the root as {stored}")
-    # The durability point: everything the PathInfo refers to first.
-    await store.blobs.sync()
     nar_sha256 = walker.nar.digest()
     info = PathInfo(
         store_path=storepath.source_store_path(nar_sha256, store_name),
@@ -542,7 +531,7 @@ async def import_path(
         nar_sha256=nar_sha256,
         ca=ContentAddress(CAHashType.NAR_SHA256, nar_sha256),
     )
-    return await store.path_infos.put(info)
+    return await put_durably(store.blobs, store.path_infos, info)
 
 
 async def write_nar(store: Store, node: Node, sink: Callable[[bytes], object]) -> tuple[int, bytes]:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, Final
 
 import blake3
+import trio
 
 from tvix_mountd.castore.addr import BLOB_SCHEMES, parse_address
 from tvix_mountd.castore.blocking import DEFAULT_TIMEOUT
@@ -176,6 +177,59 @@ def check_stored(what: str, computed: B3Digest, stored: B3Digest) -> B3Digest:
             f"blob service stored {what} as {stored}, its contents hash to {computed}"
         )
     return computed
+
+
+# Small blobs stored per `put_batch` call by a BlobBatcher (and batches made
+# elsewhere to its measure): bytes, and files (many empty files cost little
+# memory but each is work for the store).
+BATCH_BYTES: Final = 4 << 20
+BATCH_FILES: Final = 1024
+# Batches being stored at once: creating a file waits on the disk whenever
+# the file system's metadata is not cached, and two threads keep the disk
+# busy where one leaves it idle in between.
+CONCURRENT_PUTS: Final = 2
+
+
+class BlobBatcher:
+    """Small blobs stored in batches, in the background: `add` gathers them
+    into batches of about BATCH_BYTES, `put` hands a batch to a task of
+    `nursery` running `put_batch`, waiting while CONCURRENT_PUTS run already.
+
+    Memory: the batch being gathered and CONCURRENT_PUTS being stored. Leave
+    the nursery only after `flush`: then every blob added is stored (or its
+    task's error is the nursery's).
+    """
+
+    def __init__(self, blobs: BlobService, nursery: trio.Nursery) -> None:
+        self._blobs = blobs
+        self._nursery = nursery
+        self._slots = trio.Semaphore(CONCURRENT_PUTS)
+        self._pending: list[tuple[B3Digest, bytes]] = []
+        self._pending_bytes = 0
+
+    async def add(self, digest: B3Digest, data: bytes) -> None:
+        self._pending.append((digest, data))
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= BATCH_BYTES or len(self._pending) >= BATCH_FILES:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Start storing what `add` gathered."""
+        batch, self._pending = self._pending, []
+        self._pending_bytes = 0
+        if batch:
+            await self.put(batch)
+
+    async def put(self, batch: list[tuple[B3Digest, bytes]]) -> None:
+        """Start storing `batch` once fewer than CONCURRENT_PUTS run."""
+        await self._slots.acquire()
+        self._nursery.start_soon(self._put, batch)
+
+    async def _put(self, batch: list[tuple[B3Digest, bytes]]) -> None:
+        try:
+            await self._blobs.put_batch(batch)
+        finally:
+            self._slots.release()
 
 
 class BlobUpload:
