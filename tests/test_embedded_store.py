@@ -978,3 +978,19 @@ async def test_sqlite_path_infos_two_instances_share_a_file(tmp_path: Path) -> N
     assert len([i async for i in first.list()]) == 2
     await first.aclose()
     await second.aclose()
+
+
+async def test_raw_blob_temp_name_taken_draws_another(raw_blobs: RawFileBlobService) -> None:
+    # Another process (or a fork of this one) with the same temp name prefix.
+    await raw_blobs.put(b"first")
+    taken = temp_files(raw_blobs)
+    assert taken == []
+    local = raw_blobs.local
+    prefix = local._temp_prefix
+    count = next(local._temp_count)
+    for n in range(count + 1, count + 3):
+        (Path(local.temp_dir) / f"{prefix}{n}.tmp").write_bytes(b"someone else's")
+    digest = await raw_blobs.put(b"second")
+    assert await raw_blobs.read_all(digest) == b"second"
+    assert local._temp_prefix != prefix
+    assert len(temp_files(raw_blobs)) == 2  # theirs, untouched

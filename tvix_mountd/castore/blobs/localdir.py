@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import secrets
 import time
@@ -48,6 +49,10 @@ from tvix_mountd.castore.localfs import make_dirs, sync_filesystem
 # write bumps its mtime), so it may be removed on start.
 STALE_TEMP_AGE = 3600.0
 TEMP_SUFFIX = ".tmp"
+
+
+def _temp_prefix() -> str:
+    return f"{secrets.token_hex(8)}-"
 
 
 def remove_quietly(path: str) -> None:
@@ -85,6 +90,8 @@ class LocalRoot:
         self._other = other
         self._layout_checked = False
         self._ready = False
+        self._temp_prefix = _temp_prefix()
+        self._temp_count = itertools.count()
 
     def check_layout(self) -> None:
         """StoreError naming the right address if the root holds the other layout.
@@ -154,15 +161,23 @@ class LocalRoot:
 
     def create_temp(self) -> tuple[int, str]:
         """A new temp file, open for writing: (fd, path). StoreError if it cannot be made."""
-        path = os.path.join(self.temp_dir, secrets.token_hex(16) + TEMP_SUFFIX)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                # Someone removed tmp/ under us; recreate it on the next prepare.
-                self._ready = False
-            raise StoreError(f"blob store {self.root}: cannot create {path}: {e}") from e
-        return fd, path
+        while True:
+            # A random prefix and a counter: unique without a getrandom(2) per
+            # file. A name taken (another process, or a fork of this one, with
+            # the same prefix) draws a new prefix.
+            name = f"{self._temp_prefix}{next(self._temp_count)}{TEMP_SUFFIX}"
+            path = os.path.join(self.temp_dir, name)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                self._temp_prefix = _temp_prefix()
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    # Someone removed tmp/ under us; recreate it on the next prepare.
+                    self._ready = False
+                raise StoreError(f"blob store {self.root}: cannot create {path}: {e}") from e
+            return fd, path
 
     def publish(self, fd: int, temp_path: str, target: str) -> None:
         """Make the temp file read-only and rename it to `target` (not durable
@@ -193,9 +208,9 @@ class LocalRoot:
                 os.close(fd)
                 raise
             self.publish(fd, temp_path, target)
-        finally:
-            # After the rename this finds nothing; otherwise it drops the temp file.
+        except BaseException:
             remove_quietly(temp_path)
+            raise
 
 
 class ThreadedWriter(BlobWriter):
