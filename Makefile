@@ -24,6 +24,7 @@ bench:
 	$(BIN)/python -m benchmarks.bigwalk
 	$(BIN)/python -m benchmarks.service
 	$(BIN)/python -m benchmarks.nixcache
+	$(BIN)/python -m benchmarks.importing
 
 setup:
 	@scripts/setup.sh --test
