@@ -26,6 +26,8 @@ from typing import Final
 
 import pytest
 
+from tests.test_model import nix_store_add
+
 CLI: Final = (sys.executable, "-m", "tvix_mountd.cli")
 TIMEOUT: Final = 60.0
 # What a terminal would do with a progress line's control characters.
@@ -33,9 +35,10 @@ _ESCAPE: Final = re.compile(rb"\x1b\[[0-9;]*[A-Za-z]")
 _LOG_LINE: Final = re.compile(rb"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ ")
 
 
-def write_config(tmp_path: Path) -> Path:
-    store = tmp_path / "store"
-    config = tmp_path / "import.toml"
+def write_config(base: Path) -> Path:
+    """`base/import.toml`, naming the embedded store `local` under `base/store`."""
+    store = base / "store"
+    config = base / "import.toml"
     config.write_text(
         "[stores.local]\n"
         f'blob_service_addr = "raw+file://{store}/blobs"\n'
@@ -54,18 +57,6 @@ def make_tree(root: Path, files: int) -> Path:
     (root / "large.bin").write_bytes(os.urandom(3 << 20))
     (root / "link").symlink_to("large.bin")
     return root
-
-
-def nix_store_add(path: Path, nix_root: Path) -> str:
-    """What Nix prints for `path` (a chroot store: /nix/store stays untouched)."""
-    done = subprocess.run(
-        ["nix-store", "--store", str(nix_root), "--add", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=TIMEOUT,
-    )
-    return done.stdout.strip()
 
 
 requires_nix = pytest.mark.skipif(shutil.which("nix-store") is None, reason="needs nix-store")
@@ -158,7 +149,7 @@ def test_on_a_pipe_stdout_is_the_store_paths_and_stderr_the_summary(
     )
 
     assert done.returncode == 0, done.stderr
-    expected = [nix_store_add(tree, tmp_path / "nix"), nix_store_add(single, tmp_path / "nix")]
+    expected = [nix_store_add(tmp_path / "nix", tree), nix_store_add(tmp_path / "nix", single)]
     assert done.stdout.decode().splitlines() == expected
     assert done.stdout.endswith(b"\n")
     # No progress: no carriage return, no escape sequence, just the summaries.

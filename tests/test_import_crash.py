@@ -24,6 +24,7 @@ from typing import Final
 import blake3
 import pytest
 
+from tests.test_import_cli import write_config
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.nodes import DirectoryNode, FileNode
 from tvix_mountd.castore.store import Store
@@ -46,22 +47,12 @@ def make_tree(root: Path, seed: int, small_files: int) -> Path:
     return root
 
 
-def write_config(base: Path) -> Path:
-    config = base / "import.toml"
-    config.write_text(
-        "[stores.local]\n"
-        f'blob_service_addr = "raw+file://{base}/blobs"\n'
-        f'directory_service_addr = "sqlite://{base}/directories.sqlite"\n'
-        f'path_info_service_addr = "sqlite://{base}/pathinfo.sqlite"\n'
-    )
-    return config
-
-
 def open_store(base: Path) -> Store:
+    """The store `write_config(base)` names."""
     return Store.from_addrs(
-        f"raw+file://{base}/blobs",
-        f"sqlite://{base}/directories.sqlite",
-        f"sqlite://{base}/pathinfo.sqlite",
+        f"raw+file://{base}/store/blobs",
+        f"sqlite://{base}/store/directories.sqlite",
+        f"sqlite://{base}/store/pathinfo.sqlite",
     )
 
 
@@ -106,7 +97,7 @@ def import_until(config: Path, trees: list[Path], kill_when: Callable[[int], boo
 async def check_store(base: Path) -> set[str]:
     """Every blob file hashes to its name; every PathInfo's tree is complete
     (each Directory and each blob there and intact). Returns the store paths."""
-    blob_root = base / "blobs" / "b3"
+    blob_root = base / "store" / "blobs" / "b3"
     if blob_root.exists():
         for shard in blob_root.iterdir():
             for blob in shard.iterdir():
@@ -114,7 +105,7 @@ async def check_store(base: Path) -> set[str]:
     store = open_store(base)
     paths = set()
     try:
-        if (base / "pathinfo.sqlite").exists():
+        if (base / "store" / "pathinfo.sqlite").exists():
             async for info in store.path_infos.list():
                 paths.add(info.store_path.absolute)
                 await _check_tree(store, info.node)
@@ -199,7 +190,7 @@ async def test_killed_while_a_blob_is_half_written(
     tmp_path: Path, trees: list[Path], clean_paths: set[str]
 ) -> None:
     config = write_config(tmp_path)
-    temp_dir = tmp_path / "blobs" / "tmp"
+    temp_dir = tmp_path / "store" / "blobs" / "tmp"
     assert import_until(config, trees, lambda _pid: _half_written_blob(temp_dir))
 
     recorded = await check_store(tmp_path)
@@ -212,7 +203,7 @@ async def test_killed_at_its_first_commit(
     tmp_path: Path, trees: list[Path], clean_paths: set[str]
 ) -> None:
     config = write_config(tmp_path)
-    pathinfo_db = tmp_path / "pathinfo.sqlite"
+    pathinfo_db = tmp_path / "store" / "pathinfo.sqlite"
     import_until(config, trees, lambda _pid: pathinfo_db.exists())
 
     recorded = await check_store(tmp_path)
