@@ -38,6 +38,7 @@ How an import runs, so that both cores work and no NAR is ever built:
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import stat
@@ -67,7 +68,7 @@ from tvix_mountd.castore.errors import (
     ValidationError,
     first_error,
 )
-from tvix_mountd.castore.nar import NAR_MAGIC, NarHasher
+from tvix_mountd.castore.nar import NAR_MAGIC, NarHasher, NarWriter
 from tvix_mountd.castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
 from tvix_mountd.castore.pathinfo import CAHashType, ContentAddress, PathInfo
 from tvix_mountd.castore.pathinfos import put_durably
@@ -154,6 +155,8 @@ class _Batch:
     large_end: _LargeFileEnd | None = None
     directories: list[Directory] = field(default_factory=list)
     """Completed, leaves first."""
+    nar: list[bytes] = field(default_factory=list)
+    """The NAR's next pieces, in order (structure, and the contents above)."""
     size: int = 0
     """Bytes of file contents held."""
 
@@ -294,7 +297,7 @@ class _Walker:
         progress: ImportProgress,
         prefetcher: _Prefetcher | None,
     ) -> None:
-        self.nar = NarHasher()
+        self.nar = NarWriter(self._nar_piece)
         self._send = send
         self._progress = progress
         self._prefetcher = prefetcher
@@ -411,23 +414,47 @@ class _Walker:
         self._flush()
         return digest
 
+    def _nar_piece(self, data: bytes) -> None:
+        self._batch.nar.append(data)
+
     def _flush(self) -> None:
         batch, self._batch = self._batch, _Batch()
-        if batch.blobs or batch.pieces or batch.large_end or batch.directories:
+        if batch.blobs or batch.pieces or batch.large_end or batch.directories or batch.nar:
             self._send(batch)
 
 
+async def _hash_nar(
+    pieces: trio.MemoryReceiveChannel[list[bytes]], update: Callable[[bytes], object]
+) -> None:
+    """The NAR's sha256 (`update`), in a worker thread of its own: hashing is
+    the largest part of reading a large file, and here it runs beside the
+    reading."""
+
+    def hash_batch(batch: list[bytes]) -> None:
+        for piece in batch:
+            update(piece)
+
+    async with pieces:
+        async for batch in pieces:
+            await trio.to_thread.run_sync(hash_batch, batch)
+
+
 async def _store_batches(
-    store: Store, batches: trio.MemoryReceiveChannel[_Batch], tree: TreeUpload
+    store: Store,
+    batches: trio.MemoryReceiveChannel[_Batch],
+    tree: TreeUpload,
+    nar: trio.MemorySendChannel[list[bytes]],
 ) -> None:
     """The storing half of an import: each batch to the store; small blobs
     CONCURRENT_PUTS batches at once, a large file's pieces and the
-    Directories in order."""
+    Directories in order; the NAR's pieces on to `nar`, in order."""
     writer: BlobWriter | None = None
     try:
-        async with batches, trio.open_nursery() as puts:
+        async with batches, nar, trio.open_nursery() as puts:
             batcher = BlobBatcher(store.blobs, puts)
             async for batch in batches:
+                if batch.nar:
+                    await nar.send(batch.nar)
                 if batch.blobs:
                     await batcher.put(batch.blobs)
                 for piece in batch.pieces:
@@ -500,6 +527,8 @@ async def import_path(
         prefetcher,
     )
     tree = store.directories.open_tree_upload()
+    nar_sha256 = hashlib.sha256()
+    nar_send, nar_receive = trio.open_memory_channel[list[bytes]](BATCHES_IN_FLIGHT)
     walked: list[Node] = []
 
     async def walk() -> None:
@@ -515,7 +544,8 @@ async def import_path(
             if prefetcher is not None:
                 nursery.start_soon(trio.to_thread.run_sync, prefetcher.run, root.path)
             nursery.start_soon(walk)
-            await _store_batches(store, receive, tree)
+            nursery.start_soon(_hash_nar, nar_receive, nar_sha256.update)
+            await _store_batches(store, receive, tree, nar_send)
     except BaseExceptionGroup as group:
         raise first_error(group) from None
     (node,) = walked
@@ -523,13 +553,13 @@ async def import_path(
         stored = await tree.finish()
         if stored != node.digest:
             raise IntegrityError(f"directory service stored the root as {stored}")
-    nar_sha256 = walker.nar.digest()
+    digest = nar_sha256.digest()
     info = PathInfo(
-        store_path=storepath.source_store_path(nar_sha256, store_name),
+        store_path=storepath.source_store_path(digest, store_name),
         node=node,
         nar_size=walker.nar.size,
-        nar_sha256=nar_sha256,
-        ca=ContentAddress(CAHashType.NAR_SHA256, nar_sha256),
+        nar_sha256=digest,
+        ca=ContentAddress(CAHashType.NAR_SHA256, digest),
     )
     return await put_durably(store.blobs, store.path_infos, info)
 
