@@ -7,7 +7,7 @@ import ctypes
 import ctypes.util
 import os
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 
 def fsync_dir(path: str) -> None:
@@ -39,20 +39,37 @@ def make_dirs(path: str, mode: int, *, durable: bool = False) -> None:
             fsync_dir(os.path.dirname(directory))
 
 
-def _load_syncfs() -> Callable[[int], int] | None:
-    # Python's os module has no syncfs (Linux 2.6.39, glibc 2.14); libc does.
+def _libc_function(name: str, argtypes: list[type[ctypes._SimpleCData[int]]]) -> Any:
+    # Python's os module has neither syncfs (Linux 2.6.39, glibc 2.14) nor
+    # sync_file_range (Linux 2.6.17, glibc 2.6); libc has both.
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        function = libc.syncfs
+        function = getattr(libc, name)
     except (OSError, AttributeError):
         return None
-    function.argtypes = [ctypes.c_int]
+    function.argtypes = argtypes
     function.restype = ctypes.c_int
-    syncfs: Callable[[int], int] = function
-    return syncfs
+    return function
 
 
-_SYNCFS: Final = _load_syncfs()
+_SYNCFS: Final[Callable[[int], int] | None] = _libc_function("syncfs", [ctypes.c_int])
+_SYNC_FILE_RANGE: Final[Callable[[int, int, int, int], int] | None] = _libc_function(
+    "sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+)
+_SYNC_FILE_RANGE_WRITE: Final = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing `length` bytes of file `fd` from `offset` to the disk, and
+    return without waiting (sync_file_range(2) with SYNC_FILE_RANGE_WRITE).
+
+    Not a durability step (that is `sync_filesystem`); it lets the disk work
+    while a large file is still being written, so that the one sync at the
+    end has less left to do. Best effort: nothing happens where it is not
+    available, and an error is left for the sync to report.
+    """
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def sync_filesystem(path: str) -> None:
