@@ -10,20 +10,11 @@ from collections.abc import Callable
 from typing import Any, Final
 
 
-def fsync_dir(path: str) -> None:
-    """Make the entries of directory `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_dirs(path: str, mode: int, *, durable: bool = False) -> None:
+def make_dirs(path: str, mode: int) -> None:
     """Create directory `path` and its missing parents, every one with `mode`
-    (os.makedirs gives only the last one the mode asked for); `durable`: each
-    new entry fsynced into its parent. Another process creating one of them
-    at the same time is fine."""
+    (os.makedirs gives only the last one the mode asked for). Another process
+    creating one of them at the same time is fine. Not durable by itself: a
+    store's `sync` covers new directories too."""
     missing = []
     while not os.path.isdir(path):
         missing.append(path)
@@ -34,9 +25,6 @@ def make_dirs(path: str, mode: int, *, durable: bool = False) -> None:
         except FileExistsError:
             if not os.path.isdir(directory):
                 raise
-            continue
-        if durable:
-            fsync_dir(os.path.dirname(directory))
 
 
 def _libc_function(name: str, argtypes: list[type[ctypes._SimpleCData[int]]]) -> Any:

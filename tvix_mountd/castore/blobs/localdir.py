@@ -216,7 +216,7 @@ class LocalRoot:
 class ThreadedWriter(BlobWriter):
     """A BlobWriter whose disk work runs in a worker thread.
 
-    Writes, compression and fsyncs take milliseconds and must not stall the
+    Writes and compression take milliseconds and must not stall the
     event loop. The threads are never abandoned: the writer's file
     descriptors and buffers stay theirs until they return. A subclass gives
     the blocking halves; any OSError or StoreError from them becomes a
