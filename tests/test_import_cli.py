@@ -14,6 +14,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -230,3 +231,32 @@ def test_a_missing_path_is_a_clear_error(tmp_path: Path, tree: Path) -> None:
     assert done.stderr.decode().splitlines()[-1] == (
         f"tvix-mountd: {tmp_path / 'absent'}: No such file or directory"
     )
+
+
+def test_ctrl_c_stops_the_import_cleanly(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "tree", 3000)
+    (tree / "zz-large").write_bytes(os.urandom(64 << 20))
+    config = write_config(tmp_path)
+    process = subprocess.Popen(
+        [*CLI, "import", "--config", str(config), "--store", "local", str(tree)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # Interrupted once it is storing blobs, well before its end.
+        blobs = tmp_path / "store" / "blobs" / "b3"
+        deadline = time.monotonic() + TIMEOUT
+        while not blobs.exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the import stored nothing"
+            time.sleep(0.001)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, stderr.decode()
+    assert stdout == b""
+    assert b"Traceback" not in stderr
+    assert not (tmp_path / "store" / "pathinfo.sqlite").exists()
