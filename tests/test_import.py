@@ -833,3 +833,24 @@ def test_prefetcher_runs_ahead_in_walk_order_by_a_bounded_count(tmp_path: Path) 
             thread.join(timeout=10)
     assert not thread.is_alive()
     assert advised == expected[: importer.PREFETCH_FILES + 10]
+
+
+def test_batches_are_bounded_without_file_contents(tmp_path: Path) -> None:
+    # Symlinks and empty directories carry no contents, yet the NAR pieces and
+    # Directories they make must leave in batches too, not pile up.
+    root = tmp_path / "links"
+    for i in range(4000):
+        (root / f"d{i % 20:02d}").mkdir(parents=True, exist_ok=True)
+        (root / f"d{i % 20:02d}" / f"l{i:05d}").symlink_to(f"target-{i}")
+        if i % 10 == 0:
+            (root / f"e{i:05d}").mkdir()
+    batches: list[importer._Batch] = []
+    walker = importer._Walker(batches.append, importer.ImportProgress(), None)
+    walker.run(importer._classify(os.fsencode(root)))
+    assert len(batches) > 1
+    limit = importer._NAR_PIECES_PER_BATCH + 16  # the pieces of one more entry
+    assert all(len(batch.nar) <= limit for batch in batches)
+    assert sum(len(batch.directories) for batch in batches) == 20 + 400 + 1
+    # Every NAR piece arrives once, in order: together they are the NAR.
+    nar = b"".join(piece for batch in batches for piece in batch.nar)
+    assert len(nar) == walker.nar.size

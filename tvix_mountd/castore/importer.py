@@ -88,6 +88,9 @@ PREFETCH_FILES: Final = 256
 PREFETCH_BYTES: Final = 256 << 10
 # The walker reports its progress to the prefetcher every so many files.
 _PREFETCH_STEP: Final = 32
+# A batch also ends at this many pieces of NAR (a few per entry), so that
+# entries without contents (symlinks, directories) are bounded too.
+_NAR_PIECES_PER_BATCH: Final = 8 * BATCH_FILES
 
 # O_NONBLOCK: a file swapped for a fifo after the listing must not hang open();
 # fstat then rejects it. O_NOFOLLOW: nor may it turn into a symlink we follow.
@@ -316,6 +319,8 @@ class _Walker:
         # An explicit stack rather than recursion: trees deeper than Python's
         # recursion limit are legal on disk.
         while True:
+            if len(self._batch.nar) >= _NAR_PIECES_PER_BATCH:
+                self._flush()  # a tree of symlinks and directories sends batches too
             frame = stack[-1]
             if frame.index < len(frame.entries):
                 entry = frame.entries[frame.index]
