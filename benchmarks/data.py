@@ -317,6 +317,33 @@ def _build_store(data: DataSet, log: Log) -> dict[str, str]:
     return dict(zip(data.parts, lines, strict=True))
 
 
+def prepare_tree(
+    spec: DataSpec, work_dir: Path, *, rebuild: bool = False, log: Log = _stderr
+) -> tuple[Path, dict[str, Any]]:
+    """The tree stage alone: the data set's root (the tree is `root/"tree"`)
+    and what building the tree recorded. A rebuilt tree invalidates the
+    stages built from it."""
+    root = work_dir / f"data-v{DATA_VERSION}-{spec.name}"
+    root.mkdir(parents=True, exist_ok=True)
+    # A new interpreter (or one installed since) means a new startup part.
+    startup_python = None if interpreter.missing() else interpreter.source_version()
+    key = {"version": DATA_VERSION, "spec": asdict(spec), "startup_python": startup_python}
+    tree_marker = root / "tree.done"
+    later_markers = (root / "image.done", root / "store.done")
+    if rebuild:
+        for marker in (tree_marker, *later_markers):
+            _remove(marker)
+    tree_info = _read_marker(tree_marker)
+    if tree_info is None or tree_info.get("key") != key:
+        log(f"data: building {spec.describe()} under {root}")
+        for marker in (tree_marker, *later_markers):
+            _remove(marker)  # whatever was built from an old tree is stale
+        _remove(root / "tree")
+        tree_info = {"key": key, **_build_tree(spec, root / "tree", log)}
+        _write_marker(tree_marker, tree_info)
+    return root, tree_info
+
+
 def prepare(
     spec: DataSpec,
     work_dir: Path,
@@ -326,26 +353,9 @@ def prepare(
     log: Log = _stderr,
 ) -> DataSet:
     """The data set for `spec`: reused if complete, otherwise built (stage by stage)."""
-    root = work_dir / f"data-v{DATA_VERSION}-{spec.name}"
-    root.mkdir(parents=True, exist_ok=True)
-    # A new interpreter (or one installed since) means a new startup part.
-    startup_python = None if interpreter.missing() else interpreter.source_version()
-    key = {"version": DATA_VERSION, "spec": asdict(spec), "startup_python": startup_python}
-    tree_marker = root / "tree.done"
+    root, tree_info = prepare_tree(spec, work_dir, rebuild=rebuild, log=log)
     image_marker = root / "image.done"
     store_marker = root / "store.done"
-    if rebuild:
-        for marker in (tree_marker, image_marker, store_marker):
-            _remove(marker)
-
-    tree_info = _read_marker(tree_marker)
-    if tree_info is None or tree_info.get("key") != key:
-        log(f"data: building {spec.describe()} under {root}")
-        for marker in (tree_marker, image_marker, store_marker):
-            _remove(marker)  # whatever was built from an old tree is stale
-        _remove(root / "tree")
-        tree_info = {"key": key, **_build_tree(spec, root / "tree", log)}
-        _write_marker(tree_marker, tree_info)
 
     image_info = _read_marker(image_marker)
     if image_info is None or image_info.get("options") != list(squashfs_options):

@@ -33,7 +33,7 @@ packages=(fuse3 libfuse3-dev pkg-config gcc attr patch)
 for arg in "$@"; do
     case "$arg" in
         --test) packages+=(nix-bin) ;;
-        --bench) packages+=(nix-bin bindfs squashfuse squashfs-tools) ;;
+        --bench) packages+=(nix-bin bindfs squashfuse squashfs-tools time) ;;
         *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
     esac
 done

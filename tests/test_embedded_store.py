@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import trio
 
-from tvix_mountd.castore.blobs import BlobService
+from tvix_mountd.castore.blobs import BlobService, localdir
 from tvix_mountd.castore.blobs.localdir import STALE_TEMP_AGE
 from tvix_mountd.castore.blobs.memory import MemoryBlobService
 from tvix_mountd.castore.blobs.objectstore import ObjectStoreBlobService
@@ -277,7 +277,75 @@ async def test_concurrent_writers_of_the_same_content(blob_service: BlobService)
     assert await blob_service.read_all(results[0]) == data
 
 
+async def test_blob_put_batch_stores_the_missing_ones(blob_service: BlobService) -> None:
+    contents = [blob_bytes(n, seed=n) for n in (0, 1, 5000, 300_000, 5000)]
+    stored_before = contents[2]
+    await blob_service.put(stored_before)
+    batch = [(B3Digest.of(data), data) for data in contents]
+    await blob_service.put_batch(batch)
+    await blob_service.sync()
+    for digest, data in batch:
+        assert await blob_service.read_all(digest) == data
+    # Again: all there, nothing to do, same answers.
+    await blob_service.put_batch(batch)
+    for digest, data in batch:
+        assert await blob_service.read_all(digest) == data
+
+
+async def test_blob_sync_with_nothing_written(blob_service: BlobService) -> None:
+    await blob_service.sync()
+
+
 # ---------------------------------------------------------------- blobs on disk
+
+
+@pytest.mark.parametrize("kind", ["raw", "objectstore"])
+async def test_disk_blobs_sync_once_for_many(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Publishing syncs nothing: no fsync per file, per directory or per batch...
+    def no_fsync(fd: int) -> None:
+        raise AssertionError("a blob write called fsync")
+
+    synced: list[str] = []
+    monkeypatch.setattr(os, "fsync", no_fsync)
+    monkeypatch.setattr(localdir, "sync_filesystem", synced.append)
+    async with opened_blob_service(kind, tmp_path) as service:
+        batch = [(B3Digest.of(data), data) for data in map(blob_bytes, (10, 20, 300_000))]
+        await service.put_batch(batch)
+        writer = await service.open_write()
+        await writer.write(blob_bytes(600_000, seed=9))
+        await writer.close()
+        await service.put(blob_bytes(30, seed=1))
+        assert synced == []
+        # ...and sync is one syncfs of the store's file system.
+        await service.sync()
+        assert synced == [str(tmp_path / "blobs")]
+
+
+async def test_disk_blobs_sync_failure_is_a_store_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing(path: str) -> None:
+        raise OSError(5, "Input/output error", path)
+
+    monkeypatch.setattr(localdir, "sync_filesystem", failing)
+    async with opened_blob_service("raw", tmp_path) as service:
+        await service.put(b"x")
+        with pytest.raises(StoreError, match=r"making blobs durable: .*Input/output error"):
+            await service.sync()
+
+
+async def test_raw_blob_put_batch_repairs_a_damaged_file(raw_blobs: RawFileBlobService) -> None:
+    # What a crash of the OS may leave of a blob published but not synced:
+    # the name, with fewer bytes. A batch that carries it writes it again.
+    data = blob_bytes(5000, seed=11)
+    digest = await raw_blobs.put(data)
+    path = raw_blobs.blob_path(digest)
+    assert read(path) == data
+    corrupt_blob(raw_blobs, digest, lambda _: b"")
+    await raw_blobs.put_batch([(digest, data)])
+    assert read(path) == data
 
 
 def temp_files(service: RawFileBlobService) -> list[str]:
@@ -490,6 +558,50 @@ async def test_directory_put_tree_rejects_strays(directory_service: DirectorySer
         await directory_service.put_tree([stray, *TREE])
     assert await directory_service.get(stray.digest) is None
     assert await directory_service.get(ROOT.digest) is None
+
+
+async def test_directory_tree_upload_in_pieces(directory_service: DirectoryService) -> None:
+    upload = directory_service.open_tree_upload()
+    await upload.add([LEAF, EMPTY])
+    await upload.add([])
+    await upload.add([LEAF, MIDDLE])  # a Directory sent again is fine
+    await upload.add([ROOT])
+    assert await upload.finish() == ROOT.digest
+    got = [d async for d in directory_service.get_recursive(ROOT.digest)]
+    assert sorted(d.digest for d in got) == sorted(d.digest for d in TREE)
+
+
+async def test_directory_tree_upload_checks_each_piece(
+    directory_service: DirectoryService,
+) -> None:
+    upload = directory_service.open_tree_upload()
+    with pytest.raises(ValidationError, match="not sent before"):
+        await upload.add([LEAF, MIDDLE])  # EMPTY left out
+        await upload.finish()
+    with pytest.raises(ValidationError, match="no directories"):
+        await directory_service.open_tree_upload().finish()
+
+
+async def test_sqlite_tree_upload_is_written_as_it_comes(tmp_path: Path) -> None:
+    # A tree far larger than a flush: rows reach the file before the upload
+    # finishes, so memory does not grow with the tree.
+    path = tmp_path / "dirs.sqlite"
+    service = SqliteDirectoryService(str(path), timeout=TIMEOUT)
+    try:
+        upload = service.open_tree_upload()
+        leaves = [
+            Directory([(f"{i:05d}-{j:03d}".encode(), SymlinkNode(b"t" * 200)) for j in range(100)])
+            for i in range(300)
+        ]
+        await upload.add(leaves)
+        rows = raw_sql(path, "SELECT count(*) FROM directories")[0][0]
+        assert isinstance(rows, int) and rows > 0
+        root = Directory([(f"d{i:05d}".encode(), d.as_node()) for i, d in enumerate(leaves)])
+        await upload.add([root])
+        assert await upload.finish() == root.digest
+        assert raw_sql(path, "SELECT count(*) FROM directories")[0][0] == 301
+    finally:
+        await service.aclose()
 
 
 async def test_directory_get_recursive_with_a_hole(directory_service: DirectoryService) -> None:
@@ -866,3 +978,19 @@ async def test_sqlite_path_infos_two_instances_share_a_file(tmp_path: Path) -> N
     assert len([i async for i in first.list()]) == 2
     await first.aclose()
     await second.aclose()
+
+
+async def test_raw_blob_temp_name_taken_draws_another(raw_blobs: RawFileBlobService) -> None:
+    # Another process (or a fork of this one) with the same temp name prefix.
+    await raw_blobs.put(b"first")
+    taken = temp_files(raw_blobs)
+    assert taken == []
+    local = raw_blobs.local
+    prefix = local._temp_prefix
+    count = next(local._temp_count)
+    for n in range(count + 1, count + 3):
+        (Path(local.temp_dir) / f"{prefix}{n}.tmp").write_bytes(b"someone else's")
+    digest = await raw_blobs.put(b"second")
+    assert await raw_blobs.read_all(digest) == b"second"
+    assert local._temp_prefix != prefix
+    assert len(temp_files(raw_blobs)) == 2  # theirs, untouched

@@ -15,14 +15,16 @@ import shutil
 import socket
 import sqlite3
 import stat
-from collections.abc import AsyncIterator, Callable
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
 
-from tvix_mountd.castore import nixbase32
+from tvix_mountd.castore import importer, nixbase32
 from tvix_mountd.castore.blobs import BlobWriter
 from tvix_mountd.castore.blobs.memory import MemoryBlobService
 from tvix_mountd.castore.digests import B3Digest
@@ -710,3 +712,145 @@ async def _any_path_info(store: Store) -> bool:
     async for _ in store.path_infos.list():
         return True
     return False
+
+
+# --- the durability point -----------------------------------------------------------
+
+
+class _OrderedStore:
+    """A memory store that records the order of what an import does to it."""
+
+    def __init__(self, fail_sync: bool = False) -> None:
+        self.calls: list[str] = []
+        calls = self.calls
+
+        class Blobs(MemoryBlobService):
+            async def put_batch(self, blobs: Sequence[tuple[B3Digest, bytes]]) -> None:
+                calls.append("blobs")
+                await super().put_batch(blobs)
+
+            async def open_write(self) -> BlobWriter:
+                calls.append("blob writer")
+                return await super().open_write()
+
+            async def sync(self) -> None:
+                calls.append("sync")
+                if fail_sync:
+                    raise StoreError("the disk said no")
+
+        class Infos(MemoryPathInfoService):
+            async def put(self, info: PathInfo) -> PathInfo:
+                calls.append("path info")
+                return await super().put(info)
+
+        self.store = Store(Blobs(), MemoryDirectoryService(), Infos())
+
+
+async def test_blobs_are_made_durable_once_before_the_path_info(tmp_path: Path) -> None:
+    root = tree_big(tmp_path)
+    tree_mixed(root)
+    recording = _OrderedStore()
+    await import_path(recording.store, root)
+    calls = recording.calls
+    assert "blobs" in calls and "blob writer" in calls
+    assert calls.count("sync") == 1
+    assert calls[-2:] == ["sync", "path info"]
+
+
+async def test_a_failed_sync_records_nothing(tmp_path: Path) -> None:
+    recording = _OrderedStore(fail_sync=True)
+    with pytest.raises(StoreError, match="the disk said no"):
+        await import_path(recording.store, tree_mixed(tmp_path))
+    assert "path info" not in recording.calls
+    assert not await _any_path_info(recording.store)
+
+
+async def test_a_file_changing_size_while_read_is_an_error(tmp_path: Path) -> None:
+    # Stands in for a file that shrinks between fstat and read: a small file
+    # read in one go must come out at the size fstat gave.
+    root = tmp_path / "tree"
+    root.mkdir()
+    _write(root / "a", b"abc")
+    real_read = os.read
+
+    def short_read(fd: int, n: int) -> bytes:
+        return real_read(fd, n)[:1]
+
+    store = memory_store()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "read", short_read)
+        with pytest.raises(ImportSourceError, match="changed size while read"):
+            await import_path(store, root)
+    assert not await _any_path_info(store)
+
+
+# --- the prefetcher -------------------------------------------------------------------
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+def test_prefetcher_runs_ahead_in_walk_order_by_a_bounded_count(tmp_path: Path) -> None:
+    # The files the walker will read, in its order (name order, depth first).
+    expected = []
+    for d in ("a", "b"):
+        for i in range(importer.PREFETCH_FILES):
+            path = tmp_path / "tree" / d / f"f{i:04d}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+            expected.append(os.fsencode(path))
+    (tmp_path / "tree" / "a" / "link").symlink_to("f0000")  # not a file to read
+    advised: list[bytes] = []
+    fds: dict[int, bytes] = {}
+    real_open = os.open
+
+    def recording_open(path: bytes, flags: int, *args: int) -> int:
+        fd = real_open(path, flags, *args)
+        fds[fd] = path
+        return fd
+
+    def recording_fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        assert (offset, length, advice) == (0, importer.PREFETCH_BYTES, os.POSIX_FADV_WILLNEED)
+        advised.append(fds[fd])
+
+    prefetcher = importer._Prefetcher()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "open", recording_open)
+        patch.setattr(os, "posix_fadvise", recording_fadvise)
+        thread = threading.Thread(target=prefetcher.run, args=(os.fsencode(tmp_path / "tree"),))
+        thread.start()
+        try:
+            _wait_for(lambda: len(advised) == importer.PREFETCH_FILES, "the first files")
+            prefetcher.consumed(10)
+            _wait_for(lambda: len(advised) == importer.PREFETCH_FILES + 10, "ten more")
+        finally:
+            prefetcher.stop()
+            thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert advised == expected[: importer.PREFETCH_FILES + 10]
+
+
+def test_batches_are_bounded_without_file_contents(tmp_path: Path) -> None:
+    # Symlinks and empty directories carry no contents, yet the NAR pieces and
+    # Directories they make must leave in batches too, not pile up.
+    root = tmp_path / "links"
+    for i in range(4000):
+        (root / f"d{i % 20:02d}").mkdir(parents=True, exist_ok=True)
+        (root / f"d{i % 20:02d}" / f"l{i:05d}").symlink_to(f"target-{i}")
+        if i % 10 == 0:
+            (root / f"e{i:05d}").mkdir()
+    batches: list[importer._Batch] = []
+    walker = importer._Walker(batches.append, importer.ImportProgress(), None)
+    walker.run(importer._classify(os.fsencode(root)))
+    assert len(batches) > 1
+    limit = importer._NAR_PIECES_PER_BATCH + 16  # the pieces of one more entry
+    assert all(len(batch.nar) <= limit for batch in batches)
+    assert sum(len(batch.directories) for batch in batches) == 20 + 400 + 1
+    # Every NAR piece arrives once, in order: together they are the NAR.
+    nar = b"".join(piece for batch in batches for piece in batch.nar)
+    assert len(nar) == walker.nar.size

@@ -641,7 +641,7 @@ def _make_tree(root: Path) -> None:
     (root / "sub" / "data").write_bytes(bytes(range(256)) * 100)
 
 
-def _nix_add(store: Path, path: Path) -> str:
+def nix_store_add(store: Path, path: Path) -> str:
     """`nix-store --add` into a private chroot store, so /nix/store stays untouched."""
     out = subprocess.run(
         ["nix-store", "--store", str(store), "--add", str(path)],
@@ -674,7 +674,7 @@ def test_source_store_path_matches_nix_store_add(
 ) -> None:
     src = tmp_path / name
     make(src)
-    printed = _nix_add(tmp_path / "store", src)
+    printed = nix_store_add(tmp_path / "store", src)
     assert printed.startswith(STORE_DIR + "/")
     expected = StorePath.parse_absolute(printed)
     assert expected.name == name

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -30,6 +31,7 @@ from tests.nixcache import (
     resign_with_references,
 )
 from tvix_mountd.castore import nixbase32
+from tvix_mountd.castore.blobs import localdir
 from tvix_mountd.castore.errors import BackendUnavailable, StoreError
 from tvix_mountd.castore.importer import write_nar
 from tvix_mountd.castore.pathinfo import PathInfo
@@ -495,5 +497,52 @@ async def test_a_binary_cache_takes_no_puts(caches: Caches, server: CacheServer)
         assert info is not None
         with pytest.raises(StoreError, match="Nix binary cache"):
             await store.path_infos.put(info)
+    finally:
+        await store.aclose()
+
+
+# -- durability ----------------------------------------------------------------------------
+
+
+async def test_a_fetched_path_is_durable_before_it_is_recorded(
+    caches: Caches, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One syncfs of the local blob store per fetched path, none per file;
+    # while it fails, nothing is recorded, and the next lookup tries again.
+    local = tmp_path / "local"
+    synced: list[str] = []
+    failing = [True]
+
+    def sync_filesystem(path: str) -> None:
+        assert not (local / "directories.sqlite").exists() or not recorded(), "recorded first"
+        synced.append(path)
+        if failing[0]:
+            raise OSError(5, "Input/output error", path)
+
+    def no_fsync(fd: int) -> None:
+        raise AssertionError("a blob write called fsync")
+
+    def recorded() -> bool:
+        with sqlite3.connect(local / "directories.sqlite") as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master")}
+            return "pathinfos" in tables and bool(
+                db.execute("SELECT count(*) FROM pathinfos").fetchone()[0]
+            )
+
+    monkeypatch.setattr(localdir, "sync_filesystem", sync_filesystem)
+    monkeypatch.setattr(os, "fsync", no_fsync)
+    cache = caches.copy("zstd", tmp_path / "cache")
+    store = open_store(f"nix+file://{cache}?trusted-public-keys={caches.trusted.public}", local)
+    try:
+        with pytest.raises(StoreError, match="making blobs durable"):
+            await fetch(store, caches.paths["tree"])
+        assert synced == [f"{local}/blobs"]
+        assert not recorded()
+        failing[0] = False
+        info = await fetch(store, caches.paths["tree"])
+        assert info is not None
+        assert synced == [f"{local}/blobs"] * 2
+        assert recorded()
+        assert await nar_sha256(store, info) == info.nar_sha256
     finally:
         await store.aclose()

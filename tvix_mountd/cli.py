@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ import trio
 # carries no config or supervisor machinery in its memory.
 if TYPE_CHECKING:
     from tvix_mountd.castore.store import Store
+    from tvix_mountd.progress import ProgressLine
 
 log = logging.getLogger("tvix_mountd")
 
@@ -56,31 +58,59 @@ def _bool(value: str) -> bool:
 # -- import ---------------------------------------------------------------
 
 
-async def _import(store: Store, paths: list[Path]) -> None:
-    from tvix_mountd.castore.errors import StoreError
-    from tvix_mountd.castore.importer import import_path
+async def _import(store: Store, paths: list[Path], line: ProgressLine | None) -> None:
+    from tvix_mountd.castore.errors import first_error
 
     try:
-        for path in paths:
-            try:
-                info = await import_path(store, path)
-            except FileNotFoundError:
-                raise CliError(f"{path}: no such file or directory") from None
-            except PermissionError as e:
-                raise CliError(f"{path}: {e.strerror}") from None
-            except StoreError as e:
-                raise CliError(f"{path}: {e}") from None
-            # stdout carries exactly one store path per argument; the rest is for humans.
-            print(info.store_path.absolute, flush=True)
-            log.info(
-                "imported %s: root %s, NAR %d bytes, sha256 %s",
-                path,
-                _describe_node(info.node),
-                info.nar_size,
-                info.nar_sha256.hex(),
-            )
+        async with trio.open_nursery() as nursery:
+            if line is not None:
+                nursery.start_soon(line.run)
+            for path in paths:
+                await _import_one(store, path, line)
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
     finally:
+        if line is not None:
+            line.finish()
         await store.aclose()
+
+
+async def _import_one(store: Store, path: Path, line: ProgressLine | None) -> None:
+    from tvix_mountd.castore.errors import StoreError
+    from tvix_mountd.castore.importer import ImportProgress, import_path
+
+    progress = ImportProgress()
+    if line is not None:
+        line.start(path, progress)
+    started = time.monotonic()
+    try:
+        info = await import_path(store, path, progress=progress)
+    except OSError as e:
+        # The file that failed, which may be deep inside the tree.
+        where = os.fsdecode(e.filename) if e.filename is not None else str(path)
+        raise CliError(f"{where}: {e.strerror or e}") from None
+    except StoreError as e:
+        raise CliError(f"{path}: {e}") from None
+    finally:
+        if line is not None:
+            line.finish()
+    # stdout carries exactly one store path per argument; the rest is for humans.
+    print(info.store_path.absolute, flush=True)
+    log.info(
+        "imported %s: %s, %s bytes in %.1f s; root %s, NAR %d bytes, sha256 %s",
+        path,
+        _count(progress.files, "file"),
+        f"{progress.bytes_read:,}",
+        time.monotonic() - started,
+        _describe_node(info.node),
+        info.nar_size,
+        info.nar_sha256.hex(),
+    )
+
+
+def _count(n: int, what: str) -> str:
+    return f"{n:,} {what}{'' if n == 1 else 's'}"
 
 
 def _describe_node(node: object) -> str:
@@ -102,7 +132,17 @@ def cmd_import(args: argparse.Namespace) -> int:
         store_config.path_info_service_addr,
         store_config.backend_timeout,
     )
-    trio.run(_import, store, [Path(p) for p in args.paths])
+    paths = [Path(p) for p in args.paths]
+    if not sys.stderr.isatty():
+        trio.run(_import, store, paths, None)
+        return 0
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from tvix_mountd.progress import ProgressLine
+
+    # Log lines while the progress line is up are printed above it.
+    with logging_redirect_tqdm():
+        trio.run(_import, store, paths, ProgressLine(sys.stderr))
     return 0
 
 

@@ -31,3 +31,19 @@ class AddressError(ValueError):
         super().__init__(f"invalid store address {addr!r}: {reason}")
         self.addr = addr
         self.reason = reason
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What a failed pipeline of tasks raises: a KeyboardInterrupt if there is
+    one (the user asked to stop, whatever else failed meanwhile), else the
+    first error in its nursery's group (the one that made the nursery cancel
+    the other tasks), else the group itself (a cancellation from outside,
+    which trio's cancel scopes take apart)."""
+    for kind in (KeyboardInterrupt, Exception):
+        matched, _ = group.split(kind)
+        if matched is not None:
+            first: BaseException = matched
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            return first
+    return group

@@ -2,43 +2,95 @@
 
 `import_path` gives a tree the store path `nix-store --add` prints and records
 it the way tvix-store's import does: blobs for file contents, Directories put
-leaves first in one `put_tree` call, and a PathInfo with the NAR's size and
-sha256, a `nar:sha256` content address and no references.
+leaves first, and a PathInfo with the NAR's size and sha256, a `nar:sha256`
+content address and no references.
 
-One depth-first walk in name order does all of it. Names sort by their bytes
-in the NAR and in castore alike, so the NAR stream comes out in order while
-each Directory is completed after its children (exactly the leaves-first order
-`put_tree` needs). Every file is read once: each chunk feeds the NAR hash, our
-own BLAKE3 hash and the blob writer (files up to one chunk are uploaded only
-if the blob service lacks them). No NAR is ever built in memory.
+How an import runs, so that both cores work and no NAR is ever built:
 
-Blocking file system calls run in worker threads: one hop per directory
-(listing plus readlink of its symlinks) and one per file up to 1 MiB, then one
-per further MiB.
+- A walker, in one worker thread, reads the tree depth first in name order
+  (names sort by their bytes in the NAR and in castore alike): it lists each
+  directory, opens, stats and reads each file once, feeds every byte to the
+  NAR's sha256 and to the file's BLAKE3, and completes each Directory after
+  its children (the leaves-first order a tree upload needs). It costs no
+  thread hop per file: it is plain blocking code from start to end.
+- What it makes travels in batches (small files whole, a large file's
+  chunks, the Directories completed) of about BATCH_BYTES, through a channel
+  of BATCHES_IN_FLIGHT, to a task in trio that hands each batch to the
+  store: the blobs in one `put_batch` (one worker-thread hop for the
+  embedded store, whose thread writes the files while the walker reads the
+  next ones; two batches at once, see BlobBatcher), the Directories to a
+  tree upload. Memory is bounded by that: a few batches, the walker's stack
+  of directory listings, and what the tree upload keeps (for the embedded
+  store, each Directory's digest).
+- On a cold cache, reading small files one after the other leaves the disk
+  idle between them (the kernel reads ahead within a file, not across
+  files): a prefetcher thread walks the same tree a few hundred files ahead
+  and asks the kernel for each (posix_fadvise WILLNEED, which reads in the
+  background), so many reads are in flight and the walker finds its files
+  in the page cache.
+- Durability has one point (`put_durably`). After the walk, the tree upload
+  is finished, `blobs.sync()` makes every blob durable (one syncfs for the
+  embedded store, not an fsync per file), and only then is the PathInfo put. A crash
+  at any moment before leaves blobs and Directories that nothing refers to,
+  which are harmless and which the next import of the tree reuses; a crash
+  after leaves a PathInfo whose whole tree is on disk.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
+from operator import attrgetter
 from typing import Final
 
+import blake3
 import trio
 
 from tvix_mountd.castore import storepath
-from tvix_mountd.castore.blobs import BlobUpload, put_if_missing
+from tvix_mountd.castore.blobs import (
+    BATCH_BYTES,
+    BATCH_FILES,
+    BlobBatcher,
+    BlobWriter,
+    check_stored,
+)
 from tvix_mountd.castore.digests import B3Digest
-from tvix_mountd.castore.errors import IntegrityError, StoreError, ValidationError
-from tvix_mountd.castore.nar import NAR_MAGIC, NarHasher
+from tvix_mountd.castore.directories import TreeUpload
+from tvix_mountd.castore.errors import (
+    IntegrityError,
+    StoreError,
+    ValidationError,
+    first_error,
+)
+from tvix_mountd.castore.nar import NAR_MAGIC, NarHasher, NarWriter
 from tvix_mountd.castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
 from tvix_mountd.castore.pathinfo import CAHashType, ContentAddress, PathInfo
+from tvix_mountd.castore.pathinfos import put_durably
 from tvix_mountd.castore.store import Store
 
+# A file up to this size is read whole and stored in a batch; a larger one is
+# streamed in pieces of this size through a blob writer.
 CHUNK_SIZE: Final = 1 << 20
+# Batches are of the BlobBatcher's measure (BATCH_BYTES, BATCH_FILES); one
+# also ends after a large file's last piece. The walker may be this many
+# batches ahead of the store.
+BATCHES_IN_FLIGHT: Final = 2
+# Files the prefetcher may be ahead of the walker by, and how much of each
+# it asks the kernel for (the rest of a larger file comes with the kernel's
+# readahead once the walker reads it).
+PREFETCH_FILES: Final = 256
+PREFETCH_BYTES: Final = 256 << 10
+# The walker reports its progress to the prefetcher every so many files.
+_PREFETCH_STEP: Final = 32
+# A batch also ends at this many pieces of NAR (a few per entry), so that
+# entries without contents (symlinks, directories) are bounded too.
+_NAR_PIECES_PER_BATCH: Final = 8 * BATCH_FILES
 
 # O_NONBLOCK: a file swapped for a fifo after the listing must not hang open();
 # fstat then rejects it. O_NOFOLLOW: nor may it turn into a symlink we follow.
@@ -47,6 +99,19 @@ _OPEN_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 class ImportSourceError(ValidationError):
     """The local tree holds something Nix cannot archive, or changed while being read."""
+
+
+@dataclass(slots=True)
+class ImportProgress:
+    """How far an import got: the walker updates it, a display may read it
+    from another thread at any time (each field is one assignment)."""
+
+    files: int = 0
+    """Files and symlinks read."""
+    bytes_read: int = 0
+    """File contents read."""
+    current: bytes = b""
+    """The path being read."""
 
 
 class _Kind(Enum):
@@ -71,6 +136,32 @@ class _Frame:
     entries: list[_Entry]
     index: int = 0
     nodes: list[tuple[bytes, Node]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _LargeFileEnd:
+    """The last piece of a streamed file is in the batch: its digest, as hashed
+    by the walker (the blob service's answer must match)."""
+
+    digest: B3Digest
+    path: bytes
+
+
+@dataclass(slots=True)
+class _Batch:
+    """What the walker hands to the store at once."""
+
+    blobs: list[tuple[B3Digest, bytes]] = field(default_factory=list)
+    """Small files, whole."""
+    pieces: list[bytes] = field(default_factory=list)
+    """In order, pieces of the one large file being streamed."""
+    large_end: _LargeFileEnd | None = None
+    directories: list[Directory] = field(default_factory=list)
+    """Completed, leaves first."""
+    nar: list[bytes] = field(default_factory=list)
+    """The NAR's next pieces, in order (structure, and the contents above)."""
+    size: int = 0
+    """Bytes of file contents held."""
 
 
 def _unsupported(path: bytes, mode: int) -> ImportSourceError:
@@ -102,7 +193,7 @@ def _classify(path: bytes) -> _Entry:
 
 
 def _list_directory(path: bytes) -> list[_Entry]:
-    """A directory's entries sorted by name bytes; runs in a worker thread.
+    """A directory's entries sorted by name bytes.
 
     d_type answers the kind without a stat per entry; files are stat'ed later
     through the descriptor they are read from, so size and mode match the
@@ -136,42 +227,100 @@ def _read_full(fd: int, n: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _open_file(path: bytes) -> tuple[int | None, os.stat_result, bytes]:
-    """Open, stat and read the first chunk in one thread hop.
+class _Prefetcher:
+    """Asks the kernel to read files before the walker opens them (see the
+    module docstring). `run` is blocking, for its own worker thread; it walks
+    the tree in the walker's order and stays at most PREFETCH_FILES files
+    ahead. Best effort: whatever fails here is skipped (the walker meets it
+    again and reports it)."""
 
-    A file that fits in one chunk is closed here already (fd None), so a small
-    file costs a single hop.
+    def __init__(self) -> None:
+        self._room = threading.Semaphore(PREFETCH_FILES)
+        self._stopped = False
+
+    def consumed(self, files: int) -> None:
+        """The walker opened `files` more files."""
+        self._room.release(files)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._room.release(PREFETCH_FILES)  # wakes a `run` waiting for room
+
+    @staticmethod
+    def _sorted(path: bytes) -> Iterator[os.DirEntry[bytes]]:
+        try:
+            with os.scandir(path) as it:
+                return iter(sorted(it, key=_entry_name))
+        except OSError:
+            return iter(())
+
+    def run(self, root: bytes) -> None:
+        stack = [self._sorted(root)]
+        while stack:
+            entry = next(stack[-1], None)
+            if entry is None:
+                stack.pop()
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(self._sorted(entry.path))
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+            except OSError:
+                continue
+            self._room.acquire()
+            if self._stopped:
+                return
+            try:
+                fd = os.open(entry.path, _OPEN_FLAGS)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, PREFETCH_BYTES, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+
+
+_entry_name = attrgetter("name")
+
+
+class _Walker:
+    """The reading half of an import; `run` is blocking, for one worker thread.
+
+    `send` hands a batch to the store's side (and blocks while the store is
+    BATCHES_IN_FLIGHT behind); it raises if the import was cancelled.
     """
-    fd = os.open(path, _OPEN_FLAGS)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _unsupported(path, st.st_mode)
-        first = _read_full(fd, CHUNK_SIZE)
-    except BaseException:
-        os.close(fd)
-        raise
-    if len(first) < CHUNK_SIZE:
-        os.close(fd)
-        return None, st, first
-    return fd, st, first
 
+    def __init__(
+        self,
+        send: Callable[[_Batch], None],
+        progress: ImportProgress,
+        prefetcher: _Prefetcher | None,
+    ) -> None:
+        self.nar = NarWriter(self._nar_piece)
+        self._send = send
+        self._progress = progress
+        self._prefetcher = prefetcher
+        self._opened = 0
+        self._batch = _Batch()
 
-class _Importer:
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self.nar = NarHasher()
-        self.directories: list[Directory] = []
-
-    async def run(self, root: _Entry) -> Node:
+    def run(self, root: _Entry) -> Node:
         self.nar.write(NAR_MAGIC)
-        if root.kind is not _Kind.DIRECTORY:
-            return await self._leaf(root)
+        node = self._leaf(root) if root.kind is not _Kind.DIRECTORY else self._tree(root)
+        self._flush()
+        return node
+
+    def _tree(self, root: _Entry) -> DirectoryNode:
         self.nar.directory_open()
-        stack = [_Frame(root.name, await trio.to_thread.run_sync(_list_directory, root.path))]
+        stack = [_Frame(root.name, _list_directory(root.path))]
         # An explicit stack rather than recursion: trees deeper than Python's
         # recursion limit are legal on disk.
         while True:
+            if len(self._batch.nar) >= _NAR_PIECES_PER_BATCH:
+                self._flush()  # a tree of symlinks and directories sends batches too
             frame = stack[-1]
             if frame.index < len(frame.entries):
                 entry = frame.entries[frame.index]
@@ -179,71 +328,155 @@ class _Importer:
                 self.nar.entry_open(entry.name)
                 if entry.kind is _Kind.DIRECTORY:
                     self.nar.directory_open()
-                    listing = await trio.to_thread.run_sync(_list_directory, entry.path)
-                    stack.append(_Frame(entry.name, listing))
+                    stack.append(_Frame(entry.name, _list_directory(entry.path)))
                 else:
-                    frame.nodes.append((entry.name, await self._leaf(entry)))
+                    frame.nodes.append((entry.name, self._leaf(entry)))
                     self.nar.entry_close()
                 continue
             stack.pop()
             self.nar.directory_close()
             directory = Directory(frame.nodes)
-            self.directories.append(directory)
+            self._batch.directories.append(directory)
+            node = directory.as_node()
             if not stack:
-                return directory.as_node()
+                return node
             self.nar.entry_close()
-            stack[-1].nodes.append((frame.name, directory.as_node()))
+            stack[-1].nodes.append((frame.name, node))
 
-    async def _leaf(self, entry: _Entry) -> Node:
+    def _leaf(self, entry: _Entry) -> Node:
+        progress = self._progress
+        progress.current = entry.path
+        progress.files += 1
         if entry.kind is _Kind.SYMLINK:
             self.nar.symlink(entry.target)
             return SymlinkNode(entry.target)
-        return await self._file(entry.path)
+        return self._file(entry.path)
 
-    async def _file(self, path: bytes) -> FileNode:
-        fd, st, first = await trio.to_thread.run_sync(_open_file, path)
+    def _file(self, path: bytes) -> FileNode:
+        fd = os.open(path, _OPEN_FLAGS)
+        self._opened += 1
+        if self._prefetcher is not None and self._opened % _PREFETCH_STEP == 0:
+            self._prefetcher.consumed(_PREFETCH_STEP)
         try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _unsupported(path, st.st_mode)
             size = st.st_size
             # Nix's rule (archive.cc): the owner's x bit alone decides.
             executable = bool(st.st_mode & stat.S_IXUSR)
             self.nar.file_header(size, executable)
-            if fd is None:
-                digest = await self._small_blob(path, first, size)
+            if size <= CHUNK_SIZE:
+                digest = self._small_file(fd, size, path)
             else:
-                digest = await self._streamed_blob(path, fd, first, size)
+                digest = self._large_file(fd, size, path)
         finally:
-            if fd is not None:
-                os.close(fd)
+            os.close(fd)
         self.nar.file_trailer(size)
         return FileNode(digest, size, executable)
 
-    async def _small_blob(self, path: bytes, data: bytes, size: int) -> B3Digest:
-        """A file read whole in its first chunk: upload it only if missing."""
+    def _small_file(self, fd: int, size: int, path: bytes) -> B3Digest:
+        # One read(2) of a byte more than fstat said: it returns short at the
+        # end of the file, and a file that grew since the fstat shows it.
+        data = os.read(fd, size + 1)
+        if len(data) < size:
+            data += _read_full(fd, size + 1 - len(data))
         if len(data) != size:
             raise ImportSourceError(f"file {os.fsdecode(path)!r} changed size while read")
         self.nar.write(data)
-        return await put_if_missing(self._store.blobs, data, repr(os.fsdecode(path)))
+        self._progress.bytes_read += size
+        digest = B3Digest(blake3.blake3(data).digest())
+        batch = self._batch
+        batch.blobs.append((digest, data))
+        batch.size += size
+        if batch.size >= BATCH_BYTES or len(batch.blobs) >= BATCH_FILES:
+            self._flush()
+        return digest
 
-    async def _streamed_blob(self, path: bytes, fd: int, first: bytes, size: int) -> B3Digest:
-        """A file larger than a chunk: streamed through a writer as it is read."""
-        upload = await BlobUpload.open(self._store.blobs, repr(os.fsdecode(path)))
-        try:
-            chunk = first
-            while True:
-                if upload.size + len(chunk) > size:
-                    raise ImportSourceError(f"file {os.fsdecode(path)!r} grew while read")
-                self.nar.write(chunk)
-                await upload.write(chunk)
-                if len(chunk) < CHUNK_SIZE:
-                    break
-                chunk = await trio.to_thread.run_sync(_read_full, fd, CHUNK_SIZE)
-            if upload.size != size:
-                raise ImportSourceError(f"file {os.fsdecode(path)!r} shrank while read")
-            return await upload.close()
-        except BaseException:
+    def _large_file(self, fd: int, size: int, path: bytes) -> B3Digest:
+        """Streamed in pieces of CHUNK_SIZE, each sent on as soon as a batch is full."""
+        hasher = blake3.blake3()
+        read = 0
+        while True:
+            piece = _read_full(fd, CHUNK_SIZE)
+            read += len(piece)
+            if read > size:
+                raise ImportSourceError(f"file {os.fsdecode(path)!r} grew while read")
+            if piece:
+                self.nar.write(piece)
+                hasher.update(piece)
+                self._progress.bytes_read += len(piece)
+                self._batch.pieces.append(piece)
+                self._batch.size += len(piece)
+            if len(piece) < CHUNK_SIZE:
+                break
+            if self._batch.size >= BATCH_BYTES:
+                self._flush()
+        if read != size:
+            raise ImportSourceError(f"file {os.fsdecode(path)!r} shrank while read")
+        digest = B3Digest(hasher.digest())
+        self._batch.large_end = _LargeFileEnd(digest, path)
+        # A batch holds pieces of one file only.
+        self._flush()
+        return digest
+
+    def _nar_piece(self, data: bytes) -> None:
+        self._batch.nar.append(data)
+
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, _Batch()
+        if batch.blobs or batch.pieces or batch.large_end or batch.directories or batch.nar:
+            self._send(batch)
+
+
+async def _hash_nar(
+    pieces: trio.MemoryReceiveChannel[list[bytes]], update: Callable[[bytes], object]
+) -> None:
+    """The NAR's sha256 (`update`), in a worker thread of its own: hashing is
+    the largest part of reading a large file, and here it runs beside the
+    reading."""
+
+    def hash_batch(batch: list[bytes]) -> None:
+        for piece in batch:
+            update(piece)
+
+    async with pieces:
+        async for batch in pieces:
+            await trio.to_thread.run_sync(hash_batch, batch)
+
+
+async def _store_batches(
+    store: Store,
+    batches: trio.MemoryReceiveChannel[_Batch],
+    tree: TreeUpload,
+    nar: trio.MemorySendChannel[list[bytes]],
+) -> None:
+    """The storing half of an import: each batch to the store; small blobs
+    CONCURRENT_PUTS batches at once, a large file's pieces and the
+    Directories in order; the NAR's pieces on to `nar`, in order."""
+    writer: BlobWriter | None = None
+    try:
+        async with batches, nar, trio.open_nursery() as puts:
+            batcher = BlobBatcher(store.blobs, puts)
+            async for batch in batches:
+                if batch.nar:
+                    await nar.send(batch.nar)
+                if batch.blobs:
+                    await batcher.put(batch.blobs)
+                for piece in batch.pieces:
+                    if writer is None:
+                        writer = await store.blobs.open_write()
+                    await writer.write(piece)
+                if batch.large_end is not None:
+                    assert writer is not None, "a large file ends after its pieces"
+                    finished, writer = writer, None
+                    what = repr(os.fsdecode(batch.large_end.path))
+                    check_stored(what, batch.large_end.digest, await finished.close())
+                if batch.directories:
+                    await tree.add(batch.directories)
+    finally:
+        if writer is not None:
             with trio.CancelScope(shield=True):
-                await upload.abort()
-            raise
+                await writer.abort()
 
 
 def _normalise(path: str | os.PathLike[str]) -> bytes:
@@ -272,35 +505,68 @@ def _store_name(path: bytes, name: str | None) -> str:
 
 
 async def import_path(
-    store: Store, path: str | os.PathLike[str], name: str | None = None
+    store: Store,
+    path: str | os.PathLike[str],
+    name: str | None = None,
+    *,
+    progress: ImportProgress | None = None,
 ) -> PathInfo:
     """Import the tree at `path` and register it under the store path
     `nix-store --add` would give it (`name` defaults to the basename).
 
     `path` itself may be a directory, a regular file or a symlink (not
-    followed). Raises ValidationError for a bad name (before reading
-    anything), ImportSourceError for a fifo, socket or device, or a file
-    changing while read, OSError if the tree cannot be read, and StoreError
-    if the store fails.
+    followed). `progress`, if given, is kept up to date while the tree is
+    read. Raises ValidationError for a bad name (before reading anything),
+    ImportSourceError for a fifo, socket or device, or a file changing while
+    read, OSError if the tree cannot be read, and StoreError if the store
+    fails.
     """
     raw_path = _normalise(path)
     store_name = _store_name(raw_path, name)
     root = await trio.to_thread.run_sync(_classify, raw_path)
-    importer = _Importer(store)
-    node = await importer.run(root)
-    if importer.directories:
-        stored = await store.directories.put_tree(importer.directories)
-        if not isinstance(node, DirectoryNode) or stored != node.digest:
-            raise IntegrityError(f"directory service stored the root as {stored}")
-    nar_sha256 = importer.nar.digest()
-    info = PathInfo(
-        store_path=storepath.source_store_path(nar_sha256, store_name),
-        node=node,
-        nar_size=importer.nar.size,
-        nar_sha256=nar_sha256,
-        ca=ContentAddress(CAHashType.NAR_SHA256, nar_sha256),
+    send, receive = trio.open_memory_channel[_Batch](BATCHES_IN_FLIGHT)
+    prefetcher = _Prefetcher() if root.kind is _Kind.DIRECTORY else None
+    walker = _Walker(
+        lambda batch: trio.from_thread.run(send.send, batch),
+        progress if progress is not None else ImportProgress(),
+        prefetcher,
     )
-    return await store.path_infos.put(info)
+    tree = store.directories.open_tree_upload()
+    nar_sha256 = hashlib.sha256()
+    nar_send, nar_receive = trio.open_memory_channel[list[bytes]](BATCHES_IN_FLIGHT)
+    walked: list[Node] = []
+
+    async def walk() -> None:
+        try:
+            async with send:
+                walked.append(await trio.to_thread.run_sync(walker.run, root))
+        finally:
+            if prefetcher is not None:
+                prefetcher.stop()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            if prefetcher is not None:
+                nursery.start_soon(trio.to_thread.run_sync, prefetcher.run, root.path)
+            nursery.start_soon(walk)
+            nursery.start_soon(_hash_nar, nar_receive, nar_sha256.update)
+            await _store_batches(store, receive, tree, nar_send)
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+    (node,) = walked
+    if isinstance(node, DirectoryNode):
+        stored = await tree.finish()
+        if stored != node.digest:
+            raise IntegrityError(f"directory service stored the root as {stored}")
+    digest = nar_sha256.digest()
+    info = PathInfo(
+        store_path=storepath.source_store_path(digest, store_name),
+        node=node,
+        nar_size=walker.nar.size,
+        nar_sha256=digest,
+        ca=ContentAddress(CAHashType.NAR_SHA256, digest),
+    )
+    return await put_durably(store.blobs, store.path_infos, info)
 
 
 async def write_nar(store: Store, node: Node, sink: Callable[[bytes], object]) -> tuple[int, bytes]:

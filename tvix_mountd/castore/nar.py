@@ -32,25 +32,20 @@ NAME = nar_string(b"name")
 NODE = nar_string(b"node")
 
 
-class NarHasher:
-    """Accumulates a NAR's size and sha256 without keeping the bytes.
+class NarWriter:
+    """Emits a NAR construct by construct to `sink`, counting its size.
 
-    `write` may also forward to a sink (a file, for tests that compare bytes).
+    The sink gets the NAR's pieces in order: small ones for the structure,
+    and whatever `write` is given for file contents, as it is (no copy).
     """
 
-    def __init__(self, sink: Callable[[bytes], object] | None = None) -> None:
-        self._sha = hashlib.sha256()
+    def __init__(self, sink: Callable[[bytes], object]) -> None:
         self.size = 0
         self._sink = sink
 
     def write(self, data: bytes) -> None:
-        self._sha.update(data)
         self.size += len(data)
-        if self._sink is not None:
-            self._sink(data)
-
-    def digest(self) -> bytes:
-        return self._sha.digest()
+        self._sink(data)
 
     # Structural helpers: each emits one NAR construct.
     def file_header(self, size: int, executable: bool) -> None:
@@ -74,3 +69,23 @@ class NarHasher:
 
     def directory_close(self) -> None:
         self.write(CLOSE)
+
+
+class NarHasher(NarWriter):
+    """A NarWriter that also hashes: the NAR's size and sha256 without keeping
+    the bytes (`sink`, if given, gets them as well)."""
+
+    def __init__(self, sink: Callable[[bytes], object] | None = None) -> None:
+        self._sha = hashlib.sha256()
+        if sink is None:
+            super().__init__(self._sha.update)
+        else:
+            super().__init__(self._hash_and_forward)
+            self._forward = sink
+
+    def _hash_and_forward(self, data: bytes) -> None:
+        self._sha.update(data)
+        self._forward(data)
+
+    def digest(self) -> bytes:
+        return self._sha.digest()

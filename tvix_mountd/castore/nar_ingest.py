@@ -7,17 +7,18 @@ CHUNK_SIZE (small files only if the service lacks them), and what is kept
 is one Directory per directory, which the tree needs anyway.
 
 Two things overlap with the parsing, in tasks of one nursery: reading the
-next block (decompressing it, for a cache), and storing small files (up to
-MAX_UPLOADS at once, so the embedded store's fsyncs wait side by side). Memory
-stays bounded by those: a block or two, and MAX_UPLOADS files of at most
-CHUNK_SIZE.
+next block (decompressing it, for a cache), and storing small files, in
+batches (`BlobBatcher`: one `put_batch` per batch of about 4 MiB, one
+worker-thread hop for the embedded store, two batches at once). Memory stays
+bounded by those: a block or two, and three batches.
 
 The NAR is checked as Nix's parser checks it (tokens, zero padding, names
 strictly sorted, no `.`, `..`, `/` or NUL in names, nothing after the end),
 and its size and sha256 against what the caller expects. Directories are
 stored (`put_tree`, one transaction for the embedded store) only after the
 whole NAR was read and matched: a truncated or corrupt NAR leaves at most
-unreferenced blobs behind, never a tree that looks complete.
+unreferenced blobs behind, never a tree that looks complete. Blobs are not
+durable when this returns: the caller records the path with `put_durably`.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from typing import Final
 
 import trio
 
-from tvix_mountd.castore.blobs import BlobService, BlobUpload, check_stored
+from tvix_mountd.castore.blobs import BlobBatcher, BlobService, BlobUpload
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories import DirectoryService
-from tvix_mountd.castore.errors import IntegrityError, ValidationError
+from tvix_mountd.castore.errors import IntegrityError, ValidationError, first_error
 from tvix_mountd.castore.importer import CHUNK_SIZE
 from tvix_mountd.castore.nar import (
     CLOSE,
@@ -58,8 +59,6 @@ from tvix_mountd.castore.nodes import (
     validate_symlink_target,
 )
 
-# Small files stored at once, each at most CHUNK_SIZE in memory meanwhile.
-MAX_UPLOADS: Final = 16
 # The longest token a NAR has besides names and targets ("executable").
 _MAX_TOKEN_LEN: Final = 16
 _U64: Final = struct.Struct("<Q")
@@ -200,8 +199,7 @@ class _Ingest:
     def __init__(self, blobs: BlobService, reader: _Reader, uploads: trio.Nursery) -> None:
         self._blobs = blobs
         self._reader = reader
-        self._uploads = uploads
-        self._upload_slots = trio.Semaphore(MAX_UPLOADS)
+        self.small_files = BlobBatcher(blobs, uploads)
         self.directories: list[Directory] = []
 
     async def run(self) -> Node:
@@ -273,27 +271,16 @@ class _Ingest:
         elif tag != b"contents":
             raise NarError(f"NAR: expected 'contents', got {tag!r}")
         size = await r.u64()
-        what = f"the file at byte {r.offset} of the NAR"
         if size <= CHUNK_SIZE:
             data = await r.read(size)
             digest = B3Digest.of(data)
-            # Stored in the background; every upload is done before ingest_nar
+            # Stored in the background; every batch is stored before ingest_nar
             # stores a Directory (the nursery waits for them).
-            await self._upload_slots.acquire()
-            self._uploads.start_soon(self._upload, data, digest, what)
+            await self.small_files.add(digest, data)
         else:
-            digest = await self._streamed(size, what)
+            digest = await self._streamed(size, f"the file at byte {r.offset} of the NAR")
         await r.padding(size)
         return FileNode(digest, size, executable)
-
-    async def _upload(self, data: bytes, digest: B3Digest, what: str) -> None:
-        # No `has` first: the files of a NAR fetched for the first time are
-        # mostly new, so asking would cost every one of them a call (a stat in
-        # the event loop, for the embedded store) to spare a few a write.
-        try:
-            check_stored(what, digest, await self._blobs.put(data))
-        finally:
-            self._upload_slots.release()
 
     async def _streamed(self, size: int, what: str) -> B3Digest:
         upload = await BlobUpload.open(self._blobs, what)
@@ -331,8 +318,9 @@ async def ingest_nar(
             node = await ingest.run()
             if not await reader.at_end():
                 raise NarError(f"NAR: data after its end, at byte {reader.size}")
+            await ingest.small_files.flush()
     except BaseExceptionGroup as group:
-        raise _first_error(group) from None
+        raise first_error(group) from None
     sha256 = reader.sha256.digest()
     if expected_size is not None and reader.size != expected_size:
         raise NarError(f"NAR has {reader.size} bytes, expected {expected_size}")
@@ -343,16 +331,3 @@ async def ingest_nar(
         if not isinstance(node, DirectoryNode) or stored != node.digest:
             raise IntegrityError(f"directory service stored the root as {stored}")
     return IngestedNar(node, reader.size, sha256)
-
-
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """What a failed ingest raises: the first error in its nursery's group (the
-    parse's, or an upload's; the other tasks were cancelled because of it), or
-    the group itself when it holds no error (a cancellation from outside)."""
-    errors, _ = group.split(Exception)
-    if errors is None:
-        return group
-    first: BaseException = errors
-    while isinstance(first, BaseExceptionGroup):
-        first = first.exceptions[0]
-    return first

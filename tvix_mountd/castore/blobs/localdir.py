@@ -1,10 +1,20 @@
 """What the two on-disk blob layouts (raw+file, objectstore+file) share.
 
 A root directory with temp files under `tmp/`, and atomic publication: a file
-is written under `tmp/`, fsynced, renamed to its final name, and the
-directories it entered fsynced, so a reader sees either no file or all of it,
-also after a crash. Concurrent writers of the same content are harmless: the
-second rename leaves the same bytes in place.
+is written under `tmp/` and renamed to its final name, so a reader sees either
+no file or all of it. Concurrent writers of the same content are harmless:
+the second rename leaves the same bytes in place.
+
+Durability is a separate step, taken once for many files: publishing syncs
+nothing, and `sync` (one syncfs of the store's file system) makes everything
+published so far durable. Whoever records something that refers to a blob (a
+PathInfo) calls `sync` first, so after a crash no record refers to a blob that
+did not reach the disk. A process crash loses nothing that was published (the
+kernel holds it); an OS crash or power loss may leave a blob published since
+the last sync missing, empty or short (ext4 and XFS write a file's data before
+its size in their default modes). Such a blob is never served as valid (every
+read checks the digest), and a writer that finds its blob with a size other
+than its own replaces it, so a later import repairs it instead of trusting it.
 
 The two layouts share no top-level directory, so a root holding the other
 one's (and none of its own) is named the wrong way: every operation then
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import secrets
 import time
@@ -32,12 +43,16 @@ import trio
 from tvix_mountd.castore.blobs import BlobWriter
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.errors import StoreError
-from tvix_mountd.castore.localfs import fsync_dir, make_dirs
+from tvix_mountd.castore.localfs import make_dirs, sync_filesystem
 
 # A temp file untouched for this long belongs to a writer that died (every
 # write bumps its mtime), so it may be removed on start.
 STALE_TEMP_AGE = 3600.0
 TEMP_SUFFIX = ".tmp"
+
+
+def _temp_prefix() -> str:
+    return f"{secrets.token_hex(8)}-"
 
 
 def remove_quietly(path: str) -> None:
@@ -75,6 +90,8 @@ class LocalRoot:
         self._other = other
         self._layout_checked = False
         self._ready = False
+        self._temp_prefix = _temp_prefix()
+        self._temp_count = itertools.count()
 
     def check_layout(self) -> None:
         """StoreError naming the right address if the root holds the other layout.
@@ -128,35 +145,59 @@ class LocalRoot:
             await trio.to_thread.run_sync(self._prepare_sync)
             self._ready = True
 
+    def _sync_sync(self) -> None:
+        # No root: nothing was published under it.
+        with contextlib.suppress(FileNotFoundError):
+            sync_filesystem(self.root)
+
+    async def sync(self) -> None:
+        """Make every file published under the root so far durable, whoever
+        published it (see the module docstring). StoreError if the file
+        system reports a write error."""
+        try:
+            await trio.to_thread.run_sync(self._sync_sync)
+        except OSError as e:
+            raise StoreError(f"blob store {self.root}: making blobs durable: {e}") from e
+
     def create_temp(self) -> tuple[int, str]:
         """A new temp file, open for writing: (fd, path). StoreError if it cannot be made."""
-        path = os.path.join(self.temp_dir, secrets.token_hex(16) + TEMP_SUFFIX)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                # Someone removed tmp/ under us; recreate it on the next prepare.
-                self._ready = False
-            raise StoreError(f"blob store {self.root}: cannot create {path}: {e}") from e
-        return fd, path
+        while True:
+            # A random prefix and a counter: unique without a getrandom(2) per
+            # file. A name taken (another process, or a fork of this one, with
+            # the same prefix) draws a new prefix.
+            name = f"{self._temp_prefix}{next(self._temp_count)}{TEMP_SUFFIX}"
+            path = os.path.join(self.temp_dir, name)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                self._temp_prefix = _temp_prefix()
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    # Someone removed tmp/ under us; recreate it on the next prepare.
+                    self._ready = False
+                raise StoreError(f"blob store {self.root}: cannot create {path}: {e}") from e
+            return fd, path
 
     def publish(self, fd: int, temp_path: str, target: str) -> None:
-        """Make the temp file read-only and durable, then rename it to `target`.
-
-        Blocking (fsyncs): call it from a worker thread. `fd` is closed in any
-        case; the temp file is left for the caller to remove if this fails.
+        """Make the temp file read-only and rename it to `target` (not durable
+        until `sync`). Blocking: call it from a worker thread. `fd` is closed in
+        any case; the temp file is left for the caller to remove if this fails.
         """
         try:
             os.fchmod(fd, 0o444)
-            os.fsync(fd)
         finally:
             os.close(fd)
-        make_dirs(os.path.dirname(target), 0o755, durable=True)
-        os.rename(temp_path, target)
-        fsync_dir(os.path.dirname(target))
+        try:
+            os.rename(temp_path, target)
+        except FileNotFoundError:
+            # The target's directory is new (asking first would cost every
+            # publish a stat); if the temp file is gone, this fails again.
+            make_dirs(os.path.dirname(target), 0o755)
+            os.rename(temp_path, target)
 
     def write_file(self, target: str, data: bytes) -> None:
-        """`data` as the file `target`, atomically (blocking, as `publish`)."""
+        """`data` as the file `target`, atomically (blocking; durable after `sync`)."""
         fd, temp_path = self.create_temp()
         try:
             try:
@@ -167,15 +208,15 @@ class LocalRoot:
                 os.close(fd)
                 raise
             self.publish(fd, temp_path, target)
-        finally:
-            # After the rename this finds nothing; otherwise it drops the temp file.
+        except BaseException:
             remove_quietly(temp_path)
+            raise
 
 
 class ThreadedWriter(BlobWriter):
     """A BlobWriter whose disk work runs in a worker thread.
 
-    Writes, compression and fsyncs take milliseconds and must not stall the
+    Writes and compression take milliseconds and must not stall the
     event loop. The threads are never abandoned: the writer's file
     descriptors and buffers stay theirs until they return. A subclass gives
     the blocking halves; any OSError or StoreError from them becomes a

@@ -34,8 +34,9 @@ loop per byte, so ours are fixed. What that loses: chunks shared with blobs
 tvix wrote, and between versions of a blob with inserted bytes. Chunks are
 published before the index, each atomically (localdir.py), so a reader never
 finds an index whose chunks are not all there; temp files live under `tmp/`,
-where tvix never looks. Nothing is created until the first write, so a tvix
-store's directory can be read without write access to it.
+where tvix never looks. `sync` makes what was published durable. Nothing is
+created until the first write, so a tvix store's directory can be read
+without write access to it.
 
 Reads are inline in the calling thread, as for raw+file: a chunk is at most a
 few hundred KiB and decompresses in well under a millisecond.
@@ -44,9 +45,11 @@ few hundred KiB and decompresses in well under a millisecond.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Final
 
 import blake3
+import trio
 import zstandard
 from google.protobuf.message import DecodeError
 
@@ -148,10 +151,13 @@ class ObjectStoreBlobService(BlobService):
         return os.path.join(self._chunks_dir, _shard(digest))
 
     async def has(self, digest: B3Digest) -> bool:
-        # As tvix: a blob index or a chunk file. Inline: a local stat is
-        # cheaper than the thread hop that would wrap it.
+        # Inline: a local stat is cheaper than the thread hop that would wrap it.
         self.local.check_layout()
-        return os.path.exists(self.blob_index_path(digest)) or os.path.exists(  # noqa: ASYNC240
+        return self._has_sync(digest)
+
+    def _has_sync(self, digest: B3Digest) -> bool:
+        # As tvix: a blob index or a chunk file.
+        return os.path.exists(self.blob_index_path(digest)) or os.path.exists(
             self.chunk_path(digest)
         )
 
@@ -208,8 +214,30 @@ class ObjectStoreBlobService(BlobService):
         await self.local.prepare()
         return ObjectStoreBlobWriter(self)
 
+    async def put_batch(self, blobs: Sequence[tuple[B3Digest, bytes]]) -> None:
+        """Every missing blob of the batch in one worker-thread hop."""
+        await self.local.prepare()
+        await trio.to_thread.run_sync(self._put_batch_sync, blobs)
+
+    def _put_batch_sync(self, blobs: Sequence[tuple[B3Digest, bytes]]) -> None:
+        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        for digest, data in blobs:
+            if self._has_sync(digest):
+                continue
+            try:
+                chunks = [
+                    self.store_chunk(data[start : start + CHUNK_SIZE], compressor)
+                    for start in range(0, len(data), CHUNK_SIZE)
+                ]
+                self.store_index(digest, chunks)
+            except OSError as e:
+                raise StoreError(f"blob store {self.root}: storing blob {digest}: {e}") from e
+
+    async def sync(self) -> None:
+        await self.local.sync()
+
     def store_chunk(self, data: bytes, compressor: zstandard.ZstdCompressor) -> Chunk:
-        """Store `data` as a chunk unless it is there (blocking: fsyncs)."""
+        """Store `data` as a chunk unless it is there (blocking)."""
         digest = B3Digest.of(data)
         target = self.chunk_path(digest)
         if not os.path.exists(target):
@@ -217,7 +245,7 @@ class ObjectStoreBlobService(BlobService):
         return Chunk(digest, len(data))
 
     def store_index(self, digest: B3Digest, chunks: list[Chunk]) -> None:
-        """Store the index of blob `digest` unless it is there (blocking: fsyncs)."""
+        """Store the index of blob `digest` unless it is there (blocking)."""
         target = self.blob_index_path(digest)
         if os.path.exists(target):
             return

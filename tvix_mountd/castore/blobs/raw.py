@@ -11,8 +11,9 @@ deliberate, so the FUSE read path serves a read with one pread on the blob
 file, and the kernel's page cache and readahead do the rest.
 
 Writes are atomic (see localdir.py): a blob is streamed into a temp file while
-being hashed, then published under its digest's name. A writer that finds its
-blob already there, with the same size, leaves the first file in place.
+being hashed, then published under its digest's name; `sync` makes it durable.
+A writer that finds its blob already there, with the same size, leaves the
+first file in place (one of another size was damaged, and is replaced).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tvix_mountd.castore.blobs.localdir import (
 )
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.errors import StoreError
+from tvix_mountd.castore.localfs import start_writeback
 
 # What `prefetch` asks the kernel to read ahead of each blob, at most.
 PREFETCH_BYTES = 1 << 20
@@ -107,6 +109,9 @@ class RawFileWriter(ThreadedWriter):
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
+        # A large blob's bytes start for the disk as they come, so the sync
+        # that makes it durable (after the whole import) finds less to write.
+        start_writeback(self._fd, self._size, len(data))
         self._size += len(data)
 
     def _close_sync(self) -> B3Digest:
@@ -209,20 +214,35 @@ class RawFileBlobService(BlobService):
         return RawFileWriter(self, fd, temp_path)
 
     async def put(self, data: bytes) -> B3Digest:
-        """A whole blob in one worker-thread hop (check, create, write, fsync,
+        """A whole blob in one worker-thread hop (check, create, write,
         rename), where a writer costs two and creates its temp file in the
         event loop's thread. A blob stored already is left as it is."""
         await self.local.prepare()
         return await trio.to_thread.run_sync(self._put_sync, data)
 
+    async def put_batch(self, blobs: Sequence[tuple[B3Digest, bytes]]) -> None:
+        """Every missing blob of the batch in one worker-thread hop."""
+        await self.local.prepare()
+        await trio.to_thread.run_sync(self._put_batch_sync, blobs)
+
+    async def sync(self) -> None:
+        await self.local.sync()
+
     def _put_sync(self, data: bytes) -> B3Digest:
         digest = B3Digest.of(data)
+        self._store_sync(digest, data)
+        return digest
+
+    def _put_batch_sync(self, blobs: Sequence[tuple[B3Digest, bytes]]) -> None:
+        for digest, data in blobs:
+            self._store_sync(digest, data)
+
+    def _store_sync(self, digest: B3Digest, data: bytes) -> None:
         target = self.blob_path(digest)
         with contextlib.suppress(FileNotFoundError):
             if os.stat(target).st_size == len(data):
-                return digest  # stored already: nothing to write
+                return  # stored already: nothing to write
         try:
             self.local.write_file(target, data)
         except OSError as e:
             raise StoreError(f"storing blob {digest} in {self.root}: {e}") from e
-        return digest

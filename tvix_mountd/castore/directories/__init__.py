@@ -2,14 +2,17 @@
 
 Trees are put leaves first (every child before its parent, root last) and
 come back root first; `ClosureChecker` and `ClosureValidator` are the single
-home of those two orderings' rules, used by every backend.
+home of those two orderings' rules, used by every backend. A tree made piece
+by piece (an import, a NAR) goes through a `TreeUpload`, which a backend
+that can store pieces as they come (the embedded store) overrides, so that
+memory does not grow with the tree.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 from tvix_mountd.castore.addr import DIRECTORY_SCHEMES, parse_address
 from tvix_mountd.castore.blocking import DEFAULT_TIMEOUT
@@ -42,6 +45,10 @@ class DirectoryService(ABC):
             await self.put(directory)
         return root
 
+    def open_tree_upload(self) -> TreeUpload:
+        """A tree to be put leaves first in pieces (see TreeUpload)."""
+        return TreeUpload(self)
+
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         """The tree below `root`, root first, each Directory once.
 
@@ -63,43 +70,80 @@ class DirectoryService(ABC):
         """Release connections and files."""
 
 
-class ClosureChecker:
-    """Checks a leaves-first upload: every referenced child came earlier."""
+class TreeUpload:
+    """A tree put leaves first in pieces, as they are made: `add` each piece,
+    then `finish` returns the root's digest (the last Directory added).
 
-    def __init__(self) -> None:
-        self._seen: dict[B3Digest, Directory] = {}
+    This default keeps every Directory until `finish` and then puts the tree
+    in one `put_tree` (a tvix-store takes a tree in one stream); a backend
+    that can store pieces as they come overrides it.
+    """
+
+    def __init__(self, service: DirectoryService) -> None:
+        self._service = service
+        self._directories: list[Directory] = []
+
+    async def add(self, directories: Sequence[Directory]) -> None:
+        self._directories.extend(directories)
+
+    async def finish(self) -> B3Digest:
+        return await self._service.put_tree(self._directories)
+
+
+class ClosureChecker:
+    """Checks a leaves-first upload: every referenced child came earlier.
+
+    `keep` False: for an upload stored as it arrives, which keeps only each
+    Directory's digest and size, not the Directories (`ordered` stays empty),
+    and cannot tell a Directory nothing refers to (harmless when stored).
+    """
+
+    def __init__(self, *, keep: bool = True) -> None:
+        self._sizes: dict[B3Digest, int] = {}
+        self._keep = keep
+        self._last: B3Digest | None = None
         self.ordered: list[Directory] = []
 
-    def add(self, directory: Directory) -> None:
+    def add(self, directory: Directory) -> bool:
+        """Check `directory`; True if it is new to this upload."""
         for name, child in directory.child_directories():
-            known = self._seen.get(child.digest)
-            if known is None:
+            size = self._sizes.get(child.digest)
+            if size is None:
                 raise ValidationError(
                     f"directory {directory.digest} refers to {child.digest} ({name!r})"
                     " which was not sent before it"
                 )
-            if known.size != child.size:
+            if size != child.size:
                 raise ValidationError(
                     f"directory {directory.digest}: child {name!r} has size {child.size},"
-                    f" but {child.digest} has size {known.size}"
+                    f" but {child.digest} has size {size}"
                 )
-        if directory.digest not in self._seen:
-            self._seen[directory.digest] = directory
-            self.ordered.append(directory)
         self._last = directory.digest
+        if directory.digest in self._sizes:
+            return False
+        self._sizes[directory.digest] = directory.size
+        if self._keep:
+            self.ordered.append(directory)
+        return True
+
+    def last(self) -> B3Digest:
+        """The root of a streamed upload: the last Directory sent."""
+        if self._last is None:
+            raise ValidationError("no directories sent")
+        return self._last
 
     def root(self) -> B3Digest:
-        if not self.ordered:
-            raise ValidationError("no directories sent")
+        """The root of a kept upload, once every Directory in it is reachable from it."""
+        last = self.last()
         # Everything sent must be reachable from the last one (the root).
-        reachable = {self._last}
+        reachable = {last}
         for directory in reversed(self.ordered):
             if directory.digest in reachable:
                 reachable.update(c.digest for _, c in directory.child_directories())
         stray = [d.digest for d in self.ordered if d.digest not in reachable]
         if stray:
             raise ValidationError(f"directory {stray[0]} is not reachable from the root")
-        return self._last
+        return last
 
 
 class ClosureValidator:

@@ -43,6 +43,16 @@ class PathInfoService(ABC):
         """Release connections and files."""
 
 
+async def put_durably(blobs: BlobService, path_infos: PathInfoService, info: PathInfo) -> PathInfo:
+    """The durability point of a path added to a store (an import, a NAR
+    fetched): every blob it refers to is made durable (`blobs.sync`, one
+    syncfs for the embedded store) before the PathInfo is put, so after a
+    crash no PathInfo refers to a blob that did not reach the disk. Its
+    Directories are durable already (a directory service's put is)."""
+    await blobs.sync()
+    return await path_infos.put(info)
+
+
 def check_answer(digest: bytes, info: PathInfo | None) -> PathInfo | None:
     """A backend's answer to get(digest) must be about that store path."""
     if info is not None and info.store_path.digest != digest:

@@ -11,7 +11,9 @@ tvix's NixHTTPPathInfoService, with what a mount service needs on top. A
    blob and directory services (`nar_ingest`), checking FileSize/FileHash
    where given and always NarSize/NarHash, never holding the NAR in memory;
 4. records the PathInfo (root node, references, signatures) in the local
-   record, so the next `get` (also after a restart) needs no network.
+   record, so the next `get` (also after a restart) needs no network; its
+   blobs are made durable first (`put_durably`: one syncfs for the embedded
+   store, no fsync per file).
 
 The record lives next to the local directory service: the `pathinfos` table
 of the same SQLite file for `sqlite://`; in memory otherwise (a `memory://`
@@ -48,7 +50,7 @@ from tvix_mountd.castore.errors import IntegrityError, StoreError, ValidationErr
 from tvix_mountd.castore.nar_ingest import IngestedNar, ingest_nar
 from tvix_mountd.castore.narinfo import NarInfo, PublicKey, fingerprint, signed_by
 from tvix_mountd.castore.pathinfo import PathInfo
-from tvix_mountd.castore.pathinfos import PathInfoService, check_answer
+from tvix_mountd.castore.pathinfos import PathInfoService, check_answer, put_durably
 from tvix_mountd.castore.pathinfos.nixcache_files import (
     DECOMPRESSION_ERRORS,
     MAX_NARINFO_SIZE,
@@ -231,7 +233,7 @@ class NixCachePathInfoService(PathInfoService):
             deriver=narinfo.deriver,
             ca=narinfo.ca,
         )
-        await self._record.put(info)
+        await put_durably(self._blobs, self._record, info)
         log.info(
             "%s: fetched %s (%d NAR bytes in %.2f s)",
             self.url,
