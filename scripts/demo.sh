@@ -60,12 +60,24 @@ run cat "$STORE/$base/share/doc/README"
 run "$STORE/$base/hello"
 run getfattr -d "$STORE/$base"
 run touch "$STORE/$base/new" 2>&1 || true
+say "The mount outlives its worker: a file held open across a SIGKILL and a restart"
+exec 3< "$STORE/$base/share/doc/README"
+mount_id() { awk -v p="$STORE" '$5 == p { print $1 }' /proc/self/mountinfo; }
+worker() { "$BIN" status --json --config "$CONFIG" | python3 -c \
+    'import json, sys; print(next(m["pid"] for m in json.load(sys.stdin)["mounts"] if m["name"] == "store"))'; }
+echo "mount ID $(mount_id), worker $(worker)"
+run kill -KILL "$(worker)"
+run cat "$STORE/$base/share/doc/README"   # waits for the replacement, then reads
+run "$BIN" restart --config "$CONFIG" store
+run cat /proc/self/fd/3                    # the descriptor opened before both
+exec 3<&-
+echo "mount ID $(mount_id), worker $(worker)"
 say "Health"
 run curl -s "$HEALTH/healthz"
 run curl -s "$HEALTH/readyz"
 run curl -s "$HEALTH/status"
 echo
-run sh -c "curl -s $HEALTH/metrics | grep -E '^tvix_mountd_(mount_up|restarts_total|rootcache_hits_total)'"
+run sh -c "curl -s $HEALTH/metrics | grep -E '^tvix_mountd_(mount_up|restarts_total|handovers_total|rootcache_hits_total)'"
 
 if [[ -n "${DEMO_ONESHOT:-}" ]]; then
     exit 0
