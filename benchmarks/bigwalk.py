@@ -48,7 +48,7 @@ from tvix_mountd.castore.pathinfo import PathInfo
 from tvix_mountd.castore.pathinfos.sqlite import SqlitePathInfoService
 from tvix_mountd.castore.storepath import StorePath
 
-STORE_VERSION: Final = 2
+STORE_VERSION: Final = 3  # 3: entries of the kind asked for (2 built symlinks whatever the kind)
 SETTLE_DEADLINE: Final = 60.0
 BACKEND_TIMEOUT: Final = 60.0
 
@@ -71,8 +71,7 @@ async def _build_store(root: Path, kind: str, dirs: int, per_dir: int) -> str:
     directories = SqliteDirectoryService(str(root / "directories.sqlite"), timeout=BACKEND_TIMEOUT)
     path_infos = SqlitePathInfoService(str(root / "pathinfo.sqlite"), timeout=BACKEND_TIMEOUT)
     children = [
-        Directory((b"l%06d" % i, SymlinkNode(b"target-%04d-%06d" % (d, i))) for i in range(per_dir))
-        for d in range(dirs)
+        Directory((b"e%06d" % i, _entry(kind, d, i)) for i in range(per_dir)) for d in range(dirs)
     ]
     top = Directory((b"d%04d" % d, child.as_node()) for d, child in enumerate(children))
     await directories.put_tree([*children, top])
@@ -174,13 +173,18 @@ def main() -> int:
             raise RuntimeError(f"find listed {lines:,} entries, expected {expected:,}")
         hwm_kb = _status_kb(mount.pid, "VmHWM")
         rss_kb = _status_kb(mount.pid, "VmRSS")
+        # The inode table's state file (a memfd the supervisor keeps for the
+        # next worker) counts as shared memory; the rest is the process's own.
+        anon_kb = _status_kb(mount.pid, "RssAnon")
+        shmem_kb = _status_kb(mount.pid, "RssShmem")
         forgotten_kb = _drop_caches(mount.pid, 2)
         dropped_kb = _drop_caches(mount.pid, 3)
     alive = re.findall(r"inodes alive at unmount: (\d+)", peer.log_path.read_text())
     log(
         f"bigwalk: walked {lines:,} entries ({args.kind}s) in {seconds:.1f} s; daemon RSS idle "
         f"{idle_kb / 1024:.1f} MB, after the walk {rss_kb / 1024:.1f} MB (VmHWM "
-        f"{hwm_kb / 1024:.1f} MB, {(hwm_kb - idle_kb) * 1024 / lines:.0f} B per entry), "
+        f"{hwm_kb / 1024:.1f} MB, {(hwm_kb - idle_kb) * 1024 / lines:.0f} B per entry;"
+        f" anonymous {anon_kb / 1024:.1f} MB, state file {shmem_kb / 1024:.1f} MB), "
         f"after drop_caches 2 (kernel forgets) {forgotten_kb / 1024:.1f} MB, "
         f"after drop_caches 3 (listings too) {dropped_kb / 1024:.1f} MB; "
         f"inodes alive at unmount: {alive[-1] if alive else 'not logged'}"

@@ -24,7 +24,7 @@ from tvix_mountd.castore.nodes import PACKED_DIRECTORY, PACKED_FILE, PACKED_SYML
 from tvix_mountd.workers.inodes import InodeTable
 from tvix_mountd.workers.journal import CONVICTED_AFTER, RequestJournal, request_key
 from tvix_mountd.workers.names import PackedNames
-from tvix_mountd.workers.statefile import StateFile, StateFileError
+from tvix_mountd.workers.statefile import INLINE_TARGET, StateFile, StateFileError
 
 FORK = multiprocessing.get_context("fork")
 
@@ -59,6 +59,7 @@ def table(fd: int) -> InodeTable:
 def test_a_new_mapping_takes_over_numbers_nodes_counts_and_holds(state_fd: int) -> None:
     first = table(state_fd)
     nodes = [directory(1), file(2), symlink(3, 10), symlink(4, 5000), directory(5)]
+    assert len(nodes[2]) - 1 <= INLINE_TARGET < len(nodes[3]) - 1
     numbers = [first.ref(node) for node in nodes]
     first.ref(nodes[1])
     first.forget(numbers[4], 1)  # freed: its number is reused
@@ -171,7 +172,8 @@ def _node_of(index: int) -> bytes:
         return directory(index)
     if kind == 1:
         return file(index)
-    return symlink(index, (index * 37) % 3000)
+    # Short targets are kept in the slot, long ones on the heap: both kinds.
+    return symlink(index, (index * 37) % 3000 if index % 2 else index % 30)
 
 
 def _worker(state_fd: int, model_path: str, seed: int) -> None:  # pragma: no cover - a child

@@ -63,8 +63,12 @@ _COUNT: Final = 0  # u64 lookup count; 0 = free
 _HELD: Final = 8  # u32: leading children held by a kept listing
 _NODE: Final = 15  # the packed node: kind byte, then 32-byte digest and u64 size
 _NODE_END: Final = _NODE + 41
-# A symlink's slot: kind byte at _NODE, then the heap offset and length of its target.
+# A symlink's slot: kind byte at _NODE, then the heap offset and length of
+# its target; or, for a target that fits (INLINE_TARGET), the kind byte
+# _INLINE_SYMLINK, the target's length and the target itself.
 _TARGET: Final = struct.Struct("<QI")
+_INLINE_SYMLINK: Final = ord("i")
+INLINE_TARGET: Final = _NODE_END - _NODE - 2
 _HEAP_RECORD: Final = struct.Struct("<I4x")  # the record's capacity; its bytes follow
 _NAME_RECORD: Final = struct.Struct("<H")  # a logged root name's length; its bytes follow
 _MIN_RECORD: Final = 16
@@ -161,9 +165,14 @@ class StateFile:
         slots[base + _HELD : base + _HELD + 4] = b"\0\0\0\0"
         if node[0] == PACKED_SYMLINK:
             target = node[1:]
-            offset = self._store_target(target)
-            slots[base + _NODE] = PACKED_SYMLINK
-            _TARGET.pack_into(slots, base + _NODE + 1, offset, len(target))
+            if len(target) <= INLINE_TARGET:
+                slots[base + _NODE] = _INLINE_SYMLINK
+                slots[base + _NODE + 1] = len(target)
+                slots[base + _NODE + 2 : base + _NODE + 2 + len(target)] = target
+            else:
+                offset = self._store_target(target)
+                slots[base + _NODE] = PACKED_SYMLINK
+                _TARGET.pack_into(slots, base + _NODE + 1, offset, len(target))
         else:
             slots[base + _NODE : base + _NODE_END] = node
         if ino >= self.high_water:
@@ -183,7 +192,11 @@ class StateFile:
         """The packed node of live slot `ino`."""
         base = ino * SLOT_SIZE
         slots = self._slots
-        if slots[base + _NODE] != PACKED_SYMLINK:
+        kind = slots[base + _NODE]
+        if kind == _INLINE_SYMLINK:
+            start = base + _NODE + 2
+            return b"l" + bytes(slots[start : start + slots[base + _NODE + 1]])
+        if kind != PACKED_SYMLINK:
             return bytes(slots[base + _NODE : base + _NODE_END])
         offset, length = _TARGET.unpack_from(slots, base + _NODE + 1)
         start = offset + _HEAP_RECORD.size
