@@ -26,8 +26,10 @@ from tests.supervising import (
     embedded_store,
     make_tree,
     mounts_under,
+    parse_metrics,
     process_figures,
     readers,
+    sample,
     start_time,
     tree_files,
     world,
@@ -169,6 +171,11 @@ def test_crash_loop_backs_off_then_fails(tmp_path: Path, how: str) -> None:
             assert delay - 0.01 <= gap < delay + 1.5, gaps
         assert [restart_delay(n) for n in (1, 2, 3, 4)] == [0.0, 0.5, 1.0, 2.0]
         assert "restart 5 (failure 4 of 5 before serving) in 2 s" in svc.log()
+        # The metric counts every restart too.
+        restarts = sample(
+            parse_metrics(svc.http("/metrics")[1]), "tvix_mountd_restarts_total", mount="a"
+        )
+        assert restarts == 5, restarts
 
         # The other mount never noticed; readiness names the failed one only.
         assert svc.mount_status("b")["state"] == "serving"
