@@ -22,6 +22,12 @@ Patches:
               the reverse of a shipped change: opendir answers with a plain
               handle, as on a stock pyfuse3, so the kernel does not keep
               directory listings (third_party/pyfuse3/README.md).
+  pushlisting the contents of a directory's small files (<= 64 KiB, 1 MiB
+              per readdir reply at most) stored into the page cache right
+              after the readdir reply that gave the kernel their inodes
+              (notify_store, issue 10's second lever): a later read of them
+              sends no READ. What it costs when nothing is read is what the
+              stat walk and `ls -f` rows show.
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -33,7 +39,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, Final
 
-PATCHES: Final = ("noflush", "attrcache", "gc", "nocachereaddir", "readahead")
+PATCHES: Final = ("noflush", "attrcache", "gc", "nocachereaddir", "pushlisting", "readahead")
 HARNESS_ONLY: Final = frozenset({"readahead"})
 
 
@@ -81,11 +87,55 @@ def _nocachereaddir() -> None:
     filesystem.KERNEL_CACHES_LISTINGS = False  # type: ignore[misc]
 
 
+def _pushlisting() -> None:
+    import trio
+
+    from tvix_mountd.castore.nodes import (
+        PACKED_EXECUTABLE,
+        PACKED_FILE,
+        PACKED_SIZE,
+        packed_digest,
+    )
+    from tvix_mountd.workers import filesystem
+
+    small, budget = 64 << 10, 1 << 20
+    original = filesystem.StoreFilesystem.readdir
+
+    async def readdir(self: Any, fh: int, start_id: int, token: Any) -> None:
+        await original(self, fh, start_id, token)
+        children = self.inodes.children(fh) if fh < filesystem.ROOT_LISTING_HANDLES else None
+        if children is None:
+            return
+        _, nodes = children
+        left = budget
+        # The entries this reply gave the kernel: held by the listing.
+        for node in nodes[start_id : self.inodes.held(fh)]:
+            if node[0] not in (PACKED_FILE, PACKED_EXECUTABLE):
+                continue
+            size = PACKED_SIZE.unpack_from(node)[0]
+            if not 0 < size <= min(small, left):
+                continue
+            left -= size
+            ino = self.inodes._by_node[node]
+
+            async def contents(node: Any = node, ino: int = ino, size: int = size) -> Any:
+                data = await trio.to_thread.run_sync(
+                    self._blobs.read_small, packed_digest(node), size
+                )
+                # Not if the number went to another node meanwhile.
+                return data if self.inodes.node(ino) == node else None
+
+            self.notices.store(ino, contents)
+
+    filesystem.StoreFilesystem.readdir = readdir  # type: ignore[method-assign]
+
+
 _APPLY: Final[dict[str, Callable[[], None]]] = {
     "nocachereaddir": _nocachereaddir,
     "noflush": _noflush,
     "attrcache": _attrcache,
     "gc": _gc,
+    "pushlisting": _pushlisting,
 }
 
 
