@@ -8,8 +8,9 @@ hanging, and lying.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -301,29 +302,52 @@ async def test_services_share_a_channel_until_the_last_closes(
         await directories.aclose()
 
 
-def test_a_forked_child_opens_its_own_channel(grpc_store_server: GrpcStoreServer) -> None:
-    # Synchronous on purpose: a child forked inside trio.run cannot run trio.
-    digest = grpc_store_server.put_blob(b"shared")
-    blobs = GrpcBlobService(parse_address(grpc_store_server.addr), timeout=TIMEOUT)
+# Run in a process of its own: gRPC skips its fork handlers (and a forked
+# child's channel may then fail) while another thread of the process is
+# inside gRPC, as the test server's threads always are.
+_FORKING_CLIENT = """
+import os, sys, traceback
+import trio
+from tvix_mountd.castore.addr import parse_address
+from tvix_mountd.castore.blobs.grpc import GrpcBlobService
+from tvix_mountd.castore.digests import B3Digest
+
+digest = B3Digest(bytes.fromhex(sys.argv[2]))
+blobs = GrpcBlobService(parse_address(sys.argv[1]), timeout=float(sys.argv[3]))
+# Synchronous on purpose: a child forked inside trio.run cannot run trio.
+assert trio.run(blobs.has, digest)  # the parent's channel exists before the fork
+parent_channel = blobs._conn.channel()
+pid = os.fork()
+if pid == 0:
+    status = 1
     try:
-        assert trio.run(blobs.has, digest)  # the parent's channel exists before the fork
-        parent_channel = blobs._conn.channel()
-        pid = os.fork()
-        if pid == 0:
-            status = 1
-            try:
-                ok = trio.run(blobs.read_all, digest) == b"shared"
-                own = blobs._conn.channel() is not parent_channel
-                trio.run(blobs.aclose)
-                status = 0 if ok and own else 2
-            finally:
-                os._exit(status)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        # The child's aclose left the parent's channel alone.
-        assert trio.run(blobs.read_all, digest) == b"shared"
-    finally:
+        ok = trio.run(blobs.read_all, digest) == b"shared"
+        own = blobs._conn.channel() is not parent_channel
         trio.run(blobs.aclose)
+        status = 0 if ok and own else 2
+        print(f"child: read ok {ok}, own channel {own}", file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stderr.flush()
+        os._exit(status)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+# The child's aclose left the parent's channel alone.
+assert trio.run(blobs.read_all, digest) == b"shared"
+trio.run(blobs.aclose)
+"""
+
+
+def test_a_forked_child_opens_its_own_channel(grpc_store_server: GrpcStoreServer) -> None:
+    digest = grpc_store_server.put_blob(b"shared")
+    client = subprocess.run(
+        [sys.executable, "-c", _FORKING_CLIENT, grpc_store_server.addr, digest.hex(), str(TIMEOUT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert client.returncode == 0, client.stderr
 
 
 # Failing and stalling servers
