@@ -50,6 +50,7 @@ from tvix_mountd.workers.mount import (
     set_read_ahead,
 )
 from tvix_mountd.workers.process import EXIT_HANDED_BACK, EXIT_MOUNT_ERROR, fsname
+from tvix_mountd.workers.spec import WorkerMount, WorkerStore, spec_dict
 
 if TYPE_CHECKING:
     from tvix_mountd.supervisor.service import Supervisor
@@ -369,8 +370,23 @@ class MountRunner:
         error_file = self.supervisor.error_file(self.name)
         await trio.Path(error_file).unlink(missing_ok=True)
         spec: dict[str, Any] = {
-            "mount": self.mount.model_dump(mode="json"),
-            "store": self.store.model_dump(mode="json"),
+            "mount": spec_dict(
+                WorkerMount(
+                    name=self.mount.name,
+                    store=self.mount.store,
+                    mountpoint=str(self.mount.mountpoint),
+                    list_root=self.mount.list_root,
+                    show_xattr=self.mount.show_xattr,
+                    allow_other=self.mount.allow_other,
+                )
+            ),
+            "store": spec_dict(
+                WorkerStore(
+                    blob_service_addr=self.store.blob_service_addr,
+                    directory_service_addr=self.store.directory_service_addr,
+                    backend_timeout=self.store.backend_timeout,
+                )
+            ),
             "rootcache_socket": self.supervisor.rootcache_socket,
             "error_file": str(error_file),
             "log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),

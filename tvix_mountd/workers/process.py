@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Final
 
 import trio
-from pydantic import BaseModel, ConfigDict, ValidationError
 
 import tvix_mountd
 from tvix_mountd import logs, procutil
 from tvix_mountd.castore import blobs, directories
-from tvix_mountd.config import MountConfig, StoreConfig
 from tvix_mountd.workers.connection import InitRequest
 from tvix_mountd.workers.filesystem import StoreFilesystem
 from tvix_mountd.workers.inodes import InodeTable
@@ -32,6 +30,7 @@ from tvix_mountd.workers.mount import (
     serve_lent_until_signalled,
 )
 from tvix_mountd.workers.rootcache_client import RootCacheRootNodes
+from tvix_mountd.workers.spec import SpecError, WorkerSpec
 from tvix_mountd.workers.statefile import StateFile, StateFileError
 
 log = logging.getLogger(__name__)
@@ -45,33 +44,6 @@ EXIT_HANDED_BACK: Final = 0
 def fsname(mount_name: str) -> str:
     """The FUSE source name of a mount, how the supervisor recognises its own."""
     return f"tvix-mountd:{mount_name}"
-
-
-class WorkerSpec(BaseModel):
-    """What the supervisor tells a worker it starts."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    mount: MountConfig
-    store: StoreConfig
-    rootcache_socket: str
-    # Where to write why the worker could not serve (shown in status).
-    error_file: str
-    parent_pid: int
-    log_fd: int | None = None
-    log_level: str = "info"
-    # The lent connection (see workers/connection.py).
-    mount_id: int | None
-    fuse_fd: int
-    state_fd: int
-    # The kernel's INIT request, in hex.
-    init: str | None = None
-    resend: bool = False
-    # Whether requests the worker before left in flight count against them:
-    # not when it left on request (a handover).
-    blame: bool = True
-    # The mount's store changed since the kernel last learnt root entries.
-    store_changed: bool = False
 
 
 async def serve_worker(spec: WorkerSpec) -> None:
@@ -151,8 +123,8 @@ async def serve_worker(spec: WorkerSpec) -> None:
 def main() -> None:
     """Entry point of an exec'd worker: the spec comes on stdin."""
     try:
-        spec = WorkerSpec.model_validate_json(sys.stdin.buffer.read())
-    except ValidationError as e:
+        spec = WorkerSpec.from_json(sys.stdin.buffer.read())
+    except SpecError as e:
         print(f"tvix-mountd worker: bad spec on stdin: {e}", file=sys.stderr)
         sys.exit(2)
     procutil.prepare_child(spec.mount.name, parent_pid=spec.parent_pid)
