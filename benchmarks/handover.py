@@ -212,8 +212,10 @@ def _run(mode: str, events: int, basename: str) -> list[tuple[Event, float, int]
     results = []
     for event in happened:
         # From the last success before the event to a second after a new
-        # worker served: the longest time between two successes, and what failed.
-        end = event.at + event.serving + 1.0
+        # worker served (or the client's last operation, if it stopped
+        # before: past that, a gap is not a stall): the longest time between
+        # two successes, and what failed.
+        end = min(event.at + event.serving + 1.0, records[-1][1])
         window = [r for r in records if r[1] <= end]
         ok_ends = [r[1] for r in window if not r[2]]
         earlier = [t for t in ok_ends if t < event.at]
