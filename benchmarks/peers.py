@@ -5,6 +5,10 @@ bindfs      C passthrough of the tree: `bindfs -f -o ro TREE MNT`
 squashfuse  C, read-only image: `squashfuse_ll -f IMAGE MNT`
 tvix        `tvix-mountd mount ... --list-root MNT` on the embedded store; each
             part is a store path in the mount root (`MNT/<hash>-<part>`)
+tvix-supervised
+            the same mount served by a worker under `tvix-mountd start`, as in
+            production (a worker also carries its rootcache client and metrics);
+            its memory is the worker's, its code the installed one
 
 Every daemon runs in the foreground as our own child (its PID is the one whose
 VmHWM we read), in its own session so a Ctrl-C reaches only the harness, which
@@ -15,7 +19,9 @@ so `cleanup_all` can finish the job after an error in the middle of a cleanup.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -23,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,7 +41,7 @@ from benchmarks.data import BIG, BIG_FILE_NAME, SMALL, STARTUP, WIDE, DataSet, t
 REPO: Final = Path(__file__).resolve().parent.parent
 MOUNT_DEADLINE: Final = 60.0
 STOP_DEADLINE: Final = 30.0
-PEER_NAMES: Final = ("native", "bindfs", "squashfuse", "tvix", "tvix-whatif")
+PEER_NAMES: Final = ("native", "bindfs", "squashfuse", "tvix", "tvix-supervised", "tvix-whatif")
 DEFAULT_PEERS: Final = ("native", "bindfs", "squashfuse", "tvix")
 
 
@@ -380,6 +387,68 @@ class TvixPeer(FusePeer):
         }
 
 
+class SupervisedTvixPeer(TvixPeer):
+    """The tvix peer's mount, served by a worker of the real supervisor.
+
+    Workers are exec'd from the installed package (`python -P`, cwd /), so
+    there is no frozen copy of the code here. The Mount's pid is the
+    worker's: its memory and CPU are what the tables report."""
+
+    def __init__(self, data: DataSet, mountpoint: Path, log_path: Path, state_dir: Path) -> None:
+        super().__init__(data, mountpoint, log_path, name="tvix-supervised")
+        self._state_dir = state_dir
+        self._config = state_dir.parent / f"{state_dir.name}.toml"
+        self._port = 0
+
+    def argv(self) -> list[str]:
+        return [*tvix_mountd_command(), "start", "--config", str(self._config)]
+
+    def _write_config(self) -> None:
+        from benchmarks.supervised import free_port
+
+        data = self._data
+        self._port = free_port()
+        self._config.parent.mkdir(parents=True, exist_ok=True)
+        self._config.write_text(
+            f"""[supervisor]
+state_dir = "{self._state_dir}"
+health_listen = "127.0.0.1:{self._port}"
+
+[stores.bench]
+blob_service_addr = "{data.blob_service_addr}"
+directory_service_addr = "{data.directory_service_addr}"
+path_info_service_addr = "{data.path_info_service_addr}"
+
+[[mounts]]
+name = "bench"
+store = "bench"
+mountpoint = "{self.mountpoint}"
+list_root = true
+"""
+        )
+
+    def _worker_pid(self) -> int:
+        deadline = time.monotonic() + MOUNT_DEADLINE
+        while True:
+            try:
+                url = f"http://127.0.0.1:{self._port}/status"
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    mount = json.load(r)["mounts"][0]
+                if mount["state"] == "serving" and mount["pid"]:
+                    return int(mount["pid"])
+            except (OSError, ValueError, KeyError, IndexError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: no worker serving; see {self.log_path}")
+            time.sleep(0.005)  # polling another process's state, bounded by the deadline
+
+    @contextlib.contextmanager
+    def mounted(self) -> Iterator[Mount]:
+        self._write_config()
+        with super().mounted() as mount:
+            yield dataclasses.replace(mount, pid=self._worker_pid())
+
+
 def snapshot_code(work_dir: Path) -> tuple[Path, str]:
     """A frozen copy of tvix_mountd/ for the daemons of one run, and its hash.
 
@@ -466,6 +535,12 @@ def make_peers(
             peers.append(
                 TvixPeer(
                     data, mounts / name, logs / f"{name}.log", read_ahead_kb=tvix_read_ahead_kb
+                )
+            )
+        elif name == "tvix-supervised":
+            peers.append(
+                SupervisedTvixPeer(
+                    data, mounts / name, logs / f"{name}.log", (work_dir / "supervised").resolve()
                 )
             )
         elif name == "tvix-whatif":

@@ -23,6 +23,7 @@ PEER_LABELS: Final = {
     "bindfs": "bindfs",
     "squashfuse": "squashfuse_ll",
     "tvix": "tvix-mountd",
+    "tvix-supervised": "tvix-mountd supervised",
     "tvix-whatif": "tvix-mountd what-if",
 }
 SHORT: Final = {
@@ -30,6 +31,7 @@ SHORT: Final = {
     "bindfs": "bindfs",
     "squashfuse": "sqfs",
     "tvix": "tvix",
+    "tvix-supervised": "supervised",
     "tvix-whatif": "what-if",
 }
 
@@ -146,7 +148,7 @@ def _fmt_ratio(r: float | None) -> str:
     return "-" if r is None else f"{r:.2f}x"
 
 
-TVIX_PEERS: Final = ("tvix", "tvix-whatif")
+TVIX_PEERS: Final = ("tvix", "tvix-supervised", "tvix-whatif")
 C_PEERS: Final = ("bindfs", "squashfuse")
 
 
