@@ -141,8 +141,9 @@ def mount_command(
     list_root: bool = False,
     show_xattr: bool = True,
     backend_timeout: float | None = None,
+    extra_args: Sequence[str] = (),
 ) -> list[str]:
-    cmd = [sys.executable, "-m", "tvix_mountd.cli", "mount", *addrs.cli_args()]
+    cmd = [sys.executable, "-m", "tvix_mountd.cli", "mount", *addrs.cli_args(), *extra_args]
     if list_root:
         cmd.append("--list-root")
     cmd += ["--show-xattr", "true" if show_xattr else "false"]
@@ -247,6 +248,7 @@ def start_mount(
     list_root: bool = False,
     show_xattr: bool = True,
     backend_timeout: float | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Mount:
     """Start the daemon (not waiting for anything); stderr and stdout go to `log_path`."""
     cmd = mount_command(
@@ -255,6 +257,7 @@ def start_mount(
         list_root=list_root,
         show_xattr=show_xattr,
         backend_timeout=backend_timeout,
+        extra_args=extra_args,
     )
     before = mounts_at(mountpoint)
     with open(log_path, "ab") as log:
@@ -277,6 +280,7 @@ def mounted(
     show_xattr: bool = True,
     backend_timeout: float | None = None,
     start_timeout: float = START_TIMEOUT,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[Mount]:
     """Mount `addrs` on a fresh directory under `base` (or on `mountpoint`).
 
@@ -302,6 +306,7 @@ def mounted(
         list_root=list_root,
         show_xattr=show_xattr,
         backend_timeout=backend_timeout,
+        extra_args=extra_args,
     )
     try:
         _wait_mounted(mount, start_timeout)
@@ -320,10 +325,14 @@ def mounted(
 
 
 def run_mount_expecting_failure(
-    addrs: StoreAddrs, mountpoint: Path, log_path: Path, timeout: float = START_TIMEOUT
+    addrs: StoreAddrs,
+    mountpoint: Path,
+    log_path: Path,
+    timeout: float = START_TIMEOUT,
+    extra_args: Sequence[str] = (),
 ) -> tuple[int, str]:
     """Run a mount that must fail: (exit status, its stderr). Cleans up if it did not."""
-    mount = start_mount(addrs, mountpoint, log_path)
+    mount = start_mount(addrs, mountpoint, log_path, extra_args=extra_args)
     try:
         status = mount.process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

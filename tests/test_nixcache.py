@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
+from typing import Final
 
 import pytest
 import trio
@@ -32,7 +33,7 @@ from tests.nixcache import (
 )
 from tvix_mountd.castore import nixbase32
 from tvix_mountd.castore.blobs import localdir
-from tvix_mountd.castore.errors import BackendUnavailable, StoreError
+from tvix_mountd.castore.errors import AddressError, BackendUnavailable, StoreError
 from tvix_mountd.castore.importer import write_nar
 from tvix_mountd.castore.pathinfo import PathInfo
 from tvix_mountd.castore.store import Store
@@ -546,3 +547,122 @@ async def test_a_fetched_path_is_durable_before_it_is_recorded(
         assert await nar_sha256(store, info) == info.nar_sha256
     finally:
         await store.aclose()
+
+
+# -- prefetching references ------------------------------------------------------------
+
+
+async def listed(store: Store) -> set[StorePath]:
+    """The paths the store's record holds (fetched so far)."""
+    return {info.store_path async for info in store.path_infos.list()}
+
+
+POLL: Final = 0.02
+PREFETCH_DEADLINE: Final = 20.0
+
+
+async def wait_until_listed(store: Store, path: StorePath) -> None:
+    # Polled: the background work has no event to wait for, by design.
+    with trio.fail_after(PREFETCH_DEADLINE):
+        while path not in await listed(store):  # noqa: ASYNC110
+            await trio.sleep(POLL)
+
+
+async def test_references_are_prefetched_in_the_background_and_then_local(
+    caches: Caches, cache_dir: Path, server: CacheServer, tmp_path: Path
+) -> None:
+    resign_with_references(caches, cache_dir, "tree", ["other"])
+    tree, other = caches.paths["tree"], caches.paths["other"]
+    store = open_store_prefetching(server.address([caches.trusted.public]), tmp_path / "local")
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.run)
+            info = await fetch(store, tree)
+            assert info is not None and info.references == (other,)
+            # Nobody looked `other` up: it arrives by itself.
+            await wait_until_listed(store, other)
+            nursery.cancel_scope.cancel()
+        assert server.count(caches.narinfo_path("xz", "other").name) == 1
+        assert server.nar_requests() == 2
+        server.stop()
+        # Local now, complete and verified: no network needed.
+        other_info = await fetch(store, other)
+        assert other_info is not None
+        assert await nar_sha256(store, other_info) == caches.narinfo("xz", "other").nar_sha256
+    finally:
+        await store.aclose()
+
+
+async def test_a_restart_completes_the_prefetch_of_a_closure(
+    caches: Caches, cache_dir: Path, server: CacheServer, tmp_path: Path
+) -> None:
+    """A path fetched without prefetching (or by a process stopped before it
+    prefetched) has its references fetched when a prefetching service next
+    looks it up, from the local record."""
+    resign_with_references(caches, cache_dir, "tree", ["other"])
+    tree, other = caches.paths["tree"], caches.paths["other"]
+    address = server.address([caches.trusted.public])
+    first = open_store(address, tmp_path / "local")
+    try:
+        # No prefetching (the default): `run` has nothing to do.
+        with trio.fail_after(5):
+            await first.run()
+        assert await fetch(first, tree) is not None
+        assert await listed(first) == {tree}
+    finally:
+        await first.aclose()
+    assert server.nar_requests() == 1
+
+    second = open_store_prefetching(address, tmp_path / "local")
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(second.run)
+            assert await fetch(second, tree) is not None
+            await wait_until_listed(second, other)
+            nursery.cancel_scope.cancel()
+        # `tree` came from the local record; only `other` was downloaded.
+        assert server.count(caches.narinfo_path("xz", "tree").name) == 1
+        assert server.nar_requests() == 2
+    finally:
+        await second.aclose()
+
+
+async def test_a_reference_missing_from_the_cache_harms_nothing(
+    caches: Caches, cache_dir: Path, server: CacheServer, tmp_path: Path
+) -> None:
+    resign_with_references(caches, cache_dir, "tree", ["other"])
+    other_narinfo = caches.narinfo_path("xz", "other").name
+    (cache_dir / other_narinfo).unlink()
+    store = open_store_prefetching(server.address([caches.trusted.public]), tmp_path / "local")
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.run)
+            assert await fetch(store, caches.paths["tree"]) is not None
+            with trio.fail_after(PREFETCH_DEADLINE):
+                while server.count(other_narinfo) == 0:  # noqa: ASYNC110
+                    await trio.sleep(POLL)
+            # The service goes on: the path itself is served, and lookups work.
+            assert await fetch(store, caches.paths["tree"]) is not None
+            assert await fetch(store, caches.paths["other"]) is None
+            nursery.cancel_scope.cancel()
+        assert await listed(store) == {caches.paths["tree"]}
+        assert server.nar_requests() == 1
+    finally:
+        await store.aclose()
+
+
+def open_store_prefetching(path_info_addr: str, local: Path) -> Store:
+    return Store.from_addrs(
+        f"raw+file://{local}/blobs",
+        f"sqlite://{local}/directories.sqlite",
+        path_info_addr,
+        timeout=5.0,
+        prefetch_references=2,
+    )
+
+
+def test_prefetching_is_for_binary_caches_only(tmp_path: Path) -> None:
+    with pytest.raises(AddressError, match="prefetch_references applies to a Nix binary cache"):
+        Store.from_addrs(
+            "memory://", "memory://", f"sqlite://{tmp_path}/p.sqlite", prefetch_references=2
+        )

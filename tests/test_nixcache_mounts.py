@@ -21,8 +21,22 @@ from typing import Final
 
 import pytest
 
-from tests.mounting import StoreAddrs, assert_errno, mounted, run_mount_expecting_failure
-from tests.nixcache import Caches, CacheServer, Fault, build_caches, requires_nix, snapshot
+from tests.mounting import (
+    StoreAddrs,
+    assert_errno,
+    mounted,
+    run_mount_expecting_failure,
+    wait_until,
+)
+from tests.nixcache import (
+    Caches,
+    CacheServer,
+    Fault,
+    build_caches,
+    requires_nix,
+    resign_with_references,
+    snapshot,
+)
 from tests.supervising import Service
 
 pytestmark = [pytest.mark.fuse, requires_nix]
@@ -91,20 +105,29 @@ def test_mount_refuses_a_bad_cache_address_before_mounting(tmp_path: Path) -> No
         ("nix+https:///no-host", "the host is missing"),
         ("nix+gopher://cache.example", "unsupported scheme 'nix+gopher'"),
     ]:
-        addrs = local_addrs(tmp_path / "local", path_info)
-        status, log = run_mount_expecting_failure(addrs, mountpoint, tmp_path / "bad.log")
-        assert status == 2, log
-        assert message in log and "Traceback" not in log, log
-        assert not os.listdir(mountpoint)
+        assert_mount_refused(local_addrs(tmp_path / "local", path_info), mountpoint, message)
 
 
-def test_check_config_names_a_bad_cache_address(tmp_path: Path) -> None:
+def assert_mount_refused(
+    addrs: StoreAddrs, mountpoint: Path, message: str, extra_args: list[str] | None = None
+) -> None:
+    """`mount` exits 2 with `message` (no traceback), having mounted nothing."""
+    status, log = run_mount_expecting_failure(
+        addrs, mountpoint, mountpoint.parent / "bad.log", extra_args=extra_args or []
+    )
+    assert status == 2, log
+    assert message in log and "Traceback" not in log, log
+    assert not os.listdir(mountpoint)
+
+
+def check_config_errors(tmp_path: Path, store: str, path_info: str, *more: str) -> str:
+    """What `check-config` says (exit 2, no traceback) of one store table."""
     config = tmp_path / "bad.toml"
     config.write_text(
-        "[stores.cache]\n"
+        f"[stores.{store}]\n"
         f'blob_service_addr = "raw+file://{tmp_path}/blobs"\n'
         f'directory_service_addr = "sqlite://{tmp_path}/dirs.sqlite"\n'
-        'path_info_service_addr = "nix+https://c.example?trusted-public-keys=k:AAAA"\n'
+        f'path_info_service_addr = "{path_info}"\n' + "".join(f"{line}\n" for line in more)
     )
     done = subprocess.run(
         [sys.executable, "-m", "tvix_mountd.cli", "check-config", str(config)],
@@ -112,9 +135,17 @@ def test_check_config_names_a_bad_cache_address(tmp_path: Path) -> None:
         text=True,
         check=False,
     )
-    assert done.returncode == 2
-    assert "stores.cache.path_info_service_addr" in done.stderr
-    assert "3 bytes, expected 32" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2, done.stdout
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.stderr
+
+
+def test_check_config_names_a_bad_cache_address(tmp_path: Path) -> None:
+    errors = check_config_errors(
+        tmp_path, "cache", "nix+https://c.example?trusted-public-keys=k:AAAA"
+    )
+    assert "stores.cache.path_info_service_addr" in errors
+    assert "3 bytes, expected 32" in errors
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -206,3 +237,84 @@ def test_supervisor_twenty_readers_of_two_mounts_one_download_metrics_and_a_rest
             assert_errno(errno.EIO, os.stat, mountpoint / caches.paths["other"].basename)
             again.signal(15)
             assert again.wait_exit() == 0
+
+
+# -- prefetching references ------------------------------------------------------------
+
+
+def _prefetches(svc: Service, cache: str, result: str) -> float:
+    code, metrics = svc.http("/metrics")
+    assert code == 200, metrics
+    try:
+        return _metric(
+            metrics, "tvix_mountd_nix_cache_reference_prefetches_total", cache=cache, result=result
+        )
+    except AssertionError:
+        return 0.0  # not counted yet
+
+
+def test_supervisor_prefetches_the_closure_of_what_a_mount_looked_up(
+    caches: Caches, tmp_path: Path
+) -> None:
+    cache_dir = caches.copy("xz", tmp_path / "cache")
+    resign_with_references(caches, cache_dir, "tree", ["other"])
+    tree, other = caches.paths["tree"], caches.paths["other"]
+    with CacheServer(cache_dir) as server, Service(tmp_path / "svc") as svc:
+        address = server.address([caches.trusted.public])
+        svc.add_store("cache", local_addrs(tmp_path / "local", address), prefetch_references=2)
+        mountpoint = svc.add_mount("nix", "cache")
+        svc.start()
+        assert snapshot(mountpoint / tree.basename) == snapshot(caches.sources["tree"])
+        # Nothing looked `other` up; the rootcache fetches it in the background.
+        cache = server.url + "/"
+        svc.wait_for(
+            lambda: _prefetches(svc, cache, "fetched") == 1, "the reference to be prefetched"
+        )
+        server.stop()
+        # Local: readable with the cache gone.
+        assert snapshot(mountpoint / other.basename) == snapshot(caches.sources["other"])
+        assert server.nar_requests() == 2
+
+        # A setting of the rootcache alone: the reload restarts it, and the
+        # mount keeps its worker.
+        worker = svc.pids()["nix"]
+        svc.stores["cache"]["prefetch_references"] = 1
+        svc.write_config()
+        done = svc.cli("reload", "--config", str(svc.config_path))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == ["restarted rootcache"]
+        assert svc.pids()["nix"] == worker
+
+
+def test_mount_prefetches_references_too(caches: Caches, tmp_path: Path) -> None:
+    cache_dir = caches.copy("zstd", tmp_path / "cache")
+    resign_with_references(caches, cache_dir, "tree", ["other"])
+    tree, other = caches.paths["tree"], caches.paths["other"]
+    other_narinfo = caches.narinfo_path("zstd", "other").name
+    with CacheServer(cache_dir) as server:
+        addrs = local_addrs(tmp_path / "local", server.address([caches.trusted.public]))
+        with mounted(addrs, tmp_path, extra_args=["--prefetch-references", "1"]) as mount:
+            assert snapshot(mount.path / tree.basename) == snapshot(caches.sources["tree"])
+            wait_until(
+                lambda: server.nar_requests() == 2 and "fetched " + other.basename in mount.log(),
+                20.0,
+                "the reference to be prefetched",
+            )
+            server.stop()
+            assert snapshot(mount.path / other.basename) == snapshot(caches.sources["other"])
+        assert server.count(other_narinfo) == 1
+
+
+def test_prefetch_is_refused_for_a_store_that_is_no_binary_cache(tmp_path: Path) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    addrs = local_addrs(tmp_path / "local", f"sqlite://{tmp_path}/local/pathinfo.sqlite")
+    for value, message in [
+        ("2", "--prefetch-references applies to a Nix binary cache"),
+        ("65", "--prefetch-references must be from 0 to 64"),
+    ]:
+        assert_mount_refused(addrs, mountpoint, message, ["--prefetch-references", value])
+    errors = check_config_errors(
+        tmp_path, "local", f"sqlite://{tmp_path}/dirs.sqlite", "prefetch_references = 4"
+    )
+    assert "stores.local: prefetch_references applies to a Nix binary cache" in errors

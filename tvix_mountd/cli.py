@@ -146,12 +146,16 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_store(blob: str, directory: str, path_info: str, timeout: float) -> Store:
+def _open_store(
+    blob: str, directory: str, path_info: str, timeout: float, *, prefetch_references: int = 0
+) -> Store:
     from tvix_mountd.castore.errors import AddressError
     from tvix_mountd.castore.store import Store
 
     try:
-        return Store.from_addrs(blob, directory, path_info, timeout=timeout)
+        return Store.from_addrs(
+            blob, directory, path_info, timeout=timeout, prefetch_references=prefetch_references
+        )
     except AddressError as e:
         raise CliError(str(e), EXIT_USAGE) from None
 
@@ -178,16 +182,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from tvix_mountd.castore.addr import prefetch_problem
     from tvix_mountd.procutil import raise_open_file_limit
     from tvix_mountd.workers.filesystem import StoreFilesystem
     from tvix_mountd.workers.mount import MountError, MountOptions, serve_until_signalled
     from tvix_mountd.workers.rootnodes import PathInfoRootNodes
 
+    problem = prefetch_problem(
+        args.path_info_service_addr, args.prefetch_references, "--prefetch-references"
+    )
+    if problem:
+        raise CliError(problem, EXIT_USAGE)
     store = _open_store(
         args.blob_service_addr,
         args.directory_service_addr,
         args.path_info_service_addr,
         args.backend_timeout,
+        prefetch_references=args.prefetch_references,
     )
     fs = StoreFilesystem(
         store.blobs,
@@ -202,7 +213,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         try:
-            await serve_until_signalled(fs, str(args.mountpoint), options)
+            await serve_until_signalled(fs, str(args.mountpoint), options, background=store.run)
         finally:
             with trio.CancelScope(shield=True):
                 await store.aclose()
@@ -408,6 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         metavar="SECONDS",
         help="fail a backend call (EIO) that makes no progress for this long",
+    )
+    p.add_argument(
+        "--prefetch-references",
+        type=int,
+        default=0,
+        metavar="N",
+        help="Nix binary cache: fetch the closure of fetched paths in the background,"
+        " N paths at a time (default 0: only what is looked up)",
     )
     p.add_argument("--fsname", default="tvix-mountd", help=argparse.SUPPRESS)
     p.add_argument("mountpoint", type=Path, metavar="PATH")

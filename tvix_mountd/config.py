@@ -10,7 +10,7 @@ import posixpath
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
     AfterValidator,
@@ -25,8 +25,10 @@ from pydantic import (
 from tvix_mountd.castore.addr import (
     BLOB_SCHEMES,
     DIRECTORY_SCHEMES,
+    MAX_PREFETCH_REFERENCES,
     PATH_INFO_SCHEMES,
     parse_address,
+    prefetch_problem,
 )
 from tvix_mountd.castore.errors import AddressError
 
@@ -88,6 +90,9 @@ class StoreConfig(_Strict):
     path_info_service_addr: str
     # Seconds a backend call may make no progress before it fails (EIO).
     backend_timeout: float = Field(default=10.0, gt=0, le=3600)
+    # A Nix binary cache only: references of fetched paths prefetched at once
+    # in the background (their closure, so programs find it local); 0: none.
+    prefetch_references: int = Field(default=0, ge=0, le=MAX_PREFETCH_REFERENCES)
 
     @field_validator("blob_service_addr")
     @classmethod
@@ -103,6 +108,25 @@ class StoreConfig(_Strict):
     @classmethod
     def _path_info_addr(cls, v: str) -> str:
         return _check_addr(v, PATH_INFO_SCHEMES)
+
+    @model_validator(mode="after")
+    def _prefetch_needs_a_cache(self) -> StoreConfig:
+        problem = prefetch_problem(self.path_info_service_addr, self.prefetch_references)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
+# Settings of a store that only the rootcache uses: a change restarts the
+# rootcache, and hands no mount over to a new worker.
+ROOTCACHE_ONLY_STORE_KEYS: Final = {"prefetch_references"}
+
+
+def serves_differently(a: StoreConfig, b: StoreConfig) -> bool:
+    """Whether a mount of store `a` must be handed over to serve store `b`."""
+    return a.model_dump(exclude=ROOTCACHE_ONLY_STORE_KEYS) != b.model_dump(
+        exclude=ROOTCACHE_ONLY_STORE_KEYS
+    )
 
 
 def _check_addr(value: str, schemes: frozenset[str]) -> str:

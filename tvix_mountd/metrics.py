@@ -112,6 +112,9 @@ class NixCacheMetrics:
     downloaded_bytes: Counter
     ingested_bytes: Counter
     ingest_seconds: Histogram
+    # result: fetched, present (already local), absent (not in the cache,
+    # or refused), failed, dropped (the queue was full)
+    reference_prefetches: Counter
 
 
 _directory: str | None = None
@@ -233,6 +236,13 @@ def nix_cache_metrics() -> NixCacheMetrics:
                 "Time from the start of a NAR download to the path being ingested",
                 ["cache"],
                 buckets=INGEST_BUCKETS,
+                registry=None,
+            ),
+            reference_prefetches=Counter(
+                "tvix_mountd_nix_cache_reference_prefetches",
+                "References of fetched paths prefetched in the background, by result"
+                " (fetched, present, absent, failed, dropped)",
+                ["cache", "result"],
                 registry=None,
             ),
         )

@@ -27,6 +27,30 @@ PATH_INFO_SCHEMES = DIRECTORY_SCHEMES | NIX_CACHE_SCHEMES
 _PATH_SCHEMES = frozenset({"grpc+unix", "objectstore+file", "raw+file", "sqlite"})
 
 
+def is_nix_cache(raw: str) -> bool:
+    """Whether a (path-info service) address names a Nix binary cache."""
+    return raw.partition("://")[0] in NIX_CACHE_SCHEMES
+
+
+# References a binary cache prefetches at once, at most (a store's setting).
+MAX_PREFETCH_REFERENCES = 64
+
+
+def prefetch_problem(
+    path_info_service_addr: str, prefetch_references: int, name: str = "prefetch_references"
+) -> str | None:
+    """Why a store cannot prefetch `prefetch_references` references at once,
+    if it cannot (`name`: the setting, as the user spelled it)."""
+    if not 0 <= prefetch_references <= MAX_PREFETCH_REFERENCES:
+        return f"{name} must be from 0 to {MAX_PREFETCH_REFERENCES}"
+    if prefetch_references and not is_nix_cache(path_info_service_addr):
+        return (
+            f"{name} applies to a Nix binary cache (a path-info service nix+http://,"
+            f" nix+https:// or nix+file://), not to {path_info_service_addr.partition(':')[0]}"
+        )
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class StoreAddress:
     raw: str

@@ -25,10 +25,12 @@ class Store:
         path_info_service_addr: str,
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        prefetch_references: int = 0,
     ) -> Store:
         """Open all three; AddressError (naming the address) if one is bad.
 
-        A Nix binary cache as the path-info service ingests into the other two.
+        A Nix binary cache as the path-info service ingests into the other two
+        (and prefetches references, see `run`).
         """
         blob_service = blobs.from_addr(blob_service_addr, timeout=timeout)
         directory_service = directories.from_addr(directory_service_addr, timeout=timeout)
@@ -37,8 +39,13 @@ class Store:
             timeout=timeout,
             blobs=blob_service,
             directories=directory_service,
+            prefetch_references=prefetch_references,
         )
         return cls(blob_service, directory_service, path_info_service)
+
+    async def run(self) -> None:
+        """The services' background work, until cancelled (see PathInfoService.run)."""
+        await self.path_infos.run()
 
     async def aclose(self) -> None:
         await self.blobs.aclose()

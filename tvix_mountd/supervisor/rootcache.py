@@ -39,6 +39,7 @@ import trio
 
 from tvix_mountd import procutil
 from tvix_mountd.castore import pathinfos
+from tvix_mountd.castore.addr import is_nix_cache
 from tvix_mountd.castore.errors import BackendUnavailable, StoreError
 from tvix_mountd.castore.nodes import Node, node_to_proto
 from tvix_mountd.castore.pathinfos import PathInfoService
@@ -394,7 +395,7 @@ async def serve_rootcache(
                 )
             # A Nix binary cache ingests into its store's blob and directory
             # services: for such a store the rootcache opens the whole store.
-            if store.path_info_service_addr.startswith("nix+"):
+            if is_nix_cache(store.path_info_service_addr):
                 if any(
                     addr.startswith("memory:")
                     for addr in (store.blob_service_addr, store.directory_service_addr)
@@ -409,6 +410,7 @@ async def serve_rootcache(
                     store.directory_service_addr,
                     store.path_info_service_addr,
                     timeout=store.backend_timeout,
+                    prefetch_references=store.prefetch_references,
                 )
                 closers.append(opened.aclose)
                 services[name] = opened.path_infos
@@ -422,7 +424,13 @@ async def serve_rootcache(
             entries=config.supervisor.rootcache_entries,
             negative_ttl=config.supervisor.rootcache_negative_ttl,
         )
-        await serve(cache, socket_path, task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            # The services' background work (a binary cache's prefetch) ends
+            # with the serving, before they are closed.
+            for service in services.values():
+                nursery.start_soon(service.run)
+            await serve(cache, socket_path, task_status=task_status)
+            nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             for close in closers:

@@ -30,6 +30,7 @@ from tvix_mountd.config import (
     MountConfig,
     StoreConfig,
     load_config,
+    serves_differently,
 )
 from tvix_mountd.metrics import mark_process_dead
 from tvix_mountd.supervisor import systemd
@@ -380,7 +381,7 @@ class Supervisor:
 
             def changed(name: str) -> bool:
                 a, b = old_mounts[name], new_mounts[name]
-                return a != b or old.stores[a.store] != new.stores[b.store]
+                return a != b or serves_differently(old.stores[a.store], new.stores[b.store])
 
             added = [m for n, m in new_mounts.items() if n not in old_mounts]
             removed = [n for n in old_mounts if n not in new_mounts]

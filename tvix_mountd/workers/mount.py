@@ -285,10 +285,17 @@ async def _serve_session(fs: StoreFilesystem, task_status: trio.TaskStatus[None]
 
 
 async def serve_until_signalled(
-    fs: StoreFilesystem, mountpoint: str, options: MountOptions
+    fs: StoreFilesystem,
+    mountpoint: str,
+    options: MountOptions,
+    *,
+    background: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
-    """`serve`, ending cleanly (unmounted) on SIGTERM or SIGINT."""
-    await _until_signalled(partial(serve, fs, mountpoint, options), _STOP, lambda signum: None)
+    """`serve`, ending cleanly (unmounted) on SIGTERM or SIGINT; `background`
+    (the store's own work) runs for as long as the mount is served."""
+    await _until_signalled(
+        partial(serve, fs, mountpoint, options), _STOP, lambda signum: None, background
+    )
 
 
 async def serve_lent_until_signalled(
@@ -319,6 +326,7 @@ async def _until_signalled(
     serve_fn: Callable[[], Awaitable[None]],
     signums: tuple[int, ...],
     on_signal: Callable[[int], None],
+    background: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     with trio.open_signal_receiver(*signums) as signals:
         try:
@@ -336,6 +344,8 @@ async def _until_signalled(
                         return
 
                 nursery.start_soon(stop_on_signal)
+                if background is not None:
+                    nursery.start_soon(background)
                 await serve_fn()
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:

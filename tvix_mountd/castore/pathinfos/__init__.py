@@ -6,7 +6,12 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, ClassVar
 
-from tvix_mountd.castore.addr import NIX_CACHE_SCHEMES, PATH_INFO_SCHEMES, parse_address
+from tvix_mountd.castore.addr import (
+    NIX_CACHE_SCHEMES,
+    PATH_INFO_SCHEMES,
+    parse_address,
+    prefetch_problem,
+)
 from tvix_mountd.castore.blocking import DEFAULT_TIMEOUT
 from tvix_mountd.castore.errors import AddressError, IntegrityError
 from tvix_mountd.castore.pathinfo import PathInfo
@@ -39,6 +44,11 @@ class PathInfoService(ABC):
     def list(self) -> AsyncIterator[PathInfo]:
         """Every PathInfo, streamed (never all loaded at once)."""
 
+    async def run(self) -> None:  # noqa: B027 - optional
+        """The service's background work (a binary cache's prefetch of
+        references), for its owner to run in a nursery until it closes the
+        service; returns at once where there is none."""
+
     async def aclose(self) -> None:  # noqa: B027 - optional
         """Release connections and files."""
 
@@ -68,11 +78,16 @@ def from_addr(
     timeout: float = DEFAULT_TIMEOUT,
     blobs: BlobService | None = None,
     directories: DirectoryService | None = None,
+    prefetch_references: int = 0,
 ) -> PathInfoService:
     """The PathInfoService an address names. A Nix binary cache (nix+...) also
     needs the store's `blobs` and `directories`, which NARs are ingested into
-    (the service uses them, the caller closes them)."""
+    (the service uses them, the caller closes them), and prefetches that many
+    references of what it fetched at a time (in `run`; 0: none)."""
     addr = parse_address(raw, PATH_INFO_SCHEMES)
+    problem = prefetch_problem(raw, prefetch_references)
+    if problem:
+        raise AddressError(raw, problem)
     if addr.scheme in NIX_CACHE_SCHEMES:
         if blobs is None or directories is None:
             raise AddressError(
@@ -80,7 +95,9 @@ def from_addr(
             )
         from tvix_mountd.castore.pathinfos.nixcache import NixCachePathInfoService
 
-        return NixCachePathInfoService(addr, blobs, directories, timeout=timeout)
+        return NixCachePathInfoService(
+            addr, blobs, directories, timeout=timeout, prefetch_references=prefetch_references
+        )
     if addr.scheme == "memory":
         from tvix_mountd.castore.pathinfos.memory import MemoryPathInfoService
 

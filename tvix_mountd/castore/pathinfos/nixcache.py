@@ -30,6 +30,15 @@ Concurrent `get`s of one path in this process share one download. The
 deadline is on progress (`backend_timeout` without a byte arriving), not on
 the whole download: `waits_for_progress` tells callers not to cut a lookup
 with a deadline of their own.
+
+With `prefetch_references` > 0, a path's references are fetched in the
+background once it has been fetched (so are theirs, and so on), that many at
+a time, so that a program's closure is local before it asks for it: what
+`nix copy` of the path would bring. That work runs in `run`, in a nursery of
+whoever opened the service; a reference already local is not fetched again,
+but its own references are still walked (a closure whose prefetch was cut
+short, by a restart say, is completed). Off by default: a lookup of one path
+may then download its whole closure.
 """
 
 from __future__ import annotations
@@ -70,6 +79,12 @@ log = logging.getLogger(__name__)
 
 # Decompressed bytes handed from the download thread to the ingest per hop.
 BLOCK_SIZE: Final = 1 << 20
+# References waiting to be prefetched; beyond this, new ones are dropped (and
+# fetched when something looks them up). A closure is a few thousand paths.
+PREFETCH_QUEUE: Final = 10_000
+# Paths whose references were queued, remembered so that each closure is
+# walked once; forgotten wholesale past this many.
+PREFETCH_SEEN: Final = 100_000
 
 
 def _record_for(directories: DirectoryService, timeout: float) -> PathInfoService:
@@ -140,6 +155,7 @@ class NixCachePathInfoService(PathInfoService):
         directories: DirectoryService,
         *,
         timeout: float,
+        prefetch_references: int = 0,
     ) -> None:
         self.url = addr.url
         self._blobs = blobs
@@ -155,6 +171,11 @@ class NixCachePathInfoService(PathInfoService):
         self._fetches: Coalescer[tuple[bytes, str | None], PathInfo | None] = Coalescer()
         self._metrics: NixCacheMetrics | None = None
         self._metrics_loaded = False
+        self._prefetchers = prefetch_references
+        self._prefetch_send, self._prefetch_receive = trio.open_memory_channel[StorePath](
+            PREFETCH_QUEUE
+        )
+        self._prefetch_seen: set[bytes] = set()
 
     # -- the PathInfoService interface ----------------------------------
 
@@ -169,7 +190,11 @@ class NixCachePathInfoService(PathInfoService):
         info = await self._record.get(digest)
         if info is not None and self._trusted(info):
             self._count_lookup("local")
-            return info if name in (None, info.store_path.name) else None
+            if name not in (None, info.store_path.name):
+                return None
+            # Fetched before (by an earlier process, maybe): its closure may not be.
+            self._queue_references(info)
+            return info
         return await self._fetches.run((digest, name), lambda: self._fetch(digest, name))
 
     async def put(self, info: PathInfo) -> PathInfo:
@@ -180,6 +205,14 @@ class NixCachePathInfoService(PathInfoService):
         async for info in self._record.list():
             if self._trusted(info):
                 yield info
+
+    async def run(self) -> None:
+        """Prefetch references, `prefetch_references` at a time, until cancelled."""
+        if not self._prefetchers:
+            return
+        async with trio.open_nursery() as nursery:
+            for _ in range(self._prefetchers):
+                nursery.start_soon(self._prefetch_from_queue)
 
     async def aclose(self) -> None:
         await self._record.aclose()
@@ -234,6 +267,7 @@ class NixCachePathInfoService(PathInfoService):
             ca=narinfo.ca,
         )
         await put_durably(self._blobs, self._record, info)
+        self._queue_references(info)
         log.info(
             "%s: fetched %s (%d NAR bytes in %.2f s)",
             self.url,
@@ -242,6 +276,47 @@ class NixCachePathInfoService(PathInfoService):
             time.monotonic() - started,
         )
         return check_answer(digest, info)
+
+    # -- prefetching references --------------------------------------------
+
+    def _queue_references(self, info: PathInfo) -> None:
+        if not self._prefetchers or info.store_path.digest in self._prefetch_seen:
+            return
+        if len(self._prefetch_seen) >= PREFETCH_SEEN:
+            self._prefetch_seen.clear()
+        self._prefetch_seen.add(info.store_path.digest)
+        for reference in info.references:
+            if reference.digest in self._prefetch_seen:
+                continue  # itself, or a path walked already
+            try:
+                self._prefetch_send.send_nowait(reference)
+            except trio.WouldBlock:
+                self._count_prefetch("dropped")
+
+    async def _prefetch_from_queue(self) -> None:
+        async for path in self._prefetch_receive:
+            await self._prefetch(path)
+
+    async def _prefetch(self, path: StorePath) -> None:
+        try:
+            local = await self._record.get(path.digest)
+            if local is not None and self._trusted(local):
+                self._count_prefetch("present")
+                self._queue_references(local)  # walked on, once
+                return
+            # As a lookup would: sharing a download in flight for the same path.
+            info = await self._lookup(path.digest, path.name)
+        except StoreError as e:
+            # Logged where it failed; a later lookup of the path tries again.
+            self._count_prefetch("failed")
+            log.debug("prefetch of %s failed: %s", path.basename, e)
+            return
+        except Exception:
+            # Background work: whatever it meets, the mount goes on serving.
+            self._count_prefetch("failed")
+            log.exception("prefetch of %s failed", path.basename)
+            return
+        self._count_prefetch("absent" if info is None else "fetched")
 
     def _refuse(self, name: str, why: str) -> None:
         self._count_lookup("refused")
@@ -325,6 +400,11 @@ class NixCachePathInfoService(PathInfoService):
             if result == "ok":
                 metrics.ingested_bytes.labels(self.url).inc(nar_bytes)
                 metrics.ingest_seconds.labels(self.url).observe(seconds)
+
+    def _count_prefetch(self, result: str) -> None:
+        metrics = self._metrics_or_none()
+        if metrics is not None:
+            metrics.reference_prefetches.labels(self.url, result).inc()
 
     def _count_downloaded(self, size: int) -> None:
         metrics = self._metrics_or_none()
