@@ -19,11 +19,23 @@ each compression and each repetition, in alternating order:
 
 Prints a Markdown table: medians, the ratio tvix / nix (the issue's target is
 <= 1.0x), and the RSS figures.
+
+    .venv/bin/python -m benchmarks.nixcache --closure [--libs 16] [--mib 100]
+        [--files 5000] [--prefetch 4] [--reps 3] [--compression xz,zstd]
+
+A program's closure instead: `--libs` trees ("libraries", together `--mib`
+MiB in `--files` files, each of its own content) and a small "app" tree whose
+narinfo names them all as references (re-signed with the cache's key). Per
+compression and repetition: `nix copy` of the app, which brings its closure;
+and tvix-mountd without and with `--prefetch-references N`, timed from the
+first lookup of the app through a full read of the app and then of every
+library in turn, as a program that loads them one after another would.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -33,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,10 +82,11 @@ def _contents(rnd: random.Random, size: int) -> bytes:
     return (rnd.randbytes(size - half) + text)[:size]
 
 
-def build_tree(spec: Spec, root: Path) -> None:
+def build_tree(spec: Spec, root: Path, seed: int = 0) -> None:
     """`spec.files` files in directories of 50, sizes summing to about `spec.mib` MiB:
-    most small (1-64 KiB), the rest of the bytes in one file per 250."""
-    rnd = random.Random(spec.files * 1000 + spec.mib)
+    most small (1-64 KiB), the rest of the bytes in one file per 250. Trees of
+    one spec and another `seed` share no content."""
+    rnd = random.Random(spec.files * 1000 + spec.mib + seed * 1_000_003)
     total = spec.mib << 20
     small = [rnd.choice((1024, 4096, 16384, 65536)) // rnd.randint(1, 4) for _ in range(spec.files)]
     big_count = max(1, spec.files // 250)
@@ -184,17 +198,22 @@ class TvixRun:
     bytes_read: int
 
 
-def time_tvix_mount(data: Data, compression: str, scratch: Path) -> TvixRun:
+@contextlib.contextmanager
+def _tvix_mount(
+    cache: Path, public_key: str, scratch: Path, extra_args: tuple[str, ...] = ()
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """`tvix-mountd mount` of a fresh embedded store fed by `cache`, served."""
     local, mountpoint = _fresh(scratch, "tvix-local"), scratch / "mnt"
     mountpoint.mkdir(parents=True, exist_ok=True)
-    cache = f"nix+file://{data.caches[compression]}?trusted-public-keys={data.public_key}"
+    addr = f"nix+file://{cache}?trusted-public-keys={public_key}"
     log = open(scratch / "mount.log", "wb")  # noqa: SIM115 - closed in finally
     daemon = subprocess.Popen(
         [
             sys.executable, "-m", "tvix_mountd.cli", "mount",
             "--blob-service-addr", f"raw+file://{local}/blobs",
             "--directory-service-addr", f"sqlite://{local}/directories.sqlite",
-            "--path-info-service-addr", cache,
+            "--path-info-service-addr", addr,
+            *extra_args,
             str(mountpoint),
         ],
         stdout=log, stderr=log,
@@ -205,15 +224,7 @@ def time_tvix_mount(data: Data, compression: str, scratch: Path) -> TvixRun:
             if daemon.poll() is not None or time.monotonic() > deadline:
                 sys.exit(f"tvix-mountd mount did not start: {(scratch / 'mount.log').read_text()}")
             time.sleep(0.02)
-        rss_before = status_kb(daemon.pid, "VmRSS") or 0
-        path = mountpoint / data.store_path.rsplit("/", 1)[1]
-        started = time.monotonic()
-        os.stat(path)
-        lookup = time.monotonic() - started
-        read = _read_everything(path)
-        total = time.monotonic() - started
-        peak = vmhwm_kb(daemon.pid) or 0
-        return TvixRun(lookup, total, rss_before, peak, read)
+        yield daemon, mountpoint
     finally:
         daemon.send_signal(signal.SIGTERM)
         try:
@@ -225,6 +236,152 @@ def time_tvix_mount(data: Data, compression: str, scratch: Path) -> TvixRun:
         log.close()
 
 
+def time_tvix_mount(data: Data, compression: str, scratch: Path) -> TvixRun:
+    with _tvix_mount(data.caches[compression], data.public_key, scratch) as (daemon, mountpoint):
+        rss_before = status_kb(daemon.pid, "VmRSS") or 0
+        path = mountpoint / data.store_path.rsplit("/", 1)[1]
+        started = time.monotonic()
+        os.stat(path)
+        lookup = time.monotonic() - started
+        read = _read_everything(path)
+        total = time.monotonic() - started
+        peak = vmhwm_kb(daemon.pid) or 0
+        return TvixRun(lookup, total, rss_before, peak, read)
+
+
+# -- a closure ------------------------------------------------------------------
+
+
+@dataclass
+class Closure:
+    app: str
+    libs: list[str]
+    public_key: str
+    caches: dict[str, Path]
+
+
+def prepare_closure(libs: int, spec: Spec, compressions: list[str]) -> Closure:
+    """`libs` trees sharing `spec` between them, an app referring to all, and
+    caches of them (built once per shape)."""
+    from tests.nixcache import Key, resign_narinfo
+    from tvix_mountd.castore.storepath import StorePath
+
+    base = WORK / f"closure-{libs}x-{spec.name}"
+    marker = base / "ready.json"
+    if marker.exists():
+        ready = json.loads(marker.read_text())
+        if all(c in ready["caches"] for c in compressions):
+            caches = {c: Path(p) for c, p in ready["caches"].items()}
+            return Closure(ready["app"], ready["libs"], ready["public_key"], caches)
+    shutil.rmtree(base, ignore_errors=True)
+    base.mkdir(parents=True)
+    print(f"building a closure of {libs} x {spec.name} under {base}", file=sys.stderr)
+    nix_root = str(base / "nix-root")
+    lib_spec = Spec(max(1, spec.mib // libs), max(1, spec.files // libs))
+    lib_paths = []
+    for i in range(libs):
+        src = base / "src" / f"lib{i:02d}"
+        build_tree(lib_spec, src, seed=i + 1)
+        lib_paths.append(_run("nix-store", "--store", nix_root, "--add", str(src)))
+    app_src = base / "src" / "app"
+    build_tree(Spec(1, 20), app_src, seed=0)
+    app = _run("nix-store", "--store", nix_root, "--add", str(app_src))
+    key = Key.generate(KEY_NAME, base)
+    caches = {}
+    for compression in compressions:
+        cache = base / f"cache-{compression}"
+        _run(
+            "nix", *NIX_FEATURES, "copy", "--store", nix_root,
+            "--to", f"file://{cache}?compression={compression}&secret-key={key.secret_file}",
+            app, *lib_paths,
+        )  # fmt: skip
+        narinfo = cache / (os.path.basename(app)[:32] + ".narinfo")
+        resign_narinfo(narinfo, [StorePath.parse_absolute(p) for p in lib_paths], key)
+        caches[compression] = cache
+    closure = Closure(app, lib_paths, key.public, caches)
+    marker.write_text(
+        json.dumps(
+            {
+                "app": app,
+                "libs": lib_paths,
+                "public_key": key.public,
+                "caches": {c: str(p) for c, p in caches.items()},
+            }
+        )
+    )
+    return closure
+
+
+def time_nix_copy_closure(closure: Closure, compression: str, scratch: Path) -> float:
+    target = _fresh(scratch, "nix-dest")
+    started = time.monotonic()
+    _run(
+        "nix", *NIX_FEATURES, "copy", "--from", f"file://{closure.caches[compression]}",
+        "--to", str(target), "--option", "trusted-public-keys", closure.public_key, closure.app,
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    copied = _run("nix-store", "--store", str(target), "--query", "--requisites", closure.app)
+    if len(copied.split()) != len(closure.libs) + 1:
+        sys.exit(f"nix copy did not copy the closure: {copied}")
+    return elapsed
+
+
+def time_tvix_closure(
+    closure: Closure, compression: str, scratch: Path, prefetch: int
+) -> tuple[float, int]:
+    """Seconds from the app's first lookup through reading it and every
+    library in turn; and the daemon's peak RSS in KiB."""
+    extra = ("--prefetch-references", str(prefetch)) if prefetch else ()
+    cache = closure.caches[compression]
+    with _tvix_mount(cache, closure.public_key, scratch, extra) as (daemon, mountpoint):
+        started = time.monotonic()
+        for path in [closure.app, *closure.libs]:
+            _read_everything(mountpoint / os.path.basename(path))
+        return time.monotonic() - started, vmhwm_kb(daemon.pid) or 0
+
+
+def closure_table(args: argparse.Namespace) -> list[str]:
+    compressions = args.compression.split(",")
+    closure = prepare_closure(args.libs, Spec(args.mib, args.files), compressions)
+    scratch = WORK / "scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    lines = [
+        "| compression | nix copy (closure) | tvix, read in turn | with prefetch"
+        f" {args.prefetch} | prefetch / without | with prefetch / nix"
+        " | daemon peak RSS without / with prefetch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for compression in compressions:
+        times: dict[str, list[float]] = {"nix": [], "tvix": [], "prefetch": []}
+        peaks = {"tvix": 0, "prefetch": 0}
+        for rep in range(args.reps):
+            order = ["nix", "tvix", "prefetch"]
+            order = order[rep % 3 :] + order[: rep % 3]  # each goes first in turn
+            for which in order:
+                if which == "nix":
+                    times["nix"].append(time_nix_copy_closure(closure, compression, scratch))
+                    continue
+                seconds, peak_kb = time_tvix_closure(
+                    closure, compression, scratch, args.prefetch if which == "prefetch" else 0
+                )
+                times[which].append(seconds)
+                peaks[which] = max(peaks[which], peak_kb)
+            print(
+                f"{compression} rep {rep}: "
+                + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
+                file=sys.stderr,
+            )
+        nix, plain, fetched = (statistics.median(times[k]) for k in ("nix", "tvix", "prefetch"))
+        lines.append(
+            f"| {compression} | {nix:.2f} s | {plain:.2f} s | {fetched:.2f} s"
+            f" | {fetched / plain:.2f}x | {fetched / nix:.2f}x"
+            f" | {peaks['tvix'] / 1024:.0f} MB / {peaks['prefetch'] / 1024:.0f} MB |"
+        )
+    shutil.rmtree(scratch, ignore_errors=True)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mib", type=int, default=100)
@@ -232,7 +389,21 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--compression", default="xz,zstd")
     parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--closure", action="store_true", help="a program's closure instead")
+    parser.add_argument("--libs", type=int, default=16)
+    parser.add_argument("--prefetch", type=int, default=4)
     args = parser.parse_args()
+    if args.closure:
+        lines = [
+            f"Command: `python -m benchmarks.nixcache {' '.join(sys.argv[1:])}`  ",
+            f"Date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())};"
+            f" load average at start {load_average():.2f}; {args.libs} libraries,"
+            f" {args.files} files, {args.mib} MiB in all  ",
+            "",
+            *closure_table(args),
+        ]
+        _emit("\n".join(lines), args.markdown)
+        return
     spec = Spec(args.mib, args.files)
     compressions = args.compression.split(",")
     load = load_average()
@@ -275,11 +446,14 @@ def main() -> None:
             f"| {compression} | {nix:.2f} s | {lookup:.2f} s / {total:.2f} s"
             f" | {total / nix:.2f}x | {before:.0f} MB / {peak:.0f} MB |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.markdown is not None:
-        args.markdown.write_text(table + "\n")
+    _emit("\n".join(lines), args.markdown)
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _emit(table: str, markdown: Path | None) -> None:
+    print(table)
+    if markdown is not None:
+        markdown.write_text(table + "\n")
 
 
 if __name__ == "__main__":

@@ -218,8 +218,14 @@ def resign_with_references(
     sign it anew with the trusted key, without its CA line: Nix then insists on
     the signature, which makes it a check of our fingerprint."""
     path = cache_dir / f"{caches.paths[tree].basename[:32]}.narinfo"
+    return resign_narinfo(path, [caches.paths[r] for r in references], caches.trusted)
+
+
+def resign_narinfo(path: Path, references: list[StorePath], key: Key) -> NarInfo:
+    """Rewrite the narinfo at `path` to name `references` and sign it anew
+    with `key`, without its CA line (so that Nix checks the signature)."""
     info = NarInfo.parse(path.read_text())
-    refs = tuple(sorted((caches.paths[r] for r in references), key=lambda p: p.basename))
+    refs = tuple(sorted(references, key=lambda p: p.basename))
     signed = fingerprint(info.store_path, info.nar_sha256, info.nar_size, refs)
     rewritten = NarInfo(
         store_path=info.store_path,
@@ -231,7 +237,7 @@ def resign_with_references(
         file_sha256=info.file_sha256,
         file_size=info.file_size,
     )
-    write_narinfo(path, rewritten, [caches.trusted.sign(signed)])
+    write_narinfo(path, rewritten, [key.sign(signed)])
     return NarInfo.parse(path.read_text())
 
 
