@@ -28,6 +28,9 @@ Patches:
               (notify_store, issue 10's second lever): a later read of them
               sends no READ. What it costs when nothing is read is what the
               stat walk and `ls -f` rows show.
+  noprefetch  the reverse of a shipped change: no reading ahead of the next
+              files' blobs on a lookup (workers/prefetch.py), as before
+              issue 10; what that read-ahead gives or costs each row.
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -39,7 +42,15 @@ import sys
 from collections.abc import Callable
 from typing import Any, Final
 
-PATCHES: Final = ("noflush", "attrcache", "gc", "nocachereaddir", "pushlisting", "readahead")
+PATCHES: Final = (
+    "noflush",
+    "attrcache",
+    "gc",
+    "nocachereaddir",
+    "pushlisting",
+    "noprefetch",
+    "readahead",
+)
 HARNESS_ONLY: Final = frozenset({"readahead"})
 
 
@@ -130,12 +141,25 @@ def _pushlisting() -> None:
     filesystem.StoreFilesystem.readdir = readdir  # type: ignore[method-assign]
 
 
+def _noprefetch() -> None:
+    from tvix_mountd.workers import filesystem
+
+    original = filesystem.StoreFilesystem.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.prefetcher = None
+
+    filesystem.StoreFilesystem.__init__ = __init__  # type: ignore[method-assign]
+
+
 _APPLY: Final[dict[str, Callable[[], None]]] = {
     "nocachereaddir": _nocachereaddir,
     "noflush": _noflush,
     "attrcache": _attrcache,
     "gc": _gc,
     "pushlisting": _pushlisting,
+    "noprefetch": _noprefetch,
 }
 
 
