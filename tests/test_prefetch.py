@@ -1,5 +1,6 @@
-"""Reading ahead the files that follow a looked-up one (workers/prefetch.py),
-in-process, on the embedded blob store (real files, real threads)."""
+"""Reading ahead the files that follow the ones being read in name order
+(workers/prefetch.py), in-process, on the embedded blob store (real files,
+real threads)."""
 
 from __future__ import annotations
 
@@ -74,14 +75,20 @@ async def _wait_kept(fs: StoreFilesystem, nodes: list[bytes]) -> None:
             await fs.prefetcher.wait_batch()
 
 
-async def test_files_after_a_looked_up_one_are_read_ahead_and_served_from_memory(
+async def _cat(fs: StoreFilesystem, directory: int, name: bytes) -> bytes:
+    attr = await fs.lookup(directory, name, CTX)
+    return await fs.read(attr.st_ino, 0, 1 << 16)
+
+
+async def test_files_after_ones_read_in_name_order_are_read_ahead_and_served_from_memory(
     background: tuple[StoreFilesystem, CountingBlobs, dict[bytes, bytes]],
 ) -> None:
     fs, blobs, contents = background
     root = await fs.lookup(ROOT_INODE, NAME, CTX)
-    first = await fs.lookup(root.st_ino, b"f000", CTX)
-    assert first.st_ino
-    later = [f"f{i:03d}".encode() for i in range(1, 9)]
+    # Two files read in name order: a run, the files after them are read ahead.
+    for name in (b"f000", b"f001"):
+        assert await _cat(fs, root.st_ino, name) == contents[name]
+    later = [f"f{i:03d}".encode() for i in range(2, 10)]
     nodes = []
     for name in later:
         data = contents[name]
@@ -106,7 +113,8 @@ async def test_a_blob_that_fails_its_check_is_not_read_ahead(
     await path.chmod(0o644)
     await path.write_bytes(b"X" + bad[1:])
     root = await fs.lookup(ROOT_INODE, NAME, CTX)
-    await fs.lookup(root.st_ino, b"f000", CTX)
+    for name in (b"f000", b"f001"):
+        await _cat(fs, root.st_ino, name)
     good = contents[b"f006"]
     await _wait_kept(fs, [pack_node(FileNode(B3Digest.of(good), len(good)))])
     assert fs.prefetcher is not None
@@ -130,3 +138,25 @@ async def test_what_is_kept_is_bounded(tmp_path: Path, monkeypatch: pytest.Monke
     assert 0 < prefetcher.kept_bytes <= 1000
     # The newest are kept, the oldest let go.
     assert prefetcher.holds(nodes[-1]) and not prefetcher.holds(nodes[0])
+
+
+async def test_lookups_alone_and_reads_out_of_order_read_nothing_ahead(
+    background: tuple[StoreFilesystem, CountingBlobs, dict[bytes, bytes]],
+) -> None:
+    """A stat walk or an interpreter probing for modules looks files up and
+    reads few of them, not in name order: nothing is read ahead for them."""
+    fs, _, contents = background
+    assert fs.prefetcher is not None
+    root = await fs.lookup(ROOT_INODE, NAME, CTX)
+    directory = fs.inodes.node(root.st_ino)
+    assert directory is not None
+    for i in range(FILES):
+        await fs.lookup(root.st_ino, f"f{i:03d}".encode(), CTX)
+    assert fs.prefetcher.asked_upto(directory) == 0
+    for name in (b"f020", b"f010", b"f005", b"f030"):  # backwards, or too far apart
+        assert await _cat(fs, root.st_ino, name) == contents[name]
+    assert fs.prefetcher.asked_upto(directory) == 0
+    assert fs.prefetcher.kept_bytes == 0
+    # One but one after the last is still a run (a file skipped, say).
+    assert await _cat(fs, root.st_ino, b"f032") == contents[b"f032"]
+    assert fs.prefetcher.asked_upto(directory) > 33

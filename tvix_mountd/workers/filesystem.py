@@ -459,7 +459,9 @@ class StoreFilesystem(pyfuse3.Operations):
             if self.prefetcher is not None and node[0] != PACKED_DIRECTORY:
                 parent = self.inodes.node(parent_inode)
                 assert parent is not None  # its children were just read
-                self.prefetcher.looked_up(parent, i, nodes)
+                ino = self.inodes.ref(node)
+                self.prefetcher.looked_up(ino, parent_inode, parent, i)
+                return entry_attributes(ino, node)
         return entry_attributes(self.inodes.ref(node), node)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -712,12 +714,33 @@ class StoreFilesystem(pyfuse3.Operations):
         finally:
             lock.release()
 
+    def _read_ahead_after(self, ino: int, node: PackedNode) -> None:
+        """File `ino` (`node`) is being read from its start: if that goes on
+        a run in name order, have the files after it read ahead."""
+        assert self.prefetcher is not None
+        place = self.prefetcher.first_read(ino)
+        if place is None:
+            return
+        directory_ino, directory, index = place
+        children = self.inodes.children(directory_ino)
+        # Unless a number was forgotten and reused since the lookup.
+        if (
+            children is None
+            or self.inodes.node(directory_ino) != directory
+            or index >= len(children[1])
+            or children[1][index] != node
+        ):
+            return
+        self.prefetcher.read_ahead_after(directory, index, children[1])
+
     @_request("read")
     async def read(self, fh: int, off: int, size: int) -> bytes:
         if size > self.largest_read:
             self.largest_read = size
         if self.prefetcher is not None:
             packed = self.inodes.node(fh)
+            if off == 0 and packed is not None:
+                self._read_ahead_after(fh, packed)
             ahead = None if packed is None else self.prefetcher.read(packed, off, size)
             if ahead is not None:  # read ahead, and checked
                 return ahead

@@ -1,19 +1,24 @@
 """Reading ahead the blobs of the files that come next in a directory.
 
 Programs read many small files of one directory by name, often in name
-order: a `cat *`, an interpreter importing modules, a compiler reading
-headers. Each file costs the daemon a LOOKUP and a READ, and on a cold local
-store the READ waits for the disk. When a file is looked up, the blobs of
-the files after it (in name order) are read ahead, in worker threads (the
-loop's thread keeps answering requests, on the other core): the smallest
-whole, checked against their digests and kept in memory until read to
-the end (`SMALL`, `KEPT` bytes at most), the others asked of the disk
+order: a `cat *`, a build reading headers, a copy of a tree. Each file costs
+the daemon a LOOKUP and a READ, and on a cold local store the READ waits for
+the disk. Once the files of a directory are being read in name order (a
+file's first READ follows that of the file before it, or one but one), the
+blobs of the files after it are read ahead, in worker threads (the loop's
+thread keeps answering requests, on the other core): the smallest whole,
+checked against their digests and kept in memory until read to the end
+(`SMALL`, `KEPT` bytes at most), the others asked of the disk
 (`BlobService.prefetch`: posix_fadvise WILLNEED for the embedded store).
 A READ of a kept file is then a slice of bytes, without a syscall.
 
+Reads, not lookups, start it: a stat walk, or an interpreter probing for
+modules, looks up many files and reads few or none, and reading ahead for
+every lookup made those slower (RESULTS.md, the `noprefetch` what-if).
+
 Bounded: a window of files ahead per directory, small files only, a few
-threads, a queue that drops rather than grows. A lookup that is not
-followed by reads (a stat by path) costs the disk reads of the window.
+threads, a queue that drops rather than grows, and a bounded memory of
+where recently looked-up files sit.
 """
 
 from __future__ import annotations
@@ -41,8 +46,12 @@ THREADS: Final = 4
 MAX_FILE: Final = 1 << 20  # larger files have the kernel's own readahead
 SMALL: Final = 64 << 10  # files this small are read whole and kept
 KEPT: Final = 16 << 20  # bytes kept at most (the oldest go first)
-DIRECTORIES: Final = 4096  # directories whose window is remembered
+DIRECTORIES: Final = 4096  # directories whose window and last read are remembered
 QUEUE: Final = 256
+# Looked-up files whose place in their directory is remembered (until read).
+PLACES: Final = 1024
+# A first READ of entry i is "in name order" after one of entry i-GAP..i-1.
+GAP: Final = 2
 
 _size_field = PACKED_SIZE.unpack_from
 
@@ -58,12 +67,44 @@ class BlobPrefetcher:
         # Directory (its packed node: content, unlike an inode number that
         # may be reused) -> index up to which its files were asked for.
         self._upto: OrderedDict[PackedNode, int] = OrderedDict()
+        # File inode -> its place: (directory inode, directory node, index).
+        self._places: OrderedDict[int, tuple[int, PackedNode, int]] = OrderedDict()
+        # Directory node -> index of the file whose first READ came last.
+        self._last_read: OrderedDict[PackedNode, int] = OrderedDict()
         self._send, self._receive = trio.open_memory_channel[Sequence[PackedNode]](QUEUE)
         self._batch_done = trio.Event()
 
-    def looked_up(self, directory: PackedNode, index: int, nodes: Sequence[PackedNode]) -> None:
-        """Entry `index` of directory `directory` (whose entries are `nodes`,
-        in name order) was just looked up."""
+    def looked_up(self, ino: int, directory_ino: int, directory: PackedNode, index: int) -> None:
+        """File inode `ino` was just looked up: entry `index` of `directory`."""
+        places = self._places
+        places[ino] = (directory_ino, directory, index)
+        places.move_to_end(ino)
+        if len(places) > PLACES:
+            places.popitem(last=False)
+
+    def first_read(self, ino: int) -> tuple[int, PackedNode, int] | None:
+        """File inode `ino` is being read from its start. Its place, if that
+        continues a run of first reads in name order in its directory (then
+        the caller passes the directory's entries to `read_ahead_after`)."""
+        place = self._places.pop(ino, None)
+        if place is None:
+            return None
+        _, directory, index = place
+        last_read = self._last_read
+        last = last_read.get(directory)
+        last_read[directory] = index
+        last_read.move_to_end(directory)
+        if len(last_read) > DIRECTORIES:
+            last_read.popitem(last=False)
+        if last is None or not last < index <= last + GAP:
+            return None
+        return place
+
+    def read_ahead_after(
+        self, directory: PackedNode, index: int, nodes: Sequence[PackedNode]
+    ) -> None:
+        """Read ahead the files after entry `index` of `directory`, whose
+        entries are `nodes` (in name order)."""
         upto = self._upto.get(directory, index + 1)
         if upto - index > AHEAD // 2 or upto >= len(nodes):
             return
@@ -82,6 +123,10 @@ class BlobPrefetcher:
                 self._send.send_nowait(files[i : i + BATCH])
             except trio.WouldBlock:
                 return  # the disk is behind already: drop the rest
+
+    def asked_upto(self, directory: PackedNode) -> int:
+        """How many of `directory`'s first entries were asked for (0: none)."""
+        return self._upto.get(directory, 0)
 
     async def wait_batch(self) -> None:
         """Until the next batch has been read ahead (for tests, and for
