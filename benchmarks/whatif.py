@@ -31,6 +31,11 @@ Patches:
   noprefetch  the reverse of a shipped change: no reading ahead of the next
               files' blobs on a lookup (workers/prefetch.py), as before
               issue 10; what that read-ahead gives or costs each row.
+  onearena    glibc's malloc limited to one arena (mallopt M_ARENA_MAX 1,
+              what MALLOC_ARENA_MAX=1 does) before any thread starts: the
+              threads (read-ahead, blocking store calls) then allocate from
+              the main heap instead of an arena each, whose pages stay
+              resident once touched.
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -49,6 +54,7 @@ PATCHES: Final = (
     "nocachereaddir",
     "pushlisting",
     "noprefetch",
+    "onearena",
     "readahead",
 )
 HARNESS_ONLY: Final = frozenset({"readahead"})
@@ -153,6 +159,13 @@ def _noprefetch() -> None:
     filesystem.StoreFilesystem.__init__ = __init__  # type: ignore[method-assign]
 
 
+def _onearena() -> None:
+    import ctypes
+
+    m_arena_max = -8  # glibc's malloc.h
+    ctypes.CDLL("libc.so.6").mallopt(m_arena_max, 1)
+
+
 _APPLY: Final[dict[str, Callable[[], None]]] = {
     "nocachereaddir": _nocachereaddir,
     "noflush": _noflush,
@@ -160,6 +173,7 @@ _APPLY: Final[dict[str, Callable[[], None]]] = {
     "gc": _gc,
     "pushlisting": _pushlisting,
     "noprefetch": _noprefetch,
+    "onearena": _onearena,
 }
 
 
