@@ -36,6 +36,9 @@ Patches:
               threads (read-ahead, blocking store calls) then allocate from
               the main heap instead of an arena each, whose pages stay
               resident once touched.
+  dictindex   the reverse of a shipped change: the inode table's sharing
+              index as a dict (node -> number, ~80 bytes an inode) instead
+              of workers/nodeindex.py's array (~16-32 bytes).
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -55,6 +58,7 @@ PATCHES: Final = (
     "pushlisting",
     "noprefetch",
     "onearena",
+    "dictindex",
     "readahead",
 )
 HARNESS_ONLY: Final = frozenset({"readahead"})
@@ -133,7 +137,7 @@ def _pushlisting() -> None:
             if not 0 < size <= min(small, left):
                 continue
             left -= size
-            ino = self.inodes._by_node[node]
+            ino = self.inodes._index.get(node)
 
             async def contents(node: Any = node, ino: int = ino, size: int = size) -> Any:
                 data = await trio.to_thread.run_sync(
@@ -166,6 +170,38 @@ def _onearena() -> None:
     ctypes.CDLL("libc.so.6").mallopt(m_arena_max, 1)
 
 
+def _dictindex() -> None:
+    from tvix_mountd.workers import inodes
+
+    class DictIndex:
+        """NodeIndex's interface over a dict, as the table had it before."""
+
+        def __init__(self, nodes: Any) -> None:
+            self._nodes = nodes
+            self._by_node: dict[bytes, int] = {}
+
+        def __len__(self) -> int:
+            return len(self._by_node)
+
+        def get(self, node: bytes) -> int | None:
+            return self._by_node.get(node)
+
+        def probe(self, node: bytes) -> tuple[int, int]:
+            return self._by_node.get(node, 0), 0
+
+        def insert(self, ino: int, slot: int) -> None:
+            self._by_node[self._nodes[ino]] = ino
+
+        def remove(self, ino: int) -> bool:
+            node = self._nodes[ino]
+            if self._by_node.get(node) != ino:
+                return False
+            del self._by_node[node]
+            return True
+
+    inodes.NodeIndex = DictIndex  # type: ignore[misc,assignment]
+
+
 _APPLY: Final[dict[str, Callable[[], None]]] = {
     "nocachereaddir": _nocachereaddir,
     "noflush": _noflush,
@@ -174,6 +210,7 @@ _APPLY: Final[dict[str, Callable[[], None]]] = {
     "pushlisting": _pushlisting,
     "noprefetch": _noprefetch,
     "onearena": _onearena,
+    "dictindex": _dictindex,
 }
 
 

@@ -24,8 +24,9 @@ FORGET read but not processed): a bounded leak. They are never too low: a
 count is raised before the reply that hands the number out, and a forgotten
 directory's hold is cleared before its children are given back.
 
-In this process, `_nodes` and `_by_node` mirror the live slots (the sharing
-index needs a dict anyway); the file is the truth they are rebuilt from.
+In this process, `_nodes` and `_index` mirror the live slots; the file is the
+truth they are rebuilt from. The sharing index (nodeindex.py) stores only
+inode numbers, keyed by `_nodes`: a dict cost ~80 bytes a live inode.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Final
 
 from tvix_mountd.castore.nodes import PackedNode
 from tvix_mountd.workers.names import PackedNames
+from tvix_mountd.workers.nodeindex import NodeIndex
 from tvix_mountd.workers.statefile import StateFile
 
 ROOT_INODE: Final = 1
@@ -58,8 +60,8 @@ class InodeTable:
         # Indexed by inode number; 0 and the root (1) are never handed out.
         self._nodes: list[PackedNode | None] = [None] * max(state.high_water, ROOT_INODE + 1)
         # A packed node holds its kind and every field, so it is itself the
-        # sharing key (and these are the same objects as in `_nodes`).
-        self._by_node: dict[PackedNode, int] = {}
+        # sharing key: node -> the number that shares it.
+        self._index = NodeIndex(self._nodes)
         # Numbers free for reuse, as machine integers: a list would keep an
         # int object alive per forgotten inode.
         self._free = array("q", reversed(free))
@@ -69,7 +71,10 @@ class InodeTable:
         self._held: dict[int, int] = {}
         for ino, node, _ in live:
             self._nodes[ino] = node
-            self._by_node.setdefault(node, ino)
+            # Two live numbers may hold one node (after a kill): the first shares it.
+            found, slot = self._index.probe(node)
+            if not found:
+                self._index.insert(ino, slot)
             held = state.held(ino)
             if held:
                 self._held[ino] = held
@@ -81,7 +86,7 @@ class InodeTable:
             self._own_fd = None
 
     def __len__(self) -> int:
-        return len(self._by_node)
+        return len(self._index)
 
     def node(self, ino: int) -> PackedNode | None:
         """The node of a live inode, None for any other number."""
@@ -94,8 +99,8 @@ class InodeTable:
 
     def ref(self, node: PackedNode) -> int:
         """The inode number for `node` (allocated if new), its lookup count raised by one."""
-        ino = self._by_node.get(node)
-        if ino is not None:
+        ino, slot = self._index.probe(node)
+        if ino:
             state = self.state
             state.set_count(ino, state.count(ino) + 1)
             return ino
@@ -106,7 +111,7 @@ class InodeTable:
             self._nodes.append(None)
         self.state.fill(ino, node, 1)
         self._nodes[ino] = node
-        self._by_node[node] = ino
+        self._index.insert(ino, slot)
         return ino
 
     def forget(self, ino: int, count: int) -> list[tuple[PackedNode, int]]:
@@ -133,9 +138,10 @@ class InodeTable:
             # Freed (hold and all) before its children are given back: a kill
             # in between leaks their counts, it never lowers them twice.
             state.free(ino)
+            # Out of the index (if it is the number that shares its node)
+            # while `_nodes` still names its node: the index's key.
+            self._index.remove(ino)
             self._nodes[ino] = None
-            if self._by_node.get(node) == ino:
-                del self._by_node[node]
             self._free.append(ino)
             children = self._children.pop(ino, None)
             if not held:
@@ -155,8 +161,8 @@ class InodeTable:
         return unresolved
 
     def _held_numbers(self, nodes: tuple[PackedNode, ...]) -> list[tuple[int, int]]:
-        by_node = self._by_node
-        return [(by_node[n], 1) for n in nodes if n in by_node]
+        get = self._index.get
+        return [(ino, 1) for n in nodes if (ino := get(n)) is not None]
 
     def held(self, ino: int) -> int:
         """How many of directory `ino`'s first children it holds."""
