@@ -199,7 +199,8 @@ def _dictindex() -> None:
             del self._by_node[node]
             return True
 
-    inodes.NodeIndex = DictIndex  # type: ignore[misc,assignment]
+    # The name inodes.py looks up when a table is made.
+    setattr(inodes, "NodeIndex", DictIndex)  # noqa: B010
 
 
 _APPLY: Final[dict[str, Callable[[], None]]] = {

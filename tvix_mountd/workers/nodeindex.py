@@ -3,7 +3,7 @@
 The inode table needs this sharing index (same content, same inode) for
 every live inode. As a dict it cost ~80 bytes an entry: the dict's entry
 and an int object for each number. Here it is an open-addressing hash table
-(linear probing) of inode numbers in one array, at most half full; a slot's
+(linear probing) of inode numbers in one array, 1/8 to 1/2 full; a slot's
 key is the node the table's `nodes` list holds at that number, so nothing
 but the number is stored. 0 marks an empty slot (inode 0 is never handed
 out). Removal shifts the entries after it back (no tombstones), so lookups
@@ -62,7 +62,9 @@ class NodeIndex:
         slot `probe` gave."""
         self._len += 1
         if 2 * self._len > len(self._slots):
-            self._resize(2 * len(self._slots))
+            # Four times larger: each resize rehashes every number in Python,
+            # so fewer of them matter more than the slots they leave empty.
+            self._resize(4 * len(self._slots))
             self._insert(ino)  # the slot moved with the resize
         else:
             self._slots[slot] = ino
