@@ -509,10 +509,11 @@ class StoreFilesystem(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         names, nodes, first = await self._listing(fh, start_id)
         start = start_id - first
-        stop = self._reply_entries(token, names, nodes, first, start)
+        numbers: list[int] = []
+        stop = self._reply_entries(token, names, nodes, first, start, numbers)
         if KERNEL_CACHES_LISTINGS and fh < ROOT_LISTING_HANDLES:
             # The kernel may keep this listing: see InodeTable.hold.
-            self.inodes.hold(fh, start, stop)
+            self.inodes.hold(fh, start, stop, numbers)
 
     def _reply_entries(
         self,
@@ -521,11 +522,14 @@ class StoreFilesystem(pyfuse3.Operations):
         nodes: Sequence[PackedNode],
         first: int,
         i: int,
+        numbers: list[int],
     ) -> int:
         """Hand `names[i:]` to the kernel until its buffer is full; the index
-        of the first entry it did not take."""
+        of the first entry it did not take. The numbers of those it took are
+        appended to `numbers`."""
         ref = self.inodes.ref
         reply = pyfuse3.readdir_reply
+        taken = numbers.append
         # Entries are built one at a time until the kernel's buffer is full:
         # a big directory's readdir costs only what one buffer holds. Names
         # come a batch at a time (one split of the packed names).
@@ -537,6 +541,7 @@ class StoreFilesystem(pyfuse3.Operations):
                 if not reply(token, name, entry_attributes(ino, node), first + i + 1):
                     self.inodes.forget(ino, 1)
                     return i
+                taken(ino)
                 i += 1
         return i
 

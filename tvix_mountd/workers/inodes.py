@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 from array import array
+from collections.abc import Sequence
 from typing import Final
 
 from tvix_mountd.castore.nodes import PackedNode
@@ -168,11 +169,12 @@ class InodeTable:
         """How many of directory `ino`'s first children it holds."""
         return self._held.get(ino, 0)
 
-    def hold(self, ino: int, start: int, stop: int) -> None:
+    def hold(self, ino: int, start: int, stop: int, numbers: Sequence[int] | None = None) -> None:
         """Children `start:stop` of live directory `ino` (as `set_children`
         keeps them) were just handed to the kernel in a listing it may keep:
         hold them, so each keeps its number until the kernel forgets the
-        directory.
+        directory. `numbers`, if given, are the numbers `ref` just gave
+        those children (saving a lookup in the index for each).
 
         The kernel fills its cache from the first entry on, in order, so only
         a listing's leading run can be in it; that run is what is held.
@@ -182,8 +184,13 @@ class InodeTable:
         if children is None or not start <= held < stop:
             return
         # The counts first, then the hold that says to give them back.
-        for node in children[1][held:stop]:
-            self.ref(node)
+        if numbers is None:
+            for node in children[1][held:stop]:
+                self.ref(node)
+        else:
+            state = self.state
+            for number in numbers[held - start : stop - start]:
+                state.set_count(number, state.count(number) + 1)
         self._held[ino] = stop
         self.state.set_held(ino, stop)
 
