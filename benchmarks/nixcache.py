@@ -165,14 +165,21 @@ def _fresh(scratch: Path, name: str) -> Path:
     raise RuntimeError(f"no free name under {scratch}")
 
 
-def time_nix_copy(data: Data, compression: str, scratch: Path) -> float:
+def _nix_copy_from(cache: Path, public_key: str, path: str, scratch: Path) -> tuple[float, Path]:
+    """Seconds of `nix copy` of `path` (and its closure) out of `cache` into a
+    fresh chroot store, trusting `public_key`; and that store."""
     target = _fresh(scratch, "nix-dest")
     started = time.monotonic()
     _run(
-        "nix", *NIX_FEATURES, "copy", "--from", f"file://{data.caches[compression]}",
-        "--to", str(target), "--option", "trusted-public-keys", data.public_key, data.store_path,
+        "nix", *NIX_FEATURES, "copy", "--from", f"file://{cache}",
+        "--to", str(target), "--option", "trusted-public-keys", public_key, path,
     )  # fmt: skip
-    return time.monotonic() - started
+    return time.monotonic() - started, target
+
+
+def time_nix_copy(data: Data, compression: str, scratch: Path) -> float:
+    cache = data.caches[compression]
+    return _nix_copy_from(cache, data.public_key, data.store_path, scratch)[0]
 
 
 def _read_everything(root: Path) -> int:
@@ -313,13 +320,8 @@ def prepare_closure(libs: int, spec: Spec, compressions: list[str]) -> Closure:
 
 
 def time_nix_copy_closure(closure: Closure, compression: str, scratch: Path) -> float:
-    target = _fresh(scratch, "nix-dest")
-    started = time.monotonic()
-    _run(
-        "nix", *NIX_FEATURES, "copy", "--from", f"file://{closure.caches[compression]}",
-        "--to", str(target), "--option", "trusted-public-keys", closure.public_key, closure.app,
-    )  # fmt: skip
-    elapsed = time.monotonic() - started
+    cache = closure.caches[compression]
+    elapsed, target = _nix_copy_from(cache, closure.public_key, closure.app, scratch)
     copied = _run("nix-store", "--store", str(target), "--query", "--requisites", closure.app)
     if len(copied.split()) != len(closure.libs) + 1:
         sys.exit(f"nix copy did not copy the closure: {copied}")
