@@ -62,7 +62,7 @@ class InodeTable:
         self._nodes: list[PackedNode | None] = [None] * max(state.high_water, ROOT_INODE + 1)
         # A packed node holds its kind and every field, so it is itself the
         # sharing key: node -> the number that shares it.
-        self._index = NodeIndex(self._nodes)
+        self._index = NodeIndex(self._nodes, expected=len(live))
         # Numbers free for reuse, as machine integers: a list would keep an
         # int object alive per forgotten inode.
         self._free = array("q", reversed(free))

@@ -24,13 +24,17 @@ _MIN_SLOTS: Final = 1024
 class NodeIndex:
     __slots__ = ("_len", "_mask", "_nodes", "_slots")
 
-    def __init__(self, nodes: Sequence[PackedNode | None]) -> None:
+    def __init__(self, nodes: Sequence[PackedNode | None], expected: int = 0) -> None:
         """An empty index whose keys are `nodes[number]` (the caller's list,
         kept up to date by the caller: a number's node may change only while
-        the number is not in the index)."""
+        the number is not in the index), sized for `expected` numbers (a
+        table taken over after a handover: no rehashing while it is filled)."""
+        size = _MIN_SLOTS
+        while size < 2 * expected:
+            size *= 2
         self._nodes = nodes
-        self._slots = array("q", bytes(8 * _MIN_SLOTS))
-        self._mask = _MIN_SLOTS - 1
+        self._slots = array("q", bytes(8 * size))
+        self._mask = size - 1
         self._len = 0
 
     def __len__(self) -> int:
