@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +17,8 @@ from prometheus_client import values
 from prometheus_client.parser import text_string_to_metric_families
 
 from tvix_mountd import metrics as m
+from tvix_mountd import request_metrics
+from tvix_mountd.request_metrics import RequestMetrics, errno_label
 
 _FORK = multiprocessing.get_context("fork")
 
@@ -63,7 +67,7 @@ def in_child(target: Callable[[], None]) -> int:
 
 
 def worker_alpha() -> None:
-    requests = m.RequestMetrics("alpha")
+    requests = RequestMetrics("alpha")
     requests.observe("lookup", 0.00003, None)
     requests.observe("lookup", 0.002, errno.ENOENT)
     requests.observe("read", 0.0001, None, read_bytes=4096)
@@ -96,7 +100,7 @@ def test_a_workers_figures_reach_the_supervisors_render(metrics_dir: Path) -> No
 
 def test_totals_outlive_workers_and_dead_workers_lose_live_gauges(metrics_dir: Path) -> None:
     def worker() -> None:
-        requests = m.RequestMetrics("beta")
+        requests = RequestMetrics("beta")
         requests.observe("getattr", 0.00001, None)
         requests.flush()
         m.set_mount_up("beta", True)  # a live gauge, written by this process
@@ -145,8 +149,8 @@ def test_observe_writes_out_after_enough_observations(
     metrics_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A stopped clock: only the count can cause a write, however slow the machine.
-    monkeypatch.setattr(m, "time", FrozenTime)
-    requests = m.RequestMetrics("delta")
+    monkeypatch.setattr(request_metrics, "time", FrozenTime)
+    requests = RequestMetrics("delta")
     requests.observe("lookup", 0.00005, None)
     # Buffered in this process, not yet in the files render reads.
     found = samples(m.render()[0])
@@ -161,8 +165,8 @@ def test_observe_writes_out_after_enough_observations(
 async def test_flush_periodically_covers_the_idle_tail(
     metrics_dir: Path, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(m, "time", FrozenTime)  # observe() itself never writes out
-    requests = m.RequestMetrics("epsilon")
+    monkeypatch.setattr(request_metrics, "time", FrozenTime)  # observe() itself never writes out
+    requests = RequestMetrics("epsilon")
 
     def total() -> float | None:
         found = samples(m.render()[0])
@@ -229,13 +233,13 @@ def test_rootcache_collector_reads_at_scrape_time_and_survives_a_down_rootcache(
 
 
 def test_unknown_errno_is_labelled_by_number() -> None:
-    assert m.errno_label(errno.ENOENT) == "ENOENT"
-    assert m.errno_label(4242) == "4242"
+    assert errno_label(errno.ENOENT) == "ENOENT"
+    assert errno_label(4242) == "4242"
 
 
 def test_observe_cost(metrics_dir: Path) -> None:
     """Prints the cost of one observe(); timing is not asserted (shared machines)."""
-    requests = m.RequestMetrics("bench")
+    requests = RequestMetrics("bench")
     n = 50_000
     cases = {
         "ok": (None, 0),
@@ -263,3 +267,22 @@ def test_observe_cost(metrics_dir: Path) -> None:
     requests.flush()
     found = samples(m.render()[0])
     assert value(found, "tvix_mountd_requests_total", mount="bench", op="lookup") == 3 * n
+
+
+def test_a_worker_imports_prometheus_client_only_at_its_first_flush(tmp_path: Path) -> None:
+    """A worker taking a mount over serves before it pays for the import."""
+    code = (
+        "import sys\n"
+        "import tvix_mountd.workers.process\n"
+        "from tvix_mountd.request_metrics import RequestMetrics\n"
+        "r = RequestMetrics('m')\n"
+        "r.observe('lookup', 0.001, None)\n"
+        "assert 'prometheus_client' not in sys.modules, 'imported before the flush'\n"
+        "r.flush()\n"
+        "assert 'prometheus_client' in sys.modules\n"
+    )
+    env = {**os.environ, m.ENV_VAR: str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr

@@ -13,17 +13,13 @@ custom collector, not polled.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
-import time
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
-import trio
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -37,33 +33,13 @@ from prometheus_client import multiprocess as _multiprocess
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+# The request histogram's buckets, shared with the worker's figures.
+from tvix_mountd.request_metrics import REQUEST_BUCKETS
+
 log = logging.getLogger(__name__)
 
 ENV_VAR: Final = "PROMETHEUS_MULTIPROC_DIR"
 
-# A FUSE request takes ~50 us in the daemon; backend calls reach seconds, and
-# backend_timeout (default 10 s) bounds the slowest.
-REQUEST_BUCKETS: Final = (
-    0.00001,
-    0.000025,
-    0.00005,
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-)
 
 # The rootcache's StoreStats fields (rootcache.proto) and how they are exposed.
 ROOTCACHE_COUNTERS: Final = {
@@ -267,120 +243,6 @@ def mark_process_dead(pid: int) -> None:
     """Forget the live gauges of a process that exited (its counters stay)."""
     if _directory is not None:
         _multiprocess.mark_process_dead(pid, _directory)  # type: ignore[no-untyped-call]
-
-
-def errno_label(error_errno: int) -> str:
-    return errno.errorcode.get(error_errno, str(error_errno))
-
-
-class _OpFigures:
-    """What one op gathered since the last flush."""
-
-    __slots__ = ("buckets", "count", "histogram", "requests", "sum")
-
-    def __init__(self, requests: Counter, histogram: Histogram) -> None:
-        self.requests = requests
-        self.histogram = histogram
-        self.count = 0
-        self.sum = 0.0
-        # One slot per bucket bound, +Inf last, as Histogram keeps them.
-        self.buckets = [0] * (len(REQUEST_BUCKETS) + 1)
-
-
-class RequestMetrics:
-    """Per-request figures of one mount, written by its worker.
-
-    Writing prometheus_client's mmap'ed values costs ~2-3 us each (a lock, a
-    getpid() and a struct write), 8-11 us per request for a counter and a
-    histogram; a FUSE request costs ~50 us in the daemon. So observe() only adds
-    to plain Python numbers, and flush() writes them out: at least every
-    FLUSH_INTERVAL while requests come in, from `flush_periodically` for the
-    tail after the last request, and at exit. A worker that is killed loses at
-    most the last FLUSH_INTERVAL of figures.
-
-    For one thread (the worker's trio thread); not thread-safe.
-    """
-
-    FLUSH_INTERVAL: Final = 1.0
-    FLUSH_AFTER: Final = 10_000  # observations, whatever the time
-
-    __slots__ = ("_errors", "_last_flush", "_metrics", "_mount", "_ops", "_pending", "_read_bytes")
-
-    def __init__(self, mount: str) -> None:
-        self._mount = mount
-        self._metrics = metrics()
-        self._ops: dict[str, _OpFigures] = {}
-        self._errors: dict[tuple[str, int], int] = {}
-        self._read_bytes = 0
-        self._pending = 0
-        self._last_flush = time.monotonic()
-
-    def observe(
-        self, op: str, seconds: float, error_errno: int | None, read_bytes: int = 0
-    ) -> None:
-        try:
-            figures = self._ops[op]
-        except KeyError:
-            figures = self._ops[op] = _OpFigures(
-                self._metrics.requests.labels(self._mount, op),
-                self._metrics.request_seconds.labels(self._mount, op),
-            )
-        figures.count += 1
-        figures.sum += seconds
-        # Histogram's rule: the first bound >= the value.
-        figures.buckets[bisect_left(REQUEST_BUCKETS, seconds)] += 1
-        if error_errno is not None:
-            key = (op, error_errno)
-            self._errors[key] = self._errors.get(key, 0) + 1
-        if read_bytes:
-            self._read_bytes += read_bytes
-        self._pending += 1
-        if (
-            self._pending >= self.FLUSH_AFTER
-            or time.monotonic() - self._last_flush >= self.FLUSH_INTERVAL
-        ):
-            self.flush()
-
-    def flush(self) -> None:
-        """Write what was observed since the last flush to the shared files."""
-        self._last_flush = time.monotonic()
-        if not self._pending:
-            return
-        self._pending = 0
-        for figures in self._ops.values():
-            if not figures.count:
-                continue
-            figures.requests.inc(figures.count)
-            # Histogram has no public way to add many observations at once;
-            # its child keeps a value for the sum and one per bucket (not
-            # cumulative) in every prometheus_client release we allow.
-            histogram: Any = figures.histogram
-            histogram._sum.inc(figures.sum)
-            for i, n in enumerate(figures.buckets):
-                if n:
-                    histogram._buckets[i].inc(n)
-                    figures.buckets[i] = 0
-            figures.count = 0
-            figures.sum = 0.0
-        for (op, error_errno), n in self._errors.items():
-            self._metrics.errors.labels(self._mount, op, errno_label(error_errno)).inc(n)
-        self._errors.clear()
-        if self._read_bytes:
-            self._metrics.read_bytes.labels(self._mount).inc(self._read_bytes)
-            self._read_bytes = 0
-
-    async def flush_periodically(self) -> None:
-        """Flush every FLUSH_INTERVAL until cancelled, and once more then.
-
-        Run in the worker's nursery, so that figures of the last requests
-        before an idle spell show up too.
-        """
-        try:
-            while True:
-                await trio.sleep(self.FLUSH_INTERVAL)
-                self.flush()
-        finally:
-            self.flush()
 
 
 RootcacheStats = Mapping[str, Mapping[str, float]]

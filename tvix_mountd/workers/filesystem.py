@@ -93,7 +93,7 @@ _WRITE_FLAGS: Final = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_
 
 
 class RequestObserver(Protocol):
-    """Where per-request figures go (tvix_mountd.metrics.RequestMetrics)."""
+    """Where per-request figures go (tvix_mountd.request_metrics.RequestMetrics)."""
 
     def observe(
         self, op: str, seconds: float, error_errno: int | None, read_bytes: int = 0

@@ -57,7 +57,7 @@ async def serve_worker(spec: WorkerSpec) -> None:
     )
     metrics = None
     try:
-        from tvix_mountd.metrics import RequestMetrics
+        from tvix_mountd.request_metrics import RequestMetrics
 
         metrics = RequestMetrics(mount.name)
     except Exception:  # metrics are optional; a mount without them still serves
