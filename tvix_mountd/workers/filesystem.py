@@ -448,21 +448,20 @@ class StoreFilesystem(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         if parent_inode == ROOT_INODE:
             node = await self._resolve_root_name(name)
-        else:
-            names, nodes = await self._children(parent_inode)
-            i = bisect.bisect_left(names, name)
-            if i == len(names) or names[i] != name:
-                # Nothing can ever appear in a store path: the kernel may keep
-                # the miss for good (loaders and interpreters probe many names).
-                return self._no_entry
-            node = nodes[i]
-            if self.prefetcher is not None and node[0] != PACKED_DIRECTORY:
-                parent = self.inodes.node(parent_inode)
-                assert parent is not None  # its children were just read
-                ino = self.inodes.ref(node)
-                self.prefetcher.looked_up(ino, parent_inode, parent, i)
-                return entry_attributes(ino, node)
-        return entry_attributes(self.inodes.ref(node), node)
+            return entry_attributes(self.inodes.ref(node), node)
+        names, nodes = await self._children(parent_inode)
+        i = bisect.bisect_left(names, name)
+        if i == len(names) or names[i] != name:
+            # Nothing can ever appear in a store path: the kernel may keep
+            # the miss for good (loaders and interpreters probe many names).
+            return self._no_entry
+        node = nodes[i]
+        ino = self.inodes.ref(node)
+        if self.prefetcher is not None and node[0] != PACKED_DIRECTORY:
+            parent = self.inodes.node(parent_inode)
+            assert parent is not None  # its children were just read
+            self.prefetcher.looked_up(ino, parent_inode, parent, i)
+        return entry_attributes(ino, node)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         unresolved: list[tuple[PackedNode, int]] = []

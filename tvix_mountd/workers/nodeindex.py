@@ -42,13 +42,7 @@ class NodeIndex:
 
     def get(self, node: PackedNode) -> int | None:
         """The number indexed for `node`, if any."""
-        nodes, slots, mask = self._nodes, self._slots, self._mask
-        i = hash(node) & mask
-        while ino := slots[i]:
-            if nodes[ino] == node:
-                return ino
-            i = (i + 1) & mask
-        return None
+        return self.probe(node)[0] or None
 
     def probe(self, node: PackedNode) -> tuple[int, int]:
         """(the number indexed for `node`, its slot), or (0, the slot where

@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, TypeVar
 
 import trio
 
@@ -55,6 +55,17 @@ GAP: Final = 2
 
 _size_field = PACKED_SIZE.unpack_from
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _remember(memory: OrderedDict[K, V], key: K, value: V, bound: int) -> None:
+    """`memory[key] = value` as the newest entry, the oldest let go past `bound`."""
+    memory[key] = value
+    memory.move_to_end(key)
+    if len(memory) > bound:
+        memory.popitem(last=False)
+
 
 class BlobPrefetcher:
     def __init__(self, blobs: BlobService) -> None:
@@ -76,11 +87,7 @@ class BlobPrefetcher:
 
     def looked_up(self, ino: int, directory_ino: int, directory: PackedNode, index: int) -> None:
         """File inode `ino` was just looked up: entry `index` of `directory`."""
-        places = self._places
-        places[ino] = (directory_ino, directory, index)
-        places.move_to_end(ino)
-        if len(places) > PLACES:
-            places.popitem(last=False)
+        _remember(self._places, ino, (directory_ino, directory, index), PLACES)
 
     def first_read(self, ino: int) -> tuple[int, PackedNode, int] | None:
         """File inode `ino` is being read from its start. Its place, if that
@@ -90,12 +97,8 @@ class BlobPrefetcher:
         if place is None:
             return None
         _, directory, index = place
-        last_read = self._last_read
-        last = last_read.get(directory)
-        last_read[directory] = index
-        last_read.move_to_end(directory)
-        if len(last_read) > DIRECTORIES:
-            last_read.popitem(last=False)
+        last = self._last_read.get(directory)
+        _remember(self._last_read, directory, index, DIRECTORIES)
         if last is None or not last < index <= last + GAP:
             return None
         return place
@@ -114,10 +117,7 @@ class BlobPrefetcher:
             for node in nodes[max(upto, index + 1) : stop]
             if node[0] in (PACKED_FILE, PACKED_EXECUTABLE) and 0 < _size_field(node)[0] <= MAX_FILE
         ]
-        self._upto[directory] = stop
-        self._upto.move_to_end(directory)
-        if len(self._upto) > DIRECTORIES:
-            self._upto.popitem(last=False)
+        _remember(self._upto, directory, stop, DIRECTORIES)
         for i in range(0, len(files), BATCH):
             try:
                 self._send.send_nowait(files[i : i + BATCH])
