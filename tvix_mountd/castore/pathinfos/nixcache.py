@@ -195,6 +195,10 @@ class NixCachePathInfoService(PathInfoService):
             # Fetched before (by an earlier process, maybe): its closure may not be.
             self._queue_references(info)
             return info
+        return await self._fetch_shared(digest, name)
+
+    async def _fetch_shared(self, digest: bytes, name: str | None) -> PathInfo | None:
+        """Fetch, sharing a download in flight for the same path."""
         return await self._fetches.run((digest, name), lambda: self._fetch(digest, name))
 
     async def put(self, info: PathInfo) -> PathInfo:
@@ -304,8 +308,8 @@ class NixCachePathInfoService(PathInfoService):
                 self._count_prefetch("present")
                 self._queue_references(local)  # walked on, once
                 return
-            # As a lookup would: sharing a download in flight for the same path.
-            info = await self._lookup(path.digest, path.name)
+            # Not local (just asked): fetched as a lookup would fetch it.
+            info = await self._fetch_shared(path.digest, path.name)
         except StoreError as e:
             # Logged where it failed; a later lookup of the path tries again.
             self._count_prefetch("failed")
