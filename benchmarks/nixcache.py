@@ -345,9 +345,7 @@ def time_tvix_closure(
 def closure_table(args: argparse.Namespace) -> list[str]:
     compressions = args.compression.split(",")
     closure = prepare_closure(args.libs, Spec(args.mib, args.files), compressions)
-    scratch = WORK / "scratch"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
+    scratch = _fresh_scratch()
     lines = [
         "| compression | nix copy (closure) | tvix, read in turn | with prefetch"
         f" {args.prefetch} | prefetch / without | with prefetch / nix"
@@ -396,28 +394,17 @@ def main() -> None:
     parser.add_argument("--prefetch", type=int, default=4)
     args = parser.parse_args()
     if args.closure:
-        lines = [
-            f"Command: `python -m benchmarks.nixcache {' '.join(sys.argv[1:])}`  ",
-            f"Date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())};"
-            f" load average at start {load_average():.2f}; {args.libs} libraries,"
-            f" {args.files} files, {args.mib} MiB in all  ",
-            "",
-            *closure_table(args),
-        ]
-        _emit("\n".join(lines), args.markdown)
+        what = f"{args.libs} libraries, {args.files} files, {args.mib} MiB in all"
+        lines = _header(what, load_average())
+        _emit("\n".join([*lines, *closure_table(args)]), args.markdown)
         return
     spec = Spec(args.mib, args.files)
     compressions = args.compression.split(",")
     load = load_average()
     data = prepare(spec, compressions)
-    scratch = WORK / "scratch"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
+    scratch = _fresh_scratch()
     lines = [
-        f"Command: `python -m benchmarks.nixcache {' '.join(sys.argv[1:])}`  ",
-        f"Date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())};"
-        f" load average at start {load:.2f}; {spec.files} files, {spec.mib} MiB  ",
-        "",
+        *_header(f"{spec.files} files, {spec.mib} MiB", load),
         "| compression | nix copy | tvix first access (lookup+ingest / +full read)"
         " | ratio | daemon RSS before / peak |",
         "|---|---|---|---|---|",
@@ -450,6 +437,24 @@ def main() -> None:
         )
     _emit("\n".join(lines), args.markdown)
     shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _header(what: str, load: float) -> list[str]:
+    """The lines above a table: the command, the date, the load, the data."""
+    return [
+        f"Command: `python -m benchmarks.nixcache {' '.join(sys.argv[1:])}`  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())};"
+        f" load average at start {load:.2f}; {what}  ",
+        "",
+    ]
+
+
+def _fresh_scratch() -> Path:
+    """An empty directory for the runs' stores (removed again at the end)."""
+    scratch = WORK / "scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    return scratch
 
 
 def _emit(table: str, markdown: Path | None) -> None:
