@@ -169,7 +169,16 @@ class DaemonRequests:
     batch is written figure by figure and a reading may fall in between.
     """
 
-    OPS: Final = ("lookup", "open", "release", "read", "getattr", "opendir", "readdir")
+    OPS: Final = (
+        "lookup",
+        "open",
+        "release",
+        "read",
+        "getattr",
+        "opendir",
+        "readdir",
+        "releasedir",
+    )
 
     def __init__(self, svc: Service, mount: str, marker: Path) -> None:
         self._svc = svc
