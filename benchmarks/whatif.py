@@ -39,9 +39,6 @@ Patches:
   dictindex   the reverse of a shipped change: the inode table's sharing
               index as a dict (node -> number, ~80 bytes an inode) instead
               of workers/nodeindex.py's array (~16-32 bytes).
-  opendirs    the reverse of a shipped change: opendir answered as on a
-              pyfuse3 without 04-zero-dir-fh-is-inode.patch, so the kernel
-              sends OPENDIR and RELEASEDIR for every directory it lists.
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -62,7 +59,6 @@ PATCHES: Final = (
     "noprefetch",
     "onearena",
     "dictindex",
-    "opendirs",
     "readahead",
 )
 HARNESS_ONLY: Final = frozenset({"readahead"})
@@ -174,12 +170,6 @@ def _onearena() -> None:
     ctypes.CDLL("libc.so.6").mallopt(m_arena_max, 1)
 
 
-def _opendirs() -> None:
-    from tvix_mountd.workers import filesystem
-
-    filesystem.LISTINGS_WITHOUT_OPENDIR = False  # type: ignore[misc]
-
-
 def _dictindex() -> None:
     from tvix_mountd.workers import inodes
 
@@ -222,7 +212,6 @@ _APPLY: Final[dict[str, Callable[[], None]]] = {
     "noprefetch": _noprefetch,
     "onearena": _onearena,
     "dictindex": _dictindex,
-    "opendirs": _opendirs,
 }
 
 

@@ -352,7 +352,7 @@ def pinned(path: Path | str) -> Iterator[int]:
     """Keep `path` in the kernel's caches while inside; yields an open descriptor.
 
     The descriptor pins its inode and dentry (and so every directory above
-    it), and a directory's listing, read once; a shared mapping with every page populated pins its pages: neither
+    it); a shared mapping with every page populated pins its pages: neither
     memory pressure nor drop_caches (which a benchmark running alongside may
     do) evicts them, so the kernel never has to ask the daemon again.
 
@@ -364,11 +364,7 @@ def pinned(path: Path | str) -> Iterator[int]:
     fd = os.open(path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size
-        if os.path.isdir(path):
-            os.listdir(fd)  # its listing too: the kernel keeps it while the fd is open
-            yield fd
-            return
-        if size == 0:
+        if size == 0 or os.path.isdir(path):
             yield fd
             return
         os.pread(fd, size, 0)  # into the page cache first, without the GIL

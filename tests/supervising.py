@@ -169,16 +169,7 @@ class DaemonRequests:
     batch is written figure by figure and a reading may fall in between.
     """
 
-    OPS: Final = (
-        "lookup",
-        "open",
-        "release",
-        "read",
-        "getattr",
-        "opendir",
-        "readdir",
-        "releasedir",
-    )
+    OPS: Final = ("lookup", "open", "release", "read", "getattr", "opendir", "readdir")
 
     def __init__(self, svc: Service, mount: str, marker: Path) -> None:
         self._svc = svc

@@ -12,7 +12,7 @@ import pytest
 
 from tests.mounting import KERNEL_CACHES
 from tests.supervising import DaemonRequests, World, world
-from tvix_mountd.workers.filesystem import LISTINGS_WITHOUT_OPENDIR, READS_WITHOUT_OPEN
+from tvix_mountd.workers.filesystem import READS_WITHOUT_OPEN
 
 # Counting what the kernel does not ask because it caches: not alongside a
 # test that drops the kernel's caches (machine-wide).
@@ -42,32 +42,6 @@ def test_files_are_read_without_open_or_release_requests(
     source = w.sources[w.names[0]] / "dir0"
     for name in files:
         assert (directory / name).read_bytes() == (source / name).read_bytes()
-
-
-@pytest.mark.skipif(not LISTINGS_WITHOUT_OPENDIR, reason="needs the pyfuse3 patch set (setup.sh)")
-def test_directories_are_listed_without_opendir_or_releasedir_requests(
-    served: tuple[World, DaemonRequests],
-) -> None:
-    w, requests = served
-    name = w.names[0]
-    source = w.sources[name]
-    directories = sorted(p.relative_to(source) for p in source.rglob("*") if p.is_dir())
-    assert len(directories) >= 2
-    first, *rest = directories
-    listed = requests.during(lambda: os.listdir(w.path("a") / first))
-    assert listed["opendir"] <= 1 and listed["releasedir"] == 0, listed  # ENOSYS, once
-    assert listed["readdir"] >= 1, listed
-
-    def walk() -> dict[str, list[str]]:
-        return {str(d): sorted(os.listdir(w.path("a") / d)) for d in rest}
-
-    counts = requests.during(walk)
-    assert counts["opendir"] == 0 and counts["releasedir"] == 0, counts
-    assert counts["readdir"] >= len(rest), counts  # the listings did come from the daemon
-    assert walk() == {str(d): sorted(os.listdir(source / d)) for d in rest}
-    # Listed again: the kernel answers from the listings it kept.
-    again = requests.during(walk)
-    assert again["readdir"] == 0 and again["opendir"] == 0, again
 
 
 def test_a_miss_in_a_store_path_is_asked_once_and_one_in_the_root_every_time(

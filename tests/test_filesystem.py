@@ -75,10 +75,8 @@ class Tree:
         }
 
     def fs(self, root_nodes: RootNodes, **kwargs: Any) -> StoreFilesystem:
-        # As the kernel sends OPEN and OPENDIR (stock pyfuse3); the other way
-        # has tests of its own.
+        # As the kernel sends OPEN (stock pyfuse3); the other way has tests of its own.
         kwargs.setdefault("open_requests", True)
-        kwargs.setdefault("opendir_requests", True)
         return StoreFilesystem(self.blobs, self.directories, root_nodes, **kwargs)
 
 
@@ -245,27 +243,6 @@ async def test_opendir_lets_the_kernel_keep_listings_except_the_roots(
 async def test_root_listing_needs_list_root() -> None:
     fs, _ = await make_fs(list_root=False)
     assert await fuse_errno(fs.opendir(ROOT_INODE, CTX)) == errno.EPERM
-
-
-async def test_without_opendir_requests_a_listing_handle_is_the_inode() -> None:
-    # The kernel opens directories itself once opendir answered ENOSYS; its
-    # READDIRs then carry the directory's inode number (pyfuse3 patch 04).
-    fs, roots = await make_fs(opendir_requests=False)
-    a = await lookup_path(fs, store_name(1, "a"))
-    assert await fuse_errno(fs.opendir(a.st_ino, CTX)) == errno.ENOSYS
-    assert [name for name, _, _ in await fs.dir_entries(a.st_ino, 0)] == await read_dir(
-        fs, a.st_ino
-    )
-    assert await fuse_errno(fs.dir_entries(ROOT_INODE, 0)) == errno.EPERM
-    # By default (scripts/setup.sh installs the pyfuse3 with patch 04) only
-    # without list_root: the kernel would keep the root's listing too, and
-    # store paths may be added to it.
-    assert filesystem.LISTINGS_WITHOUT_OPENDIR
-    unlisted, _ = await make_fs(list_root=False, opendir_requests=None)
-    assert not unlisted.opendir_requests
-    listed, _ = await make_fs(list_root=True, opendir_requests=None)
-    assert listed.opendir_requests
-    assert {name for name, _, _ in await listed.dir_entries(ROOT_INODE, 0)} == set(roots)
 
 
 class CountingRootNodes(StaticRootNodes):

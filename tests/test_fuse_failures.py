@@ -38,7 +38,7 @@ from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.nodes import DirectoryNode
 from tvix_mountd.castore.pathinfo import PathInfo
 from tvix_mountd.castore.store import Store
-from tvix_mountd.workers.filesystem import LISTINGS_WITHOUT_OPENDIR, READS_WITHOUT_OPEN
+from tvix_mountd.workers.filesystem import READS_WITHOUT_OPEN
 
 pytestmark = [
     pytest.mark.fuse,
@@ -152,9 +152,6 @@ def test_directory_hole(served: Served, tmp_path: Path) -> None:
         ]
         # Reading inside it fails, every time, and says which directory.
         for _ in range(2):
-            if LISTINGS_WITHOUT_OPENDIR:
-                # Opening asks the daemon nothing: the first readdir fails.
-                os.close(os.open(t / "hole", os.O_RDONLY | os.O_DIRECTORY))
             assert_errno(errno.EIO, lambda: os.listdir(t / "hole"))
             assert_errno(errno.EIO, lambda: os.stat(t / "hole" / "inside.txt"))
         mount.wait_for_log(str(hole))

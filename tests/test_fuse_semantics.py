@@ -49,7 +49,6 @@ from tvix_mountd.castore.pathinfo import PathInfo
 from tvix_mountd.castore.pathinfos.memory import MemoryPathInfoService
 from tvix_mountd.castore.store import Store
 from tvix_mountd.castore.storepath import StorePath
-from tvix_mountd.workers.filesystem import LISTINGS_WITHOUT_OPENDIR
 
 pytestmark = [
     pytest.mark.fuse,
@@ -727,19 +726,8 @@ def plain(store_kind: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 def test_root_listing_without_list_root_is_eperm(plain: PlainWorld) -> None:
     assert_errno(errno.EPERM, lambda: os.listdir(plain.mount.path))
-    if LISTINGS_WITHOUT_OPENDIR:
-        # The kernel opens directories itself (README, "Fewer requests per
-        # file"): the root opens, and reading its entries fails.
-        fd = os.open(plain.mount.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            assert_errno(errno.EPERM, lambda: os.listdir(fd))
-        finally:
-            os.close(fd)
-        with os.scandir(plain.mount.path) as entries:
-            assert_errno(errno.EPERM, lambda: next(entries))
-    else:
-        assert_errno(errno.EPERM, lambda: os.scandir(plain.mount.path))
-        assert_errno(errno.EPERM, lambda: os.open(plain.mount.path, os.O_RDONLY | os.O_DIRECTORY))
+    assert_errno(errno.EPERM, lambda: os.scandir(plain.mount.path))
+    assert_errno(errno.EPERM, lambda: os.open(plain.mount.path, os.O_RDONLY | os.O_DIRECTORY))
     out = _run("ls", str(plain.mount.path))
     assert out.returncode != 0 and out.stdout == b""
     assert b"Operation not permitted" in out.stderr, out.stderr

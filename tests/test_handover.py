@@ -40,7 +40,6 @@ from tests.supervising import (
     mount_id,
     start_time,
     tree_files,
-    world,
 )
 from tvix_mountd.workers.connection import InitRequest
 
@@ -417,36 +416,6 @@ def test_a_request_that_kills_every_worker_is_answered_eio(tmp_path: Path) -> No
         log = svc.log()
         assert len(set(re.findall(r"worker (\d+) killed by SIGABRT", log))) == 2, log
         assert "a lookup request was in flight at 2 worker crashes: answering it with EIO" in log
-        assert tree_files(w.path("a")) == tree_files(w.sources[w.names[0]])
-
-
-def test_reload_that_turns_list_root_on_mounts_again(tmp_path: Path) -> None:
-    # Without list_root the kernel was told to open directories itself and
-    # keeps every listing: a root listing, which grows, needs a new mount.
-    with world(tmp_path, mounts=("a",)) as w:
-        svc = w.svc
-        svc.start()
-        point = svc.mountpoint("a")
-        assert _errno(lambda: os.listdir(point)) == errno.EPERM
-        assert tree_files(w.path("a")) == tree_files(w.sources[w.names[0]])
-        ids = mount_id(point)
-
-        def reload(list_root: bool) -> list[str]:
-            svc.mount_entry("a")["list_root"] = list_root
-            svc.write_config()
-            done = svc.cli("reload", "--config", str(svc.config_path))
-            assert done.returncode == 0, done.stderr
-            svc.wait_ready()
-            return done.stdout.splitlines()
-
-        assert "restarted a" in reload(True)
-        assert mount_id(point) != ids
-        assert sorted(os.listdir(point)) == sorted(w.names)
-        # Off again: the same connection serves on, the root unlisted.
-        ids = mount_id(point)
-        assert "handed over a" in reload(False)
-        assert mount_id(point) == ids
-        assert _errno(lambda: os.listdir(point)) == errno.EPERM
         assert tree_files(w.path("a")) == tree_files(w.sources[w.names[0]])
 
 

@@ -81,12 +81,6 @@ KERNEL_CACHES_LISTINGS: Final = hasattr(pyfuse3.FileInfo(), "cache_readdir")
 # file read) and keeps every file's pages (content never changes). On a
 # stock pyfuse3 every open comes to us.
 READS_WITHOUT_OPEN: Final = hasattr(pyfuse3.Operations, "zero_fh_is_inode")
-# The same for listings (third_party/pyfuse3/04-zero-dir-fh-is-inode.patch):
-# opendir answers ENOSYS once, and the kernel stops sending OPENDIR and
-# RELEASEDIR (two requests fewer per directory listed) and keeps every
-# listing, as cache_readdir asks. Not with list_root: the root's listing may
-# grow, and the kernel would keep that too.
-LISTINGS_WITHOUT_OPENDIR: Final = hasattr(pyfuse3.Operations, "zero_dir_fh_is_inode")
 # Handles of root listings: above every inode number (a handle below it is
 # the inode number of the directory or file it opened).
 ROOT_LISTING_HANDLES: Final = 1 << 62
@@ -243,10 +237,8 @@ class StoreFilesystem(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
-    # A read's handle is the file's inode number, whether open made it or
-    # not; a listing's likewise, except the root's when list_root is set.
+    # A read's handle is the file's inode number, whether open made it or not.
     zero_fh_is_inode = True
-    zero_dir_fh_is_inode = True
 
     def __init__(
         self,
@@ -260,20 +252,13 @@ class StoreFilesystem(pyfuse3.Operations):
         metrics: RequestObserver | None = None,
         inodes: InodeTable | None = None,
         open_requests: bool = not READS_WITHOUT_OPEN,
-        opendir_requests: bool | None = None,
     ) -> None:
         """`inodes`: the table to serve from, with what it already holds (a
         mount handed over from another worker); a fresh one by default.
         `open_requests` false: `open` answers ENOSYS, and the kernel reads
-        files without opening them here (see READS_WITHOUT_OPEN).
-        `opendir_requests` false: `opendir` answers ENOSYS, and the kernel
-        lists directories without opening them here; by default so when
-        LISTINGS_WITHOUT_OPENDIR and not `list_root`."""
+        files without opening them here (see READS_WITHOUT_OPEN)."""
         super().__init__()
         self.open_requests = open_requests
-        if opendir_requests is None:
-            opendir_requests = list_root or not LISTINGS_WITHOUT_OPENDIR
-        self.opendir_requests = opendir_requests
         # Both run by whoever serves this filesystem (`run_background`).
         self.notices = KernelNotices()
         self.prefetcher = BlobPrefetcher(blobs) if blobs.prefetches else None
@@ -512,11 +497,6 @@ class StoreFilesystem(pyfuse3.Operations):
 
     @_request("opendir")
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
-        if not self.opendir_requests:
-            # Once: the kernel opens directories itself from now on, and keeps
-            # their listings (a hole then fails the first readdir, and the
-            # root's EPERM comes from readdir too).
-            raise pyfuse3.FUSEError(errno.ENOSYS)
         handle = await self.open_directory(inode)
         # The root's listing is not the kernel's to keep: store paths may be
         # added. Any other directory's content never changes.
@@ -530,7 +510,7 @@ class StoreFilesystem(pyfuse3.Operations):
         start = start_id - first
         numbers: list[int] = []
         stop = self._reply_entries(token, names, nodes, first, start, numbers)
-        if fh < ROOT_LISTING_HANDLES and (KERNEL_CACHES_LISTINGS or not self.opendir_requests):
+        if KERNEL_CACHES_LISTINGS and fh < ROOT_LISTING_HANDLES:
             # The kernel may keep this listing: see InodeTable.hold.
             self.inodes.hold(fh, start, stop, numbers)
 
@@ -584,13 +564,12 @@ class StoreFilesystem(pyfuse3.Operations):
         resumed at any offset continues exactly where it stopped, also in a
         worker that took the mount over from the one that opened it.
         """
-        if fh < ROOT_LISTING_HANDLES and fh != ROOT_INODE:
+        if fh < ROOT_LISTING_HANDLES:
             names, nodes = await self._children(fh)
             return names, nodes, 0
         listing = self._root_listings.get(fh)
         if listing is None:
-            # Opened before a handover, or by the kernel itself (the root's
-            # inode number as its handle): the stream starts again.
+            # Opened before a handover: the stream starts again.
             if not self.list_root:
                 raise pyfuse3.FUSEError(errno.EPERM)
             listing = self._root_listings[fh] = _RootListing()

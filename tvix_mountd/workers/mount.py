@@ -20,7 +20,6 @@ import trio
 
 from tvix_mountd.workers.filesystem import (
     KERNEL_CACHES_LISTINGS,
-    LISTINGS_WITHOUT_OPENDIR,
     READS_WITHOUT_OPEN,
     StoreFilesystem,
 )
@@ -271,11 +270,10 @@ async def serve_lent(
 
 
 async def _serve_session(fs: StoreFilesystem, task_status: trio.TaskStatus[None]) -> None:
-    if not (KERNEL_CACHES_LISTINGS and READS_WITHOUT_OPEN and LISTINGS_WITHOUT_OPENDIR):
+    if not (KERNEL_CACHES_LISTINGS and READS_WITHOUT_OPEN):
         log.info(
-            "this pyfuse3 (%s) cannot let the kernel keep directory listings, or read"
-            " files or list directories it did not open here; scripts/setup.sh builds"
-            " one that can",
+            "this pyfuse3 (%s) cannot let the kernel keep directory listings or read"
+            " files it did not open here; scripts/setup.sh builds one that can",
             pyfuse3.__version__,
         )
     _tune_gc()
