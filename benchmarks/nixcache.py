@@ -49,6 +49,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import whatif as whatif_mod
 from benchmarks.peers import load_average, status_kb, vmhwm_kb
 
 WORK = Path(__file__).resolve().parent / "work" / "nixcache"
@@ -207,23 +208,29 @@ class TvixRun:
 
 @contextlib.contextmanager
 def _tvix_mount(
-    cache: Path, public_key: str, scratch: Path, extra_args: tuple[str, ...] = ()
+    cache: Path,
+    public_key: str,
+    scratch: Path,
+    extra_args: tuple[str, ...] = (),
+    whatif: tuple[str, ...] = (),
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """`tvix-mountd mount` of a fresh embedded store fed by `cache`, served."""
+    """`tvix-mountd mount` of a fresh embedded store fed by `cache`, served
+    (with the benchmarks.whatif patches `whatif`, if any)."""
     local, mountpoint = _fresh(scratch, "tvix-local"), scratch / "mnt"
     mountpoint.mkdir(parents=True, exist_ok=True)
     addr = f"nix+file://{cache}?trusted-public-keys={public_key}"
     log = open(scratch / "mount.log", "wb")  # noqa: SIM115 - closed in finally
+    module = "benchmarks.whatif" if whatif else "tvix_mountd.cli"
     daemon = subprocess.Popen(
         [
-            sys.executable, "-m", "tvix_mountd.cli", "mount",
+            sys.executable, "-m", module, "mount",
             "--blob-service-addr", f"raw+file://{local}/blobs",
             "--directory-service-addr", f"sqlite://{local}/directories.sqlite",
             "--path-info-service-addr", addr,
             *extra_args,
             str(mountpoint),
         ],
-        stdout=log, stderr=log,
+        stdout=log, stderr=log, env={**os.environ, "TVIX_WHATIF": ",".join(whatif)},
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 60
@@ -243,8 +250,11 @@ def _tvix_mount(
         log.close()
 
 
-def time_tvix_mount(data: Data, compression: str, scratch: Path) -> TvixRun:
-    with _tvix_mount(data.caches[compression], data.public_key, scratch) as (daemon, mountpoint):
+def time_tvix_mount(
+    data: Data, compression: str, scratch: Path, whatif: tuple[str, ...] = ()
+) -> TvixRun:
+    cache = data.caches[compression]
+    with _tvix_mount(cache, data.public_key, scratch, whatif=whatif) as (daemon, mountpoint):
         rss_before = status_kb(daemon.pid, "VmRSS") or 0
         path = mountpoint / data.store_path.rsplit("/", 1)[1]
         started = time.monotonic()
@@ -392,6 +402,12 @@ def main() -> None:
     parser.add_argument("--closure", action="store_true", help="a program's closure instead")
     parser.add_argument("--libs", type=int, default=16)
     parser.add_argument("--prefetch", type=int, default=4)
+    parser.add_argument(
+        "--whatif",
+        default="",
+        metavar="PATCH,...",
+        help="also tvix-mountd with these benchmarks.whatif patches, side by side",
+    )
     args = parser.parse_args()
     if args.closure:
         what = f"{args.libs} libraries, {args.files} files, {args.mib} MiB in all"
@@ -403,37 +419,49 @@ def main() -> None:
     load = load_average()
     data = prepare(spec, compressions)
     scratch = _fresh_scratch()
+    whatif = tuple(whatif_mod.parse(args.whatif))
+    tvixes = {"tvix": (), **({"what-if": whatif} if whatif else {})}
     lines = [
         *_header(f"{spec.files} files, {spec.mib} MiB", load),
-        "| compression | nix copy | tvix first access (lookup+ingest / +full read)"
-        " | ratio | daemon RSS before / peak |",
-        "|---|---|---|---|---|",
+        *([f"what-if: tvix-mountd with `{','.join(whatif)}`  ", ""] if whatif else []),
+        "| compression | nix copy | "
+        + " | ".join(f"{name} first access (lookup+ingest / +full read) | ratio" for name in tvixes)
+        + " | daemon RSS before / peak |",
+        "|---|---|" + "---|---|" * len(tvixes) + "---|",
     ]
     for compression in compressions:
         nix_times: list[float] = []
-        runs: list[TvixRun] = []
+        runs: dict[str, list[TvixRun]] = {name: [] for name in tvixes}
         for rep in range(args.reps):
-            # Alternate which goes first, so neither always finds the caches warmer.
-            order = ("nix", "tvix") if rep % 2 == 0 else ("tvix", "nix")
+            # Rotate which goes first, so none always finds the caches warmer.
+            order = ["nix", *tvixes]
+            order = order[rep % len(order) :] + order[: rep % len(order)]
             for which in order:
                 if which == "nix":
                     nix_times.append(time_nix_copy(data, compression, scratch))
                 else:
-                    runs.append(time_tvix_mount(data, compression, scratch))
+                    runs[which].append(time_tvix_mount(data, compression, scratch, tvixes[which]))
             print(
-                f"{compression} rep {rep}: nix {nix_times[-1]:.2f} s, tvix"
-                f" {runs[-1].lookup:.2f} + {runs[-1].total - runs[-1].lookup:.2f} s,"
-                f" peak {runs[-1].peak_kb / 1024:.1f} MB",
+                f"{compression} rep {rep}: nix {nix_times[-1]:.2f} s, "
+                + ", ".join(
+                    f"{name} {r[-1].lookup:.2f} + {r[-1].total - r[-1].lookup:.2f} s"
+                    f" (peak {r[-1].peak_kb / 1024:.1f} MB)"
+                    for name, r in runs.items()
+                ),
                 file=sys.stderr,
             )
         nix = statistics.median(nix_times)
-        lookup = statistics.median(r.lookup for r in runs)
-        total = statistics.median(r.total for r in runs)
-        before = statistics.median(r.rss_before_kb for r in runs) / 1024
-        peak = max(r.peak_kb for r in runs) / 1024
+        cells = []
+        for tvix_runs in runs.values():
+            lookup = statistics.median(r.lookup for r in tvix_runs)
+            total = statistics.median(r.total for r in tvix_runs)
+            cells.append(f"{lookup:.2f} s / {total:.2f} s | {total / nix:.2f}x")
+        every = [r for tvix_runs in runs.values() for r in tvix_runs]
+        before = statistics.median(r.rss_before_kb for r in every) / 1024
+        peak = max(r.peak_kb for r in every) / 1024
         lines.append(
-            f"| {compression} | {nix:.2f} s | {lookup:.2f} s / {total:.2f} s"
-            f" | {total / nix:.2f}x | {before:.0f} MB / {peak:.0f} MB |"
+            f"| {compression} | {nix:.2f} s | {' | '.join(cells)}"
+            f" | {before:.0f} MB / {peak:.0f} MB |"
         )
     _emit("\n".join(lines), args.markdown)
     shutil.rmtree(scratch, ignore_errors=True)

@@ -39,6 +39,10 @@ Patches:
   dictindex   the reverse of a shipped change: the inode table's sharing
               index as a dict (node -> number, ~80 bytes an inode) instead
               of workers/nodeindex.py's array (~16-32 bytes).
+  nostorepages
+              the reverse of a shipped change: files read ahead are kept in
+              memory only, never stored into the kernel's page cache
+              (workers/prefetch.py), so each one's READ still comes.
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -59,6 +63,7 @@ PATCHES: Final = (
     "noprefetch",
     "onearena",
     "dictindex",
+    "nostorepages",
     "readahead",
 )
 HARNESS_ONLY: Final = frozenset({"readahead"})
@@ -170,6 +175,17 @@ def _onearena() -> None:
     ctypes.CDLL("libc.so.6").mallopt(m_arena_max, 1)
 
 
+def _nostorepages() -> None:
+    from tvix_mountd.workers import filesystem
+
+    original = filesystem.StoreFilesystem.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **{**kwargs, "store_pages": False})
+
+    filesystem.StoreFilesystem.__init__ = __init__  # type: ignore[method-assign]
+
+
 def _dictindex() -> None:
     from tvix_mountd.workers import inodes
 
@@ -212,6 +228,7 @@ _APPLY: Final[dict[str, Callable[[], None]]] = {
     "noprefetch": _noprefetch,
     "onearena": _onearena,
     "dictindex": _dictindex,
+    "nostorepages": _nostorepages,
 }
 
 

@@ -820,10 +820,15 @@ class World:
 
 @contextlib.contextmanager
 def world(
-    tmp_path: Path, mounts: tuple[str, ...] = ("a", "b"), trees: int = 2, **supervisor: object
+    tmp_path: Path,
+    mounts: tuple[str, ...] = ("a", "b"),
+    trees: int = 2,
+    files: int = 4,
+    **supervisor: object,
 ) -> Iterator[World]:
-    """A running service with `mounts` of one embedded store holding `trees` trees."""
-    sources = [make_tree(tmp_path / "src" / f"tree{i}") for i in range(trees)]
+    """A running service with `mounts` of one embedded store holding `trees`
+    trees (of `files` files per directory)."""
+    sources = [make_tree(tmp_path / "src" / f"tree{i}", files) for i in range(trees)]
     addrs, names = embedded_store(tmp_path / "store", sources)
     with Service(tmp_path / "svc") as svc:
         svc.supervisor.update(supervisor)

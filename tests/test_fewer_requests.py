@@ -3,7 +3,9 @@ at the daemon (its /metrics, through the supervisor), on a real mount."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,16 +34,107 @@ def test_files_are_read_without_open_or_release_requests(
 ) -> None:
     w, requests = served
     directory = w.path("a") / "dir0"
-    files = sorted(p for p in os.listdir(directory) if p.startswith("file"))
+    source = w.sources[w.names[0]] / "dir0"
+    # Named from the source: after a listing of the mount, files read in
+    # name order would be stored ahead, and send no READ at all.
+    files = sorted(p for p in os.listdir(source) if p.startswith("file"))
     assert len(files) >= 3
     first = requests.during(lambda: (directory / files[0]).read_bytes())
     assert first["open"] <= 1 and first["release"] == 0, first  # answered ENOSYS, once
     rest = requests.during(lambda: [(directory / name).read_bytes() for name in files[1:]])
     assert rest["open"] == 0 and rest["release"] == 0, rest
     assert rest["read"] >= len(files) - 1, rest  # the contents did come from the daemon
-    source = w.sources[w.names[0]] / "dir0"
     for name in files:
         assert (directory / name).read_bytes() == (source / name).read_bytes()
+
+
+@pytest.fixture
+def many_files(tmp_path: Path) -> Iterator[tuple[World, DaemonRequests]]:
+    with world(tmp_path, mounts=("a",), trees=1, files=24) as w:
+        w.svc.start()
+        yield w, DaemonRequests(w.svc, "a", w.path("a"))
+
+
+def test_after_a_listing_files_read_in_name_order_are_stored_ahead_and_send_no_read(
+    many_files: tuple[World, DaemonRequests],
+) -> None:
+    w, requests = many_files
+    directory = w.path("a") / "dir0"
+    source = w.sources[w.names[0]] / "dir0"
+    names = sorted(os.listdir(directory))  # the kernel holds an inode for each now
+    assert len(names) == 24
+
+    def read(name: str) -> bytes:
+        return (directory / name).read_bytes()
+
+    # Two files read in name order: the next ones are read ahead, checked,
+    # and stored into the kernel's page cache (notify_store), from threads.
+    first = requests.during(lambda: [read(name) for name in names[:2]])
+    assert first["read"] == 2, first
+    rest = names[2:]
+    w.svc.wait_for(
+        lambda: all(fully_cached(directory / name) for name in rest),
+        "the next files in the page cache",
+    )
+    # Then reading them sends nothing at all, and gives the source's bytes.
+    counts = requests.during(lambda: [read(name) for name in rest])
+    assert counts["read"] == 0 and counts["lookup"] == 0 and counts["open"] == 0, counts
+    for name in names:
+        assert read(name) == (source / name).read_bytes()
+
+
+def test_files_read_without_a_listing_are_not_stored_ahead(
+    many_files: tuple[World, DaemonRequests],
+) -> None:
+    # Their inodes do not exist in the kernel yet: read ahead into memory
+    # only, and each one's READ is answered from there.
+    w, requests = many_files
+    directory = w.path("a") / "dir1"
+    source = w.sources[w.names[0]] / "dir1"
+    names = sorted(os.listdir(source))
+    counts = requests.during(lambda: [(directory / name).read_bytes() for name in names])
+    assert counts["read"] == len(names), counts
+    assert all(fully_cached(directory / name) for name in names)
+    for name in names:
+        assert (directory / name).read_bytes() == (source / name).read_bytes()
+
+
+def fully_cached(path: Path) -> bool:
+    cached, pages = cached_pages(path)
+    return cached == pages
+
+
+def cached_pages(path: Path) -> tuple[int, int]:
+    """(pages of `path` in the page cache, pages it has), without reading it:
+    mmap and mincore(2), through libc."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pages = -(-size // mmap.PAGESIZE)
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if address in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap of {path}")
+        try:
+            vector = ctypes.create_string_buffer(pages)
+            if libc.mincore(address, size, vector) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore of {path}")
+            return sum(b & 1 for b in vector.raw), pages
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
 
 
 def test_a_miss_in_a_store_path_is_asked_once_and_one_in_the_root_every_time(

@@ -134,7 +134,7 @@ async def test_what_is_kept_is_bounded(tmp_path: Path, monkeypatch: pytest.Monke
         for name, data in sorted(contents.items())
         if name.startswith(b"f")
     ]
-    prefetcher.read_ahead(nodes)  # what a thread does with a batch
+    prefetcher.read_ahead([(node, 0) for node in nodes])  # what a thread does with a batch
     assert 0 < prefetcher.kept_bytes <= 1000
     # The newest are kept, the oldest let go.
     assert prefetcher.holds(nodes[-1]) and not prefetcher.holds(nodes[0])

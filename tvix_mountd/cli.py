@@ -207,6 +207,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         list_root=args.list_root,
         show_xattr=args.show_xattr,
         backend_timeout=args.backend_timeout,
+        store_pages=True,
     )
     options = MountOptions(fsname=args.fsname, allow_other=args.allow_other)
     raise_open_file_limit()

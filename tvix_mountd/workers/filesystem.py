@@ -230,6 +230,30 @@ class _RootListing:
     lock: trio.Lock = field(default_factory=trio.Lock)
 
 
+class _KernelPages:
+    """prefetch.KernelPages for a mounted filesystem: pins in its inode table,
+    stores by notify_store."""
+
+    def __init__(self, inodes: InodeTable) -> None:
+        self._inodes = inodes
+
+    def pin(self, node: PackedNode) -> int:
+        return self._inodes.pin(node)
+
+    def unpin(self, numbers: Sequence[int]) -> None:
+        for ino in numbers:
+            self._inodes.forget(ino, 1)  # a file: nothing held to give back
+
+    def store(self, ino: int, data: bytes) -> bool:
+        try:
+            pyfuse3.notify_store(ino, 0, data)
+        except OSError as e:
+            # The kernel forgot the inode meanwhile: the READ, if any, will come.
+            log.debug("storing the pages of inode %d: %s", ino, e)
+            return False
+        return True
+
+
 class StoreFilesystem(pyfuse3.Operations):
     """A read-only view of a store: root names from `root_nodes`, trees from
     `directories`, file contents from `blobs`."""
@@ -252,16 +276,24 @@ class StoreFilesystem(pyfuse3.Operations):
         metrics: RequestObserver | None = None,
         inodes: InodeTable | None = None,
         open_requests: bool = not READS_WITHOUT_OPEN,
+        store_pages: bool = False,
     ) -> None:
         """`inodes`: the table to serve from, with what it already holds (a
         mount handed over from another worker); a fresh one by default.
         `open_requests` false: `open` answers ENOSYS, and the kernel reads
-        files without opening them here (see READS_WITHOUT_OPEN)."""
+        files without opening them here (see READS_WITHOUT_OPEN).
+        `store_pages`: a kernel serves this filesystem (pyfuse3 is mounted),
+        and files read ahead may be stored into its page cache."""
         super().__init__()
         self.open_requests = open_requests
+        self.inodes = inodes if inodes is not None else InodeTable()
         # Both run by whoever serves this filesystem (`run_background`).
         self.notices = KernelNotices()
-        self.prefetcher = BlobPrefetcher(blobs) if blobs.prefetches else None
+        self.prefetcher = (
+            BlobPrefetcher(blobs, _KernelPages(self.inodes) if store_pages else None)
+            if blobs.prefetches
+            else None
+        )
         self.observer = metrics
         # The largest read the kernel sent (logged at unmount): how well
         # readahead and max_pages let sequential reads batch up.
@@ -272,7 +304,6 @@ class StoreFilesystem(pyfuse3.Operations):
         self.list_root = list_root
         self.show_xattr = show_xattr
         self.backend_timeout = backend_timeout
-        self.inodes = inodes if inodes is not None else InodeTable()
         self.journal = RequestJournal(self.inodes.state.journal)
         self._root_attr = entry_attributes(ROOT_INODE, None)
         # A lookup's answer "no such entry, and there never will be".
@@ -510,9 +541,14 @@ class StoreFilesystem(pyfuse3.Operations):
         start = start_id - first
         numbers: list[int] = []
         stop = self._reply_entries(token, names, nodes, first, start, numbers)
-        if KERNEL_CACHES_LISTINGS and fh < ROOT_LISTING_HANDLES:
-            # The kernel may keep this listing: see InodeTable.hold.
-            self.inodes.hold(fh, start, stop, numbers)
+        if fh < ROOT_LISTING_HANDLES:
+            if KERNEL_CACHES_LISTINGS:
+                # The kernel may keep this listing: see InodeTable.hold.
+                self.inodes.hold(fh, start, stop, numbers)
+            if self.prefetcher is not None:
+                directory = self.inodes.node(fh)
+                if directory is not None:
+                    self.prefetcher.listed(fh, directory, start, numbers)
 
     def _reply_entries(
         self,
@@ -919,6 +955,8 @@ class StoreFilesystem(pyfuse3.Operations):
         """Release every open handle (at unmount)."""
         if self.largest_read:
             log.info("largest read request: %d bytes", self.largest_read)
+        if self.prefetcher is not None and self.prefetcher.stored:
+            log.info("files stored ahead into the kernel's page cache: %d", self.prefetcher.stored)
         # What the kernel still held a count on (or a kept listing held).
         log.info("inodes alive at unmount: %d", len(self.inodes))
         for ino in list(self._readers):

@@ -115,6 +115,16 @@ class InodeTable:
         self._index.insert(ino, slot)
         return ino
 
+    def pin(self, node: PackedNode) -> int:
+        """The number of `node`'s inode with its count raised by one, if it
+        is live (the kernel may hold it); 0, allocating nothing, if not.
+        `forget(number, 1)` gives the count back."""
+        ino, _ = self._index.probe(node)
+        if ino:
+            state = self.state
+            state.set_count(ino, state.count(ino) + 1)
+        return ino
+
     def forget(self, ino: int, count: int) -> list[tuple[PackedNode, int]]:
         """Give back `count` lookups of `ino`. Returns the forgotten
         directories whose held children must be given back but whose

@@ -12,6 +12,15 @@ checked against their digests and kept in memory until read to the end
 (`BlobService.prefetch`: posix_fadvise WILLNEED for the embedded store).
 A READ of a kept file is then a slice of bytes, without a syscall.
 
+A small file whose inode the kernel already holds (a listing handed it
+over, as `ls`, a copy or `os.walk` do before reading) goes further: its
+checked contents are stored straight into the kernel's page cache
+(`KernelPages.store`, notify_store, from the thread), and reading it then
+sends no READ at all. Its number is pinned (one more lookup count) from
+when the batch is queued until its thread is done, so that it cannot be
+forgotten and given to another file in between: the bytes cannot land in
+the wrong file.
+
 Reads, not lookups, start it: a stat walk, or an interpreter probing for
 modules, looks up many files and reads few or none, and reading ahead for
 every lookup made those slower (RESULTS.md, the `noprefetch` what-if).
@@ -24,9 +33,9 @@ where recently looked-up files sit.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
-from typing import Final, TypeVar
+from typing import Final, Protocol, TypeVar
 
 import trio
 
@@ -50,6 +59,9 @@ DIRECTORIES: Final = 4096  # directories whose window and last read are remember
 QUEUE: Final = 256
 # Looked-up files whose place in their directory is remembered (until read).
 PLACES: Final = 1024
+# Listings (readdir replies) whose entries' places are remembered: a file
+# listed rather than looked up (`ls`, a copy, `os.walk`) is found there.
+LISTINGS: Final = 16
 # A first READ of entry i is "in name order" after one of entry i-GAP..i-1.
 GAP: Final = 2
 
@@ -57,6 +69,28 @@ _size_field = PACKED_SIZE.unpack_from
 
 K = TypeVar("K")
 V = TypeVar("V")
+
+# A file to read ahead: its node, and the number of its inode, pinned, if
+# the kernel holds one (0 if not).
+Ahead = tuple[PackedNode, int]
+
+
+class KernelPages(Protocol):
+    """The kernel's page cache, for files it holds an inode of."""
+
+    def pin(self, node: PackedNode) -> int:
+        """The number of `node`'s inode, if it is live, with one more lookup
+        count (so it stays `node`'s); 0 if it is not."""
+        ...
+
+    def unpin(self, numbers: Sequence[int]) -> None:
+        """Give back the counts `pin` took (numbers 0 ignored)."""
+        ...
+
+    def store(self, ino: int, data: bytes) -> bool:
+        """From a worker thread: put `data` into inode `ino`'s page cache from
+        offset 0; whether the kernel took it."""
+        ...
 
 
 def _remember(memory: OrderedDict[K, V], key: K, value: V, bound: int) -> None:
@@ -68,8 +102,10 @@ def _remember(memory: OrderedDict[K, V], key: K, value: V, bound: int) -> None:
 
 
 class BlobPrefetcher:
-    def __init__(self, blobs: BlobService) -> None:
+    def __init__(self, blobs: BlobService, pages: KernelPages | None = None) -> None:
         self._blobs = blobs
+        self._pages = pages
+        self.stored = 0  # files whose contents went to the kernel's page cache
         # Packed file node -> its contents, checked. Filled by the threads,
         # taken by the loop's thread.
         self._kept: OrderedDict[PackedNode, bytes] = OrderedDict()
@@ -80,20 +116,39 @@ class BlobPrefetcher:
         self._upto: OrderedDict[PackedNode, int] = OrderedDict()
         # File inode -> its place: (directory inode, directory node, index).
         self._places: OrderedDict[int, tuple[int, PackedNode, int]] = OrderedDict()
+        # Recent readdir replies: (directory inode, its node, index of the
+        # first entry, the numbers of the entries), the newest last.
+        self._listings: deque[tuple[int, PackedNode, int, Sequence[int]]] = deque(maxlen=LISTINGS)
         # Directory node -> index of the file whose first READ came last.
         self._last_read: OrderedDict[PackedNode, int] = OrderedDict()
-        self._send, self._receive = trio.open_memory_channel[Sequence[PackedNode]](QUEUE)
+        self._send, self._receive = trio.open_memory_channel[Sequence[Ahead]](QUEUE)
         self._batch_done = trio.Event()
 
     def looked_up(self, ino: int, directory_ino: int, directory: PackedNode, index: int) -> None:
         """File inode `ino` was just looked up: entry `index` of `directory`."""
         _remember(self._places, ino, (directory_ino, directory, index), PLACES)
 
+    def listed(
+        self, directory_ino: int, directory: PackedNode, start: int, numbers: Sequence[int]
+    ) -> None:
+        """Entries `start`... of `directory` (inode `directory_ino`) were just
+        handed to the kernel in a readdirplus reply, as inodes `numbers`."""
+        if numbers:
+            self._listings.append((directory_ino, directory, start, numbers))
+
+    def _listed_place(self, ino: int) -> tuple[int, PackedNode, int] | None:
+        for directory_ino, directory, start, numbers in reversed(self._listings):
+            try:
+                return directory_ino, directory, start + numbers.index(ino)
+            except ValueError:
+                continue
+        return None
+
     def first_read(self, ino: int) -> tuple[int, PackedNode, int] | None:
         """File inode `ino` is being read from its start. Its place, if that
         continues a run of first reads in name order in its directory (then
         the caller passes the directory's entries to `read_ahead_after`)."""
-        place = self._places.pop(ino, None)
+        place = self._places.pop(ino, None) or self._listed_place(ino)
         if place is None:
             return None
         _, directory, index = place
@@ -118,11 +173,21 @@ class BlobPrefetcher:
             if node[0] in (PACKED_FILE, PACKED_EXECUTABLE) and 0 < _size_field(node)[0] <= MAX_FILE
         ]
         _remember(self._upto, directory, stop, DIRECTORIES)
+        pin = self._pages.pin if self._pages is not None else None
         for i in range(0, len(files), BATCH):
+            batch = [
+                (node, pin(node) if pin is not None and _size_field(node)[0] <= SMALL else 0)
+                for node in files[i : i + BATCH]
+            ]
             try:
-                self._send.send_nowait(files[i : i + BATCH])
+                self._send.send_nowait(batch)
             except trio.WouldBlock:
+                self._unpin(batch)
                 return  # the disk is behind already: drop the rest
+
+    def _unpin(self, batch: Sequence[Ahead]) -> None:
+        if self._pages is not None:
+            self._pages.unpin([ino for _, ino in batch if ino])
 
     def asked_upto(self, directory: PackedNode) -> int:
         """How many of `directory`'s first entries were asked for (0: none)."""
@@ -153,10 +218,11 @@ class BlobPrefetcher:
                 self.kept_bytes -= len(data)
         return data[offset : offset + size]
 
-    def read_ahead(self, batch: Sequence[PackedNode]) -> None:
-        """In a worker thread: keep the small files, have the disk read the others."""
+    def read_ahead(self, batch: Sequence[Ahead]) -> None:
+        """In a worker thread: store the small files in the kernel's page cache
+        (those it holds an inode of) or keep them; have the disk read the others."""
         larger = []
-        for node in batch:
+        for node, ino in batch:
             size = _size_field(node)[0]
             if size > SMALL:
                 larger.append(packed_digest(node))
@@ -164,6 +230,10 @@ class BlobPrefetcher:
             data = self._blobs.read_small(packed_digest(node), size)
             if data is None:
                 continue  # not cheaply readable, or wrong: the READ will say
+            if ino and self._pages is not None and self._pages.store(ino, data):
+                with self._lock:
+                    self.stored += 1
+                continue
             with self._lock:
                 if node in self._kept:
                     continue
@@ -179,15 +249,29 @@ class BlobPrefetcher:
         """Ask for the blobs, from up to THREADS threads at once, until cancelled."""
         slots = trio.Semaphore(THREADS)
 
-        async def prefetch(batch: Sequence[PackedNode]) -> None:
+        async def prefetch(batch: Sequence[Ahead]) -> None:
             try:
                 await trio.to_thread.run_sync(self.read_ahead, batch)
             finally:
+                self._unpin(batch)
                 slots.release()
                 self._batch_done.set()
                 self._batch_done = trio.Event()
 
-        async with trio.open_nursery() as nursery:
-            async for batch in self._receive:
-                await slots.acquire()
-                nursery.start_soon(prefetch, batch)
+        try:
+            async with trio.open_nursery() as nursery:
+                async for batch in self._receive:
+                    try:
+                        await slots.acquire()
+                    except BaseException:
+                        self._unpin(batch)
+                        raise
+                    nursery.start_soon(prefetch, batch)
+        finally:
+            # Batches never started give their pins back (a worker handing
+            # the mount over leaves no count too high behind).
+            while True:
+                try:
+                    self._unpin(self._receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break

@@ -75,6 +75,7 @@ async def serve_worker(spec: WorkerSpec) -> None:
         backend_timeout=store.backend_timeout,
         metrics=metrics,
         inodes=inodes,
+        store_pages=True,
     )
     log.info(
         "worker %d: tvix-mountd %s from %s",
