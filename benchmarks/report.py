@@ -61,6 +61,7 @@ ROWS: Final = (
     Row("find_cold", "find", "cold", None, "-", 2.0),
     Row("cat_cold", "cat", "cold", 1.5, "3.0x / 1.0x", 1.0),
     Row("cat4_cold", "cat4", "cold", None, "-"),
+    Row("copy_cold", "copy", "cold", None, "-"),
     Row("startup_cold", "startup", "cold", None, "-", 1.2),
     Row("startup_warm", "startup", "warm", None, "-", 1.2),
     Row("rss", "walk", "rss", RSS_BOUND_MB, "20 MB / 3 MB"),
@@ -81,6 +82,7 @@ def workload_label(workload: str, spec: DataSpec) -> str:
         "find": f"`find -type f` over {_count(spec.small_files)} files",
         "cat4": f"cat of {_count(spec.small_files)} small files by"
         f" {CONCURRENT_READERS} processes at once",
+        "copy": f"copy-read of {_count(spec.small_files)} small files (list, then read)",
         "startup": f"python3.11 start-up importing {len(interpreter.IMPORTS)} stdlib modules",
     }
     return labels[workload]

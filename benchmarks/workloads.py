@@ -15,6 +15,9 @@ that fails part-way cannot look fast.
 - cat4: 4 processes at once, each the cat loop over its own quarter of the
         small files (consecutive in name order, so each has its own
         directories); the time until the last is done, bytes summed.
+- copy: every small file read as a copy or `tar` reads a tree: each
+        directory listed (os.walk, in the order it lists), then its files
+        opened and read in that order; counted in bytes.
 - startup: Debian's python3.11 started from the mount, importing a set of
         stdlib modules (benchmarks.interpreter); counted in loaded modules,
         every one from the mount.
@@ -105,6 +108,21 @@ def cat_files(paths: list[str]) -> Measurement:
                 total += len(chunk)
         finally:
             close(fd)
+    return Measurement(time.perf_counter() - started, total)
+
+
+def copy_tree(root: str) -> Measurement:
+    total = 0
+    read, close, open_, rdonly = os.read, os.close, os.open, os.O_RDONLY
+    started = time.perf_counter()
+    for directory, _, files in os.walk(root):
+        for name in files:
+            fd = open_(f"{directory}/{name}", rdonly)
+            try:
+                while chunk := read(fd, CAT_READ):
+                    total += len(chunk)
+            finally:
+                close(fd)
     return Measurement(time.perf_counter() - started, total)
 
 
@@ -214,6 +232,9 @@ def workloads(data: DataSet) -> dict[str, Workload]:
         ]
         return concurrent_cat(quarters)
 
+    def copy(mount: Mount) -> Measurement:
+        return copy_tree(str(mount.small_dir))
+
     def startup(mount: Mount) -> Measurement:
         return start_interpreter(mount.startup_dir, mount.peer)
 
@@ -224,6 +245,7 @@ def workloads(data: DataSet) -> dict[str, Workload]:
         "cat": Workload("cat", False, cat, data.small_bytes, "bytes"),
         "find": Workload("find", False, find, spec.small_files, "files"),
         "cat4": Workload("cat4", False, cat4, data.small_bytes, "bytes"),
+        "copy": Workload("copy", False, copy, data.small_bytes, "bytes"),
     }
     if data.startup_modules is not None:
         by_name["startup"] = Workload("startup", True, startup, data.startup_modules, "modules")
@@ -237,9 +259,18 @@ def why_unavailable(name: str) -> str:
     return "unknown workload"
 
 
-WORKLOAD_NAMES: Final = ("read", "walk", "ls", "cat", "find", "cat4", "startup")
+WORKLOAD_NAMES: Final = ("read", "walk", "ls", "cat", "find", "cat4", "copy", "startup")
 # Median of this many repetitions unless --reps says otherwise.
-DEFAULT_REPS: Final = {"read": 3, "walk": 5, "ls": 5, "cat": 3, "find": 5, "cat4": 3, "startup": 5}
+DEFAULT_REPS: Final = {
+    "read": 3,
+    "walk": 5,
+    "ls": 5,
+    "cat": 3,
+    "find": 5,
+    "cat4": 3,
+    "copy": 3,
+    "startup": 5,
+}
 
 
 def check(workload: Workload, peer: str, m: Measurement) -> None:
