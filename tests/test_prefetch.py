@@ -21,7 +21,7 @@ from tvix_mountd.castore.nodes import Directory, FileNode, pack_node
 from tvix_mountd.castore.storepath import StorePath
 from tvix_mountd.workers import prefetch
 from tvix_mountd.workers.filesystem import StoreFilesystem
-from tvix_mountd.workers.inodes import ROOT_INODE
+from tvix_mountd.workers.inodes import ROOT_INODE, InodeTable
 from tvix_mountd.workers.rootnodes import StaticRootNodes
 
 CTX: Any = None  # the handlers never look at the request context
@@ -42,7 +42,9 @@ class CountingBlobs(RawFileBlobService):
         return await super()._open_raw(digest)
 
 
-async def _fs(tmp_path: Path) -> tuple[StoreFilesystem, CountingBlobs, dict[bytes, bytes]]:
+async def _store(
+    tmp_path: Path,
+) -> tuple[CountingBlobs, MemoryDirectoryService, StaticRootNodes, dict[bytes, bytes]]:
     blobs = CountingBlobs(str(tmp_path / "blobs"))
     contents = {f"f{i:03d}".encode(): f"file {i}\n".encode() * (i + 1) for i in range(FILES)}
     contents[b"g-big"] = os.urandom(prefetch.SMALL + 1)  # read ahead by the disk only
@@ -53,6 +55,11 @@ async def _fs(tmp_path: Path) -> tuple[StoreFilesystem, CountingBlobs, dict[byte
     directories = MemoryDirectoryService()
     await directories.put(directory)
     root_nodes = StaticRootNodes({NAME: directory.as_node()})
+    return blobs, directories, root_nodes, contents
+
+
+async def _fs(tmp_path: Path) -> tuple[StoreFilesystem, CountingBlobs, dict[bytes, bytes]]:
+    blobs, directories, root_nodes, contents = await _store(tmp_path)
     return StoreFilesystem(blobs, directories, root_nodes), blobs, contents
 
 
@@ -160,3 +167,68 @@ async def test_lookups_alone_and_reads_out_of_order_read_nothing_ahead(
     # One but one after the last is still a run (a file skipped, say).
     assert await _cat(fs, root.st_ino, b"f032") == contents[b"f032"]
     assert fs.prefetcher.asked_upto(directory) > 33
+
+
+async def test_listed_files_go_to_the_page_cache_checked_and_their_pins_are_given_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files the kernel holds an inode of (a listing gave them) are stored into
+    its page cache, only with bytes that match their digests, and every count
+    taken to pin their numbers meanwhile is given back."""
+    stored: dict[int, bytes] = {}
+
+    def notify_store(ino: int, offset: int, data: bytes) -> None:
+        assert offset == 0
+        stored[ino] = bytes(data)
+
+    monkeypatch.setattr(pyfuse3, "notify_store", notify_store)
+    blobs, directories, root_nodes, contents = await _store(tmp_path)
+    bad = contents[b"f005"]
+    path = trio.Path(blobs.blob_path(B3Digest.of(bad)))
+    await path.chmod(0o644)
+    await path.write_bytes(b"X" + bad[1:])
+    fs = StoreFilesystem(blobs, directories, root_nodes, store_pages=True)
+    assert fs.prefetcher is not None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.run_background)
+        root = await fs.lookup(ROOT_INODE, NAME, CTX)
+        directory = fs.inodes.node(root.st_ino)
+        children = await fs.dir_entries(root.st_ino, 0, limit=1000)
+        names = [name for name, _, _ in children]
+        # What readdirplus does with the entries it hands the kernel.
+        numbers = [fs.inodes.ref(pack_node(node)) for _, node, _ in children]
+        assert directory is not None
+        fs.prefetcher.listed(root.st_ino, directory, 0, numbers)
+        counts = [fs.inodes.lookups(ino) for ino in numbers]
+        for i in (0, 1):  # two files read in name order
+            assert await fs.read(numbers[i], 0, 1 << 16) == contents[names[i]]
+        small = {
+            ino: contents[name]
+            for name, ino in zip(names[2:], numbers[2:], strict=True)
+            if len(contents[name]) <= prefetch.SMALL and name != b"f005"
+        }
+        with trio.fail_after(WAIT):
+            while not small.keys() <= stored.keys():
+                await fs.prefetcher.wait_batch()
+        nursery.cancel_scope.cancel()
+    assert {ino: stored[ino] for ino in small} == small
+    bad_ino = numbers[names.index(b"f005")]
+    assert bad_ino not in stored  # failed its check: the READ will say EIO
+    assert set(stored) <= set(small) | set(numbers[:2])
+    assert [fs.inodes.lookups(ino) for ino in numbers] == counts
+    with pytest.raises(pyfuse3.FUSEError):
+        await fs.read(bad_ino, 0, 1 << 16)
+
+
+def test_pin_takes_a_count_of_a_live_inode_and_allocates_nothing() -> None:
+    table = InodeTable()
+    node = pack_node(FileNode(B3Digest.of(b"x"), 1))
+    other = pack_node(FileNode(B3Digest.of(b"y"), 1))
+    assert table.pin(other) == 0 and len(table) == 0
+    ino = table.ref(node)
+    assert table.pin(node) == ino and table.lookups(ino) == 2
+    table.forget(ino, 1)
+    assert table.node(ino) == node
+    table.forget(ino, 1)
+    assert table.node(ino) is None and table.pin(node) == 0
+    table.close()
