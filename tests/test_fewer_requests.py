@@ -21,11 +21,20 @@ from tvix_mountd.workers.filesystem import READS_WITHOUT_OPEN
 pytestmark = [pytest.mark.fuse, pytest.mark.xdist_group(KERNEL_CACHES)]
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[World, DaemonRequests]]:
-    with world(tmp_path, mounts=("a",)) as w:
+def _served(tmp_path: Path, files: int) -> Iterator[tuple[World, DaemonRequests]]:
+    with world(tmp_path, mounts=("a",), trees=1, files=files) as w:
         w.svc.start()
         yield w, DaemonRequests(w.svc, "a", w.path("a"))
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[World, DaemonRequests]]:
+    yield from _served(tmp_path, files=4)
+
+
+@pytest.fixture
+def many_files(tmp_path: Path) -> Iterator[tuple[World, DaemonRequests]]:
+    yield from _served(tmp_path, files=24)
 
 
 @pytest.mark.skipif(not READS_WITHOUT_OPEN, reason="needs the pyfuse3 patch set (setup.sh)")
@@ -46,13 +55,6 @@ def test_files_are_read_without_open_or_release_requests(
     assert rest["read"] >= len(files) - 1, rest  # the contents did come from the daemon
     for name in files:
         assert (directory / name).read_bytes() == (source / name).read_bytes()
-
-
-@pytest.fixture
-def many_files(tmp_path: Path) -> Iterator[tuple[World, DaemonRequests]]:
-    with world(tmp_path, mounts=("a",), trees=1, files=24) as w:
-        w.svc.start()
-        yield w, DaemonRequests(w.svc, "a", w.path("a"))
 
 
 def test_after_a_listing_files_read_in_name_order_are_stored_ahead_and_send_no_read(

@@ -133,6 +133,7 @@ async def test_a_blob_that_fails_its_check_is_not_read_ahead(
 
 async def test_what_is_kept_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(prefetch, "KEPT", 1000)
+    monkeypatch.setattr(prefetch, "THREADS", 1)  # batches kept in order
     fs, _, contents = await _fs(tmp_path)
     prefetcher = fs.prefetcher
     assert prefetcher is not None
@@ -141,10 +142,38 @@ async def test_what_is_kept_is_bounded(tmp_path: Path, monkeypatch: pytest.Monke
         for name, data in sorted(contents.items())
         if name.startswith(b"f")
     ]
-    prefetcher.read_ahead([(node, 0) for node in nodes])  # what a thread does with a batch
+    directory = pack_node(Directory([]).as_node())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(prefetcher.run)
+        prefetcher.read_ahead_after(directory, 0, nodes)  # entry 0 read: the rest asked for
+        with trio.fail_after(WAIT):
+            while not prefetcher.holds(nodes[-1]):
+                await prefetcher.wait_batch()
+        nursery.cancel_scope.cancel()
     assert 0 < prefetcher.kept_bytes <= 1000
     # The newest are kept, the oldest let go.
-    assert prefetcher.holds(nodes[-1]) and not prefetcher.holds(nodes[0])
+    assert not prefetcher.holds(nodes[1])
+
+
+async def test_a_file_read_before_its_turn_is_not_kept(tmp_path: Path) -> None:
+    # Its READ came while its batch waited: the kernel has its pages, and
+    # keeping it would hold memory nobody reads.
+    fs, blobs, contents = await _fs(tmp_path)
+    prefetcher = fs.prefetcher
+    assert prefetcher is not None
+    root = await fs.lookup(ROOT_INODE, NAME, CTX)
+    early = await fs.lookup(root.st_ino, b"f005", CTX)
+    for name in (b"f000", b"f001"):  # queues f002... (nothing reads them yet)
+        await _cat(fs, root.st_ino, name)
+    assert await fs.read(early.st_ino, 0, 1 << 16) == contents[b"f005"]
+    assert B3Digest.of(contents[b"f005"]) in blobs.opened  # read from the store
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.run_background)
+        later = contents[b"f009"]  # in f005's batch, after it
+        await _wait_kept(fs, [pack_node(FileNode(B3Digest.of(later), len(later)))])
+        nursery.cancel_scope.cancel()
+    early_node = pack_node(FileNode(B3Digest.of(contents[b"f005"]), len(contents[b"f005"])))
+    assert not prefetcher.holds(early_node)
 
 
 async def test_lookups_alone_and_reads_out_of_order_read_nothing_ahead(

@@ -109,6 +109,10 @@ class BlobPrefetcher:
         # Packed file node -> its contents, checked. Filled by the threads,
         # taken by the loop's thread.
         self._kept: OrderedDict[PackedNode, bytes] = OrderedDict()
+        # Small files queued whose READ has not come yet: only those are
+        # worth keeping (or storing) once read; one whose READ came first
+        # would stay in memory, never read, until pushed out.
+        self._wanted: set[PackedNode] = set()
         self.kept_bytes = 0
         self._lock = threading.Lock()
         # Directory (its packed node: content, unlike an inode number that
@@ -174,6 +178,8 @@ class BlobPrefetcher:
         ]
         _remember(self._upto, directory, stop, DIRECTORIES)
         pin = self._pages.pin if self._pages is not None else None
+        with self._lock:
+            self._wanted.update(node for node in files if _size_field(node)[0] <= SMALL)
         for i in range(0, len(files), BATCH):
             batch = [
                 (node, pin(node) if pin is not None and _size_field(node)[0] <= SMALL else 0)
@@ -182,8 +188,11 @@ class BlobPrefetcher:
             try:
                 self._send.send_nowait(batch)
             except trio.WouldBlock:
+                # The disk is behind already: drop the rest.
                 self._unpin(batch)
-                return  # the disk is behind already: drop the rest
+                with self._lock:
+                    self._wanted.difference_update(files[i:])
+                return
 
     def _unpin(self, batch: Sequence[Ahead]) -> None:
         if self._pages is not None:
@@ -207,11 +216,10 @@ class BlobPrefetcher:
         """`size` bytes from `offset` of file node `node`, if its contents were
         read ahead (and checked); they are let go once read to the end (the
         kernel keeps the pages, it will not ask again soon)."""
-        if not self._kept:
-            return None
         with self._lock:
             data = self._kept.get(node)
             if data is None:
+                self._wanted.discard(node)  # its READ came first
                 return None
             if offset + size >= len(data):
                 del self._kept[node]
@@ -228,8 +236,13 @@ class BlobPrefetcher:
                 larger.append(packed_digest(node))
                 continue
             data = self._blobs.read_small(packed_digest(node), size)
-            if data is None:
-                continue  # not cheaply readable, or wrong: the READ will say
+            with self._lock:
+                wanted = node in self._wanted
+                self._wanted.discard(node)
+            if data is None or not wanted:
+                # Not cheaply readable, or wrong (the READ will say), or read
+                # already (the kernel has the pages).
+                continue
             if ino and self._pages is not None and self._pages.store(ino, data):
                 with self._lock:
                     self.stored += 1
