@@ -43,6 +43,9 @@ Patches:
               the reverse of a shipped change: files read ahead are kept in
               memory only, never stored into the kernel's page cache
               (workers/prefetch.py), so each one's READ still comes.
+  notrim      the reverse of a shipped change: no malloc_trim after a large
+              directory is decoded (workers/heap.py), so the memory its
+              decoding used stays resident.
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -64,6 +67,7 @@ PATCHES: Final = (
     "onearena",
     "dictindex",
     "nostorepages",
+    "notrim",
     "readahead",
 )
 HARNESS_ONLY: Final = frozenset({"readahead"})
@@ -186,6 +190,12 @@ def _nostorepages() -> None:
     filesystem.StoreFilesystem.__init__ = __init__  # type: ignore[method-assign]
 
 
+def _notrim() -> None:
+    from tvix_mountd.workers import heap
+
+    heap.release_free_memory = lambda: None
+
+
 def _dictindex() -> None:
     from tvix_mountd.workers import inodes
 
@@ -229,6 +239,7 @@ _APPLY: Final[dict[str, Callable[[], None]]] = {
     "onearena": _onearena,
     "dictindex": _dictindex,
     "nostorepages": _nostorepages,
+    "notrim": _notrim,
 }
 
 

@@ -46,6 +46,7 @@ from tvix_mountd.castore.nodes import (
     unpack_node,
 )
 from tvix_mountd.coalesce import Coalescer
+from tvix_mountd.workers import heap
 from tvix_mountd.workers.inodes import ROOT_INODE, Children, InodeTable
 from tvix_mountd.workers.journal import RequestJournal, request_key
 from tvix_mountd.workers.names import PackedNames
@@ -68,6 +69,9 @@ FOREVER: Final = 100 * 365 * 24 * 3600.0
 ROOT_READDIR_BATCH: Final = 64
 # Names sliced out per batch in readdir (a kernel buffer takes ~30-250).
 READDIR_NAME_BATCH: Final = 128
+# Directories with this many entries or more: once decoded, the memory the
+# decoding used is given back to the system (heap.release_free_memory).
+LARGE_DIRECTORY: Final = 4096
 # How many root names (basename -> node) to remember between lookups.
 ROOT_NAME_CACHE_SIZE: Final = 100_000
 # Whether opendir may answer with a FileInfo, so that the kernel keeps a
@@ -461,7 +465,12 @@ class StoreFilesystem(pyfuse3.Operations):
                 log.warning("directory %s not found in the directory service", digest)
                 raise pyfuse3.FUSEError(errno.EIO)
             names, nodes = directory.packed_entries()
-            return PackedNames(names), nodes
+            children = PackedNames(names), nodes
+            if len(nodes) >= LARGE_DIRECTORY:
+                # Decoding it left memory free but resident (~220 bytes an entry).
+                del directory, names
+                heap.release_free_memory()
+            return children
 
         return await self._directory_fetches.run(digest, fetch)
 
