@@ -38,7 +38,8 @@ supervisor=$!
 cleanup() {
     if kill -0 "$supervisor" 2>/dev/null; then
         say "Stopping: $BIN stop"
-        "$BIN" stop --config "$CONFIG" || kill -TERM "$supervisor"
+        # It may be stopping already (a Ctrl-C reaches it too).
+        "$BIN" stop --config "$CONFIG" 2>/dev/null || kill -TERM "$supervisor" 2>/dev/null || true
         wait "$supervisor" || true
     fi
 }
