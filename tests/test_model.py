@@ -17,6 +17,7 @@ import blake3
 import pytest
 
 from tvix_mountd.castore import blobs, directories, nixbase32, pathinfos
+from tvix_mountd.castore import nodes as nodes_mod
 from tvix_mountd.castore.addr import (
     BLOB_SCHEMES,
     DIRECTORY_SCHEMES,
@@ -397,6 +398,41 @@ def test_from_proto_rejects_unsorted_and_duplicates_within_a_list(kind: str) -> 
     # Byte order, not text order: b"B" (0x42) sorts before b"a" (0x61).
     with pytest.raises(ValidationError, match="wrong sorting"):
         Directory.from_proto(message([b"a", b"B"]))
+
+
+@pytest.mark.parametrize("kind", ["directories", "files", "symlinks"])
+def test_from_proto_of_a_list_longer_than_a_decode_chunk(kind: str) -> None:
+    # Lists are decoded DECODE_CHUNK entries at a time; the checks still see
+    # the whole list (here: across the chunks' boundary).
+    count = 2 * nodes_mod.DECODE_CHUNK + 7
+    names = [b"n%06d" % i for i in range(count)]
+
+    def message(names: list[bytes], bad: int | None = None) -> castore_pb2.Directory:
+        msg = castore_pb2.Directory()
+        for i, name in enumerate(names):
+            digest = DUMMY[:-1] if i == bad else DUMMY
+            if kind == "directories":
+                msg.directories.add(name=name, digest=digest, size=i)
+            elif kind == "files":
+                msg.files.add(name=name, digest=digest, size=i, executable=i % 3 == 0)
+            else:
+                target = b"" if i == bad else b"t%d" % i
+                msg.symlinks.add(name=name, target=target)
+        return msg
+
+    msg = message(names)
+    directory = Directory.from_proto(msg)
+    assert list(directory) == names
+    assert directory.to_proto() == msg
+    assert Directory.decode(directory.encode()) == directory
+    if kind == "directories":
+        assert directory.size == count + sum(range(count))
+    edge = nodes_mod.DECODE_CHUNK
+    swapped = [*names[: edge - 1], names[edge], names[edge - 1], *names[edge + 1 :]]
+    with pytest.raises(ValidationError, match="wrong sorting"):
+        Directory.from_proto(message(swapped))
+    with pytest.raises(ValidationError):
+        Directory.from_proto(message(names, bad=edge + 3))
 
 
 def test_from_proto_accepts_each_list_sorted_on_its_own() -> None:

@@ -13,7 +13,7 @@ import struct
 from collections.abc import ItemsView, Iterable, Iterator, Mapping, Sequence, ValuesView
 from itertools import chain, pairwise, repeat
 from operator import attrgetter, itemgetter
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import blake3
 
@@ -168,6 +168,18 @@ _entry_name = itemgetter(0)
 _DIRECTORY_FIELDS = attrgetter("name", "digest", "size")
 _FILE_FIELDS = attrgetter("name", "digest", "size", "executable")
 _SYMLINK_FIELDS = attrgetter("name", "target")
+# Entries decoded this many at a time: what a chunk needs per entry (its
+# fields as tuples, digests, sizes) is freed before the next chunk, so that a
+# 50,000-entry Directory does not hold all of it at once (the worker's peak
+# RSS while it decodes one).
+DECODE_CHUNK: Final = 1024
+
+
+def _columns(entries: Sequence[object], fields: attrgetter[Any]) -> Iterator[Any]:
+    """`entries`' `fields` as columns (one tuple per field), DECODE_CHUNK
+    entries at a time."""
+    for start in range(0, len(entries), DECODE_CHUNK):
+        yield zip(*map(fields, entries[start : start + DECODE_CHUNK]), strict=True)
 
 
 # Decoding a Directory is the hot path of every directory a mount reads (a
@@ -341,24 +353,34 @@ class Directory(Mapping[bytes, Node]):
         # struct. Proto sizes are uint64 already: no range check.
         runs: list[tuple[tuple[bytes, ...], tuple[PackedNode, ...]]] = []
         below = 0
+        names: list[bytes]
+        packed: list[PackedNode]
         if msg.directories:
-            names, digests, sizes = zip(*map(_DIRECTORY_FIELDS, msg.directories), strict=True)
-            _check_names(list(names), "directories")
-            _check_digests(digests)
-            below = sum(sizes)
-            packed = map(_KIND_DIGEST_SIZE.pack, repeat(b"d"), digests, sizes)
-            runs.append((names, tuple(packed)))
+            names, packed = [], []
+            for chunk, digests, sizes in _columns(msg.directories, _DIRECTORY_FIELDS):
+                _check_digests(digests)
+                below += sum(sizes)
+                names += chunk
+                packed += map(_KIND_DIGEST_SIZE.pack, repeat(b"d"), digests, sizes)
+            _check_names(names, "directories")
+            runs.append((tuple(names), tuple(packed)))
         if msg.files:
-            names, digests, sizes, executable = zip(*map(_FILE_FIELDS, msg.files), strict=True)
-            _check_names(list(names), "files")
-            _check_digests(digests)
-            kinds = map(_FILE_KINDS.__getitem__, executable)
-            runs.append((names, tuple(map(_KIND_DIGEST_SIZE.pack, kinds, digests, sizes))))
+            names, packed = [], []
+            for chunk, digests, sizes, executable in _columns(msg.files, _FILE_FIELDS):
+                _check_digests(digests)
+                kinds = map(_FILE_KINDS.__getitem__, executable)
+                names += chunk
+                packed += map(_KIND_DIGEST_SIZE.pack, kinds, digests, sizes)
+            _check_names(names, "files")
+            runs.append((tuple(names), tuple(packed)))
         if msg.symlinks:
-            names, targets = zip(*map(_SYMLINK_FIELDS, msg.symlinks), strict=True)
-            _check_names(list(names), "symlinks")
-            _check_symlink_targets(list(targets))
-            runs.append((names, tuple(map(b"l".__add__, targets))))
+            names, packed = [], []
+            for chunk, targets in _columns(msg.symlinks, _SYMLINK_FIELDS):
+                _check_symlink_targets(list(targets))
+                names += chunk
+                packed += map(b"l".__add__, targets)
+            _check_names(names, "symlinks")
+            runs.append((tuple(names), tuple(packed)))
         directory = cls.__new__(cls)
         if len(runs) == 1:
             directory._init(*runs[0], below)
