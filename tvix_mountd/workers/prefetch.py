@@ -177,12 +177,13 @@ class BlobPrefetcher:
             if node[0] in (PACKED_FILE, PACKED_EXECUTABLE) and 0 < _size_field(node)[0] <= MAX_FILE
         ]
         _remember(self._upto, directory, stop, DIRECTORIES)
-        pin = self._pages.pin if self._pages is not None else None
+        small = {node for node in files if _size_field(node)[0] <= SMALL}
         with self._lock:
-            self._wanted.update(node for node in files if _size_field(node)[0] <= SMALL)
+            self._wanted |= small
+        pin = self._pages.pin if self._pages is not None else None
         for i in range(0, len(files), BATCH):
             batch = [
-                (node, pin(node) if pin is not None and _size_field(node)[0] <= SMALL else 0)
+                (node, pin(node) if pin is not None and node in small else 0)
                 for node in files[i : i + BATCH]
             ]
             try:
@@ -236,18 +237,28 @@ class BlobPrefetcher:
                 larger.append(packed_digest(node))
                 continue
             data = self._blobs.read_small(packed_digest(node), size)
-            with self._lock:
-                wanted = node in self._wanted
-                self._wanted.discard(node)
-            if data is None or not wanted:
-                # Not cheaply readable, or wrong (the READ will say), or read
-                # already (the kernel has the pages).
-                continue
-            if ino and self._pages is not None and self._pages.store(ino, data):
+            if data is None:
                 with self._lock:
+                    self._wanted.discard(node)
+                continue  # not cheaply readable, or wrong: the READ will say
+            # `_wanted` read unlocked, as a hint: a store that a READ
+            # overtook is only wasted.
+            if (
+                ino
+                and self._pages is not None
+                and node in self._wanted
+                and self._pages.store(ino, data)
+            ):
+                with self._lock:
+                    self._wanted.discard(node)
                     self.stored += 1
                 continue
             with self._lock:
+                # Decided with the lock that `read` takes: a READ that came
+                # first leaves nothing kept that nobody will read.
+                if node not in self._wanted:
+                    continue
+                self._wanted.discard(node)
                 if node in self._kept:
                     continue
                 self._kept[node] = data
