@@ -160,16 +160,28 @@ def _pushlisting() -> None:
     filesystem.StoreFilesystem.readdir = readdir  # type: ignore[method-assign]
 
 
-def _noprefetch() -> None:
+def _wrap_filesystem_init(
+    *, overrides: dict[str, Any] | None = None, after: Callable[[Any], None] | None = None
+) -> None:
+    """StoreFilesystem built with `overrides` among its keyword arguments,
+    then passed to `after`."""
     from tvix_mountd.workers import filesystem
 
     original = filesystem.StoreFilesystem.__init__
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        self.prefetcher = None
+        original(self, *args, **{**kwargs, **(overrides or {})})
+        if after is not None:
+            after(self)
 
     filesystem.StoreFilesystem.__init__ = __init__  # type: ignore[method-assign]
+
+
+def _noprefetch() -> None:
+    def no_prefetcher(fs: Any) -> None:
+        fs.prefetcher = None
+
+    _wrap_filesystem_init(after=no_prefetcher)
 
 
 def _onearena() -> None:
@@ -180,14 +192,7 @@ def _onearena() -> None:
 
 
 def _nostorepages() -> None:
-    from tvix_mountd.workers import filesystem
-
-    original = filesystem.StoreFilesystem.__init__
-
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **{**kwargs, "store_pages": False})
-
-    filesystem.StoreFilesystem.__init__ = __init__  # type: ignore[method-assign]
+    _wrap_filesystem_init(overrides={"store_pages": False})
 
 
 def _notrim() -> None:
