@@ -53,8 +53,7 @@ def test_files_are_read_without_open_or_release_requests(
     rest = requests.during(lambda: [(directory / name).read_bytes() for name in files[1:]])
     assert rest["open"] == 0 and rest["release"] == 0, rest
     assert rest["read"] >= len(files) - 1, rest  # the contents did come from the daemon
-    for name in files:
-        assert (directory / name).read_bytes() == (source / name).read_bytes()
+    _assert_read_as_the_source(directory, source, files)
 
 
 def test_after_a_listing_files_read_in_name_order_are_stored_ahead_and_send_no_read(
@@ -81,8 +80,7 @@ def test_after_a_listing_files_read_in_name_order_are_stored_ahead_and_send_no_r
     # Then reading them sends nothing at all, and gives the source's bytes.
     counts = requests.during(lambda: [read(name) for name in rest])
     assert counts["read"] == 0 and counts["lookup"] == 0 and counts["open"] == 0, counts
-    for name in names:
-        assert read(name) == (source / name).read_bytes()
+    _assert_read_as_the_source(directory, source, names)
 
 
 def test_files_read_without_a_listing_are_not_stored_ahead(
@@ -97,8 +95,12 @@ def test_files_read_without_a_listing_are_not_stored_ahead(
     counts = requests.during(lambda: [(directory / name).read_bytes() for name in names])
     assert counts["read"] == len(names), counts
     assert all(fully_cached(directory / name) for name in names)
+    _assert_read_as_the_source(directory, source, names)
+
+
+def _assert_read_as_the_source(directory: Path, source: Path, names: list[str]) -> None:
     for name in names:
-        assert (directory / name).read_bytes() == (source / name).read_bytes()
+        assert (directory / name).read_bytes() == (source / name).read_bytes(), name
 
 
 def fully_cached(path: Path) -> bool:
