@@ -129,7 +129,16 @@ def prepare(spec: Spec, compressions: list[str]) -> Data:
     src = base / "src"
     build_tree(spec, src)
     secret, public = base / "key.secret", base / "key.public"
-    _run("nix-store", "--generate-binary-cache-key", KEY_NAME, str(secret), str(public))
+    # "dummy://": without a store named, Nix would create /nix/store.
+    _run(
+        "nix-store",
+        "--store",
+        "dummy://",
+        "--generate-binary-cache-key",
+        KEY_NAME,
+        str(secret),
+        str(public),
+    )
     store_path = _run("nix-store", "--store", str(base / "nix-root"), "--add", str(src))
     caches = {}
     for compression in compressions:

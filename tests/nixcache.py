@@ -106,7 +106,18 @@ class Key:
     @classmethod
     def generate(cls, name: str, directory: Path) -> Key:
         secret, public = directory / f"{name}.secret", directory / f"{name}.public"
-        _nix("nix-store", "--generate-binary-cache-key", name, str(secret), str(public))
+        # No store is needed, but Nix opens the default one unless told
+        # otherwise: it would create /nix/store and /nix/var/nix (racing with
+        # itself in parallel tests on a fresh machine).
+        _nix(
+            "nix-store",
+            "--store",
+            "dummy://",
+            "--generate-binary-cache-key",
+            name,
+            str(secret),
+            str(public),
+        )
         return cls(secret, public.read_text().strip())
 
     def sign(self, data: bytes) -> str:
