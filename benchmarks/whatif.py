@@ -46,6 +46,9 @@ Patches:
   notrim      the reverse of a shipped change: no malloc_trim after a large
               directory is decoded (workers/heap.py), so the memory its
               decoding used stays resident.
+  plusonly    the reverse of a shipped change: every listing a readdirplus,
+              as on a stock pyfuse3 (READDIRPLUS_AUTO off), so the kernel
+              builds an inode for every entry listed.
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -68,6 +71,7 @@ PATCHES: Final = (
     "dictindex",
     "nostorepages",
     "notrim",
+    "plusonly",
     "readahead",
 )
 HARNESS_ONLY: Final = frozenset({"readahead"})
@@ -201,6 +205,12 @@ def _notrim() -> None:
     heap.release_free_memory = lambda: None
 
 
+def _plusonly() -> None:
+    from tvix_mountd.workers.filesystem import StoreFilesystem
+
+    StoreFilesystem.readdirplus_auto = False
+
+
 def _dictindex() -> None:
     from tvix_mountd.workers import inodes
 
@@ -245,6 +255,7 @@ _APPLY: Final[dict[str, Callable[[], None]]] = {
     "dictindex": _dictindex,
     "nostorepages": _nostorepages,
     "notrim": _notrim,
+    "plusonly": _plusonly,
 }
 
 

@@ -9,12 +9,13 @@ import mmap
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Final
 
 import pytest
 
 from tests.mounting import KERNEL_CACHES
 from tests.supervising import DaemonRequests, World, world
-from tvix_mountd.workers.filesystem import READS_WITHOUT_OPEN
+from tvix_mountd.workers.filesystem import PLAIN_LISTINGS, READS_WITHOUT_OPEN
 
 # Counting what the kernel does not ask because it caches: not alongside a
 # test that drops the kernel's caches (machine-wide).
@@ -159,3 +160,48 @@ def test_a_miss_in_a_store_path_is_asked_once_and_one_in_the_root_every_time(
     assert requests.during(lambda: miss(inside, 1))["lookup"] == 1
     assert requests.during(lambda: miss(inside, 5))["lookup"] == 0
     assert requests.during(lambda: miss(in_root, 3))["lookup"] == 3
+
+
+@pytest.fixture
+def wide_directories(tmp_path: Path) -> Iterator[tuple[World, DaemonRequests]]:
+    yield from _served(tmp_path, files=WIDE)
+
+
+# Entries in a directory: many kernel buffers' worth (a readdirplus buffer
+# of 32 KiB holds ~200 of these names).
+WIDE: Final = 1500
+
+
+@pytest.mark.skipif(not PLAIN_LISTINGS, reason="needs the pyfuse3 patch set (setup.sh)")
+def test_a_listing_nobody_stats_comes_without_attributes(
+    wide_directories: tuple[World, DaemonRequests],
+) -> None:
+    w, requests = wide_directories
+    directory = w.path("a") / "dir0"
+    os.stat(directory)  # looked up: to count only what the listing asks
+    names: list[str] = []
+    listing = requests.during(lambda: names.extend(os.listdir(directory)))
+    assert len(names) == WIDE and listing["lookup"] == 0, listing
+    # Only the first buffer came with attributes (and an inode per entry):
+    # the kernel looks the others up when they are stat'ed afterwards.
+    stats = requests.during(lambda: [os.lstat(directory / name) for name in names])
+    assert WIDE // 2 < stats["lookup"] < WIDE, stats
+
+
+@pytest.mark.skipif(not PLAIN_LISTINGS, reason="needs the pyfuse3 patch set (setup.sh)")
+def test_a_listing_stated_as_it_goes_keeps_its_attributes(
+    wide_directories: tuple[World, DaemonRequests],
+) -> None:
+    # `ls -l`, `find -printf %s`, `du`: each entry stat'ed as it is listed.
+    # The kernel then asks for attributes with every buffer: no lookups.
+    w, requests = wide_directories
+    directory = w.path("a") / "dir1"
+    os.stat(directory)
+
+    def list_and_stat() -> int:
+        with os.scandir(directory) as entries:
+            return sum(1 for entry in entries if entry.stat(follow_symlinks=False).st_size)
+
+    seen: list[int] = []
+    counts = requests.during(lambda: seen.append(list_and_stat()))
+    assert seen == [WIDE] and counts["lookup"] == 0, counts

@@ -33,7 +33,7 @@ from tvix_mountd.workers.filesystem import (
     XATTR_DIRECTORY_DIGEST,
     StoreFilesystem,
 )
-from tvix_mountd.workers.inodes import ROOT_INODE, InodeTable
+from tvix_mountd.workers.inodes import ROOT_INODE, UNLISTED_NUMBERS, InodeTable
 from tvix_mountd.workers.names import PackedNames
 from tvix_mountd.workers.rootnodes import PathInfoRootNodes, RootNodes, StaticRootNodes
 
@@ -580,6 +580,41 @@ def test_a_kept_listing_holds_its_entries_until_the_directory_is_forgotten() -> 
         assert table.node(ino) is None, ino
     assert len(table) == 0
     assert table.held(top_ino) == 0
+
+
+def test_a_plain_listing_holds_with_the_counts_its_numbers_took() -> None:
+    # A plain READDIR's entries are no lookups: the count `ref` took for a
+    # kept listing's entry is the hold's own, and the one of an entry
+    # outside the held run is not taken at all (entry_number names it).
+    table = InodeTable()
+    a, b = pack_node(SymlinkNode(b"a")), pack_node(SymlinkNode(b"b"))
+    top = pack_node(DirectoryNode(B3Digest.of(b"top"), 2))
+    top_ino = table.ref(top)
+    table.set_children(top_ino, top, (PackedNames([b"a", b"b"]), (a, b)))
+    assert table.holding_from(top_ino, 1) is None  # would not continue the run
+    assert table.holding_from(top_ino, 0) == 0
+    a_ino = table.ref(a)
+    table.hold(top_ino, 0, 1, [a_ino], counted=True)
+    assert table.lookups(a_ino) == 1 and table.held(top_ino) == 1
+    # b, listed again from the start: a is named by its number, uncounted.
+    assert table.holding_from(top_ino, 0) == 1
+    assert table.entry_number(a) == a_ino
+    b_ino = table.ref(b)
+    table.hold(top_ino, 0, 2, [a_ino, b_ino], counted=True)
+    assert table.lookups(a_ino) == 1 and table.lookups(b_ino) == 1
+    table.forget(top_ino, 1)
+    assert len(table) == 0
+
+
+def test_an_entry_without_an_inode_is_named_outside_the_table() -> None:
+    table = InodeTable()
+    node, other = pack_node(SymlinkNode(b"n")), pack_node(SymlinkNode(b"o"))
+    unlisted = table.entry_number(node)
+    assert unlisted >= UNLISTED_NUMBERS and unlisted == table.entry_number(node)
+    assert len(table) == 0  # nothing allocated, nothing counted
+    assert table.entry_number(other) != unlisted
+    ino = table.ref(node)
+    assert ino < UNLISTED_NUMBERS and table.entry_number(node) == ino
 
 
 def test_a_listing_is_not_held_for_a_forgotten_directory() -> None:

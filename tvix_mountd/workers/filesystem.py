@@ -85,6 +85,13 @@ KERNEL_CACHES_LISTINGS: Final = hasattr(pyfuse3.FileInfo(), "cache_readdir")
 # file read) and keeps every file's pages (content never changes). On a
 # stock pyfuse3 every open comes to us.
 READS_WITHOUT_OPEN: Final = hasattr(pyfuse3.Operations, "zero_fh_is_inode")
+# Whether pyfuse3 can answer plain READDIR (third_party/pyfuse3/
+# 04-plain-readdir.patch). Then the kernel asks for attributes only for a
+# listing's first buffer and while the caller looks up what it lists
+# (READDIRPLUS_AUTO): `ls -f` or `find -type f` of a large directory gets
+# names and types, and the kernel builds no inode per entry. On a stock
+# pyfuse3 every listing is a readdirplus.
+PLAIN_LISTINGS: Final = hasattr(pyfuse3.Operations, "readdirplus_auto")
 # Handles of root listings: above every inode number (a handle below it is
 # the inode number of the directory or file it opened).
 ROOT_LISTING_HANDLES: Final = 1 << 62
@@ -267,6 +274,8 @@ class StoreFilesystem(pyfuse3.Operations):
     enable_acl = False
     # A read's handle is the file's inode number, whether open made it or not.
     zero_fh_is_inode = True
+    # Listings without attributes where the kernel needs none (PLAIN_LISTINGS).
+    readdirplus_auto = True
 
     def __init__(
         self,
@@ -548,12 +557,21 @@ class StoreFilesystem(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         names, nodes, first = await self._listing(fh, start_id)
         start = start_id - first
+        # A stock pyfuse3 answers every listing with readdirplus.
+        plus: bool = getattr(token, "plus", True)
+        caches = KERNEL_CACHES_LISTINGS and fh < ROOT_LISTING_HANDLES
+        counted_from = start
+        if not plus:
+            # A plain entry is no lookup: only those the kernel may keep in
+            # its cached listing need numbers that last (InodeTable.hold).
+            held = self.inodes.holding_from(fh, start) if caches else None
+            counted_from = len(names) if held is None else held
         numbers: list[int] = []
-        stop = self._reply_entries(token, names, nodes, first, start, numbers)
+        stop = self._reply_entries(token, names, nodes, first, start, numbers, counted_from, plus)
         if fh < ROOT_LISTING_HANDLES:
-            if KERNEL_CACHES_LISTINGS:
+            if caches:
                 # The kernel may keep this listing: see InodeTable.hold.
-                self.inodes.hold(fh, start, stop, numbers)
+                self.inodes.hold(fh, start, stop, numbers, counted=not plus)
             if self.prefetcher is not None:
                 directory = self.inodes.node(fh)
                 if directory is not None:
@@ -567,23 +585,39 @@ class StoreFilesystem(pyfuse3.Operations):
         first: int,
         i: int,
         numbers: list[int],
+        counted_from: int = 0,
+        plus: bool = True,
     ) -> int:
         """Hand `names[i:]` to the kernel until its buffer is full; the index
         of the first entry it did not take. The numbers of those it took are
-        appended to `numbers`."""
+        appended to `numbers`: those of entries from `counted_from` on with
+        their lookup counts raised by one (each entry of a readdirplus is a
+        lookup), the others as `InodeTable.entry_number` names them.
+
+        `plus`: entries with their attributes (readdirplus), else names and
+        types only (a plain READDIR reads only st_ino and st_mode)."""
         ref = self.inodes.ref
+        number = self.inodes.entry_number
         reply = pyfuse3.readdir_reply
         taken = numbers.append
+        plain = None if plus else pyfuse3.EntryAttributes()
         # Entries are built one at a time until the kernel's buffer is full:
         # a big directory's readdir costs only what one buffer holds. Names
         # come a batch at a time (one split of the packed names).
         while i < len(names):
             for name in names[i : i + READDIR_NAME_BATCH]:
-                # readdirplus: each entry the kernel takes counts as a lookup.
                 node = nodes[i]
-                ino = ref(node)
-                if not reply(token, name, entry_attributes(ino, node), first + i + 1):
-                    self.inodes.forget(ino, 1)
+                ino = ref(node) if i >= counted_from else number(node)
+                if plain is None:
+                    attr = entry_attributes(ino, node)
+                else:
+                    # Copied into the reply at once: one object does for all.
+                    attr = plain
+                    attr.st_ino = ino
+                    attr.st_mode = _MODE_OF_KIND[node[0]]
+                if not reply(token, name, attr, first + i + 1):
+                    if i >= counted_from:
+                        self.inodes.forget(ino, 1)
                     return i
                 taken(ino)
                 i += 1

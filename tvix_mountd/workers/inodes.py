@@ -42,6 +42,9 @@ from tvix_mountd.workers.nodeindex import NodeIndex
 from tvix_mountd.workers.statefile import StateFile
 
 ROOT_INODE: Final = 1
+# Numbers that name entries of plain listings whose nodes have no inode:
+# above every inode number, so that none is taken for another's.
+UNLISTED_NUMBERS: Final = 1 << 62
 
 # A directory's (names, packed nodes), both in name order: bisect finds a
 # name, an index is a stable readdir offset.
@@ -115,6 +118,17 @@ class InodeTable:
         self._index.insert(ino, slot)
         return ino
 
+    def entry_number(self, node: PackedNode) -> int:
+        """A number to name `node` by in a listing without attributes (a
+        plain READDIR's d_ino), counting nothing: its inode's if it is live,
+        else one outside the table, the same for the same node while this
+        process runs (the kernel keeps no such listing, so it never asks
+        about that number)."""
+        ino = self._index.get(node)
+        if ino is not None:
+            return ino
+        return UNLISTED_NUMBERS | (hash(node) & (UNLISTED_NUMBERS - 1))
+
     def pin(self, node: PackedNode) -> int:
         """The number of `node`'s inode with its count raised by one, if it
         is live (the kernel may hold it); 0, allocating nothing, if not.
@@ -179,30 +193,48 @@ class InodeTable:
         """How many of directory `ino`'s first children it holds."""
         return self._held.get(ino, 0)
 
-    def hold(self, ino: int, start: int, stop: int, numbers: Sequence[int] | None = None) -> None:
+    def hold(
+        self,
+        ino: int,
+        start: int,
+        stop: int,
+        numbers: Sequence[int] | None = None,
+        counted: bool = False,
+    ) -> None:
         """Children `start:stop` of live directory `ino` (as `set_children`
         keeps them) were just handed to the kernel in a listing it may keep:
         hold them, so each keeps its number until the kernel forgets the
         directory. `numbers`, if given, are the numbers `ref` just gave
-        those children (saving a lookup in the index for each).
+        those children (saving a lookup in the index for each). `counted`:
+        the counts of the children from `holding_from(ino, start)` on were
+        raised for the hold already (the entries of a plain listing, which
+        are no lookups): they are not raised again.
 
         The kernel fills its cache from the first entry on, in order, so only
         a listing's leading run can be in it; that run is what is held.
         """
-        held = self.held(ino)
-        children = self._children.get(ino)
-        if children is None or not start <= held < stop:
+        held = self.holding_from(ino, start)
+        if held is None or held >= stop:
             return
         # The counts first, then the hold that says to give them back.
         if numbers is None:
-            for node in children[1][held:stop]:
+            for node in self._children[ino][1][held:stop]:
                 self.ref(node)
-        else:
+        elif not counted:
             state = self.state
             for number in numbers[held - start : stop - start]:
                 state.set_count(number, state.count(number) + 1)
         self._held[ino] = stop
         self.state.set_held(ino, stop)
+
+    def holding_from(self, ino: int, start: int) -> int | None:
+        """The first child that a listing of directory `ino` from child
+        `start` on would add to its held run (`hold`), None if that listing
+        would add none: it does not continue the run."""
+        held = self.held(ino)
+        if ino not in self._children or start > held:
+            return None
+        return held
 
     def children(self, ino: int) -> Children | None:
         """A directory inode's contents, if they were read since it became live."""

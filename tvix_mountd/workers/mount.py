@@ -20,6 +20,7 @@ import trio
 
 from tvix_mountd.workers.filesystem import (
     KERNEL_CACHES_LISTINGS,
+    PLAIN_LISTINGS,
     READS_WITHOUT_OPEN,
     StoreFilesystem,
 )
@@ -270,10 +271,11 @@ async def serve_lent(
 
 
 async def _serve_session(fs: StoreFilesystem, task_status: trio.TaskStatus[None]) -> None:
-    if not (KERNEL_CACHES_LISTINGS and READS_WITHOUT_OPEN):
+    if not (KERNEL_CACHES_LISTINGS and READS_WITHOUT_OPEN and PLAIN_LISTINGS):
         log.info(
-            "this pyfuse3 (%s) cannot let the kernel keep directory listings or read"
-            " files it did not open here; scripts/setup.sh builds one that can",
+            "this pyfuse3 (%s) cannot let the kernel keep directory listings, read"
+            " files it did not open here or list without attributes;"
+            " scripts/setup.sh builds one that can",
             pyfuse3.__version__,
         )
     _tune_gc()
