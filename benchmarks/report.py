@@ -58,6 +58,8 @@ ROWS: Final = (
     Row("walk_warm", "walk", "warm", 2.0, "1.7x / 1.8x"),
     Row("ls_cold", "ls", "cold", 2.0, "1.2x / 0.5x", 2.0),
     Row("ls_warm", "ls", "warm", 2.0, "1.4x / 0.8x"),
+    Row("lsl_cold", "lsl", "cold", None, "-"),
+    Row("lsl_warm", "lsl", "warm", None, "-"),
     Row("find_cold", "find", "cold", None, "-", 2.0),
     Row("cat_cold", "cat", "cold", 1.5, "3.0x / 1.0x", 1.0),
     Row("cat4_cold", "cat4", "cold", None, "-"),
@@ -78,6 +80,7 @@ def workload_label(workload: str, spec: DataSpec) -> str:
         "read": f"{big} sequential read",
         "walk": f"stat walk of {_count(spec.small_files)} files",
         "ls": f"`ls -f` of a {_count(spec.wide_files)}-entry directory",
+        "lsl": f"`ls -lU` of the {_count(spec.wide_files)}-entry directory",
         "cat": f"cat every one of {_count(spec.small_files)} small files",
         "find": f"`find -type f` over {_count(spec.small_files)} files",
         "cat4": f"cat of {_count(spec.small_files)} small files by"

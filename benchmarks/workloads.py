@@ -8,6 +8,10 @@ that fails part-way cannot look fast.
 - walk: `find DIR -printf '%i %s\\n'` at C speed: every entry is listed and
   lstat'ed (%s needs the stat), output counted in lines.
 - ls:   the real `ls -f DIR` (no sorting, no stat), output counted in lines.
+- lsl:  the real `ls -lU DIR` on the same directory: the whole listing first,
+        then every entry lstat'ed, output counted in lines. The case plain
+        listings (READDIRPLUS_AUTO) cost most: only the first buffer comes
+        with attributes.
 - cat:  one in-process loop over the small files in name order:
         open, read until EOF (64 KiB reads), close.
 - find: `find DIR -type f` at C speed over the small files, output counted in
@@ -94,6 +98,13 @@ def list_directory(path: str) -> Measurement:
     names = out.split(b"\n")
     # Not every filesystem reports "." and ".." (tvix-mountd does not): count entries only.
     count = sum(1 for name in names if name not in (b"", b".", b".."))
+    return Measurement(seconds, count)
+
+
+def long_listing(path: str) -> Measurement:
+    seconds, out = _timed_output(["ls", "-lU", "--color=never", path])
+    lines = out.split(b"\n")
+    count = sum(1 for line in lines[1:] if line)  # without the "total" line
     return Measurement(seconds, count)
 
 
@@ -207,6 +218,9 @@ def workloads(data: DataSet) -> dict[str, Workload]:
     def ls(mount: Mount) -> Measurement:
         return list_directory(str(mount.wide_dir))
 
+    def lsl(mount: Mount) -> Measurement:
+        return long_listing(str(mount.wide_dir))
+
     def cat(mount: Mount) -> Measurement:
         base = str(mount.small_dir)
         return cat_files([f"{base}/{rel}" for rel in small_rel])
@@ -234,6 +248,7 @@ def workloads(data: DataSet) -> dict[str, Workload]:
         "read": Workload("read", True, read, spec.big_bytes, "bytes"),
         "walk": Workload("walk", True, walk, spec.small_files + spec.small_dirs, "entries"),
         "ls": Workload("ls", True, ls, spec.wide_files, "entries"),
+        "lsl": Workload("lsl", True, lsl, spec.wide_files, "entries"),
         "cat": Workload("cat", False, cat, data.small_bytes, "bytes"),
         "find": Workload("find", False, find, spec.small_files, "files"),
         "cat4": Workload("cat4", False, cat4, data.small_bytes, "bytes"),
@@ -251,12 +266,13 @@ def why_unavailable(name: str) -> str:
     return "unknown workload"
 
 
-WORKLOAD_NAMES: Final = ("read", "walk", "ls", "cat", "find", "cat4", "copy", "startup")
+WORKLOAD_NAMES: Final = ("read", "walk", "ls", "lsl", "cat", "find", "cat4", "copy", "startup")
 # Median of this many repetitions unless --reps says otherwise.
 DEFAULT_REPS: Final = {
     "read": 3,
     "walk": 5,
     "ls": 5,
+    "lsl": 3,
     "cat": 3,
     "find": 5,
     "cat4": 3,
