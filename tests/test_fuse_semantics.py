@@ -14,8 +14,6 @@ import functools
 import math
 import os
 import random
-import re
-import signal
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -32,6 +30,7 @@ from tests.mounting import (
     DirStream,
     Mount,
     assert_errno,
+    assert_everything_forgotten,
     backing_store,
     errno_of,
     listdir_bytes,
@@ -57,8 +56,6 @@ pytestmark = [
 DIR_XATTR: Final = "user.tvix.castore.directory.digest"
 BLOB_XATTR: Final = "user.tvix.castore.blob.digest"
 ROOT_ENTRIES: Final = 1000  # extra store paths, so the root listing streams many batches
-# Requests the kernel may hand the daemon ahead of queued FORGETs (fs/fuse/dev.c).
-FORGETS_OVERTAKEN: Final = 8
 BIG_SIZE: Final = 3 * 1024 * 1024
 RANDOM_SIZE: Final = 1_000_003  # not a multiple of a page
 NON_UTF8: Final = os.fsdecode(b"\xff\xfe-not-utf8")
@@ -573,17 +570,7 @@ def test_every_inode_is_given_back_once_the_kernel_forgets(store_kind: str, tmp_
         with mounted(store.addrs, tmp_path) as mount:
             walked = _snapshot(mount.path / info.store_path.basename)
             assert len(walked[0]) > 10
-            Path("/proc/sys/vm/drop_caches").write_text("3\n")
-            # The kernel queued a FORGET for everything; it hands queued
-            # forgets to the daemon before requests, except that up to 8
-            # requests in a row may overtake them (fs/fuse/dev.c,
-            # forget_batch). A request the daemon answers after them is one
-            # it read after them: STATFS creates no inode.
-            for _ in range(FORGETS_OVERTAKEN + 1):
-                os.statvfs(mount.path)
-            assert mount.signal(signal.SIGTERM) == 0
-        alive = re.findall(r"inodes alive at unmount: (\d+)", mount.log())
-        assert alive == ["0"], mount.log()
+            assert_everything_forgotten(mount)
 
 
 def test_imported_twice_same_digests(world: World) -> None:

@@ -6,8 +6,6 @@ stat gives it, and leaves nothing behind once the kernel forgets it."""
 from __future__ import annotations
 
 import os
-import re
-import signal
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +13,13 @@ from typing import Final
 
 import pytest
 
-from tests.mounting import KERNEL_CACHES, Mount, backing_store, mounted
+from tests.mounting import (
+    KERNEL_CACHES,
+    Mount,
+    assert_everything_forgotten,
+    backing_store,
+    mounted,
+)
 from tvix_mountd.workers.filesystem import PLAIN_LISTINGS
 
 pytestmark = [
@@ -27,8 +31,6 @@ pytestmark = [
 
 # Many kernel buffers' worth: a readdirplus buffer holds ~200 of these.
 WIDE: Final = 1500
-# Requests the kernel may hand the daemon ahead of queued FORGETs (fs/fuse/dev.c).
-FORGETS_OVERTAKEN: Final = 8
 
 
 def _wide_source(root: Path) -> Path:
@@ -112,14 +114,7 @@ def test_every_number_a_listing_took_is_given_back_once_the_kernel_forgets(
 ) -> None:
     mount, directory, _ = wide
     assert len(os.listdir(directory)) == WIDE  # mostly without attributes
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    # The kernel queued a FORGET for everything; up to 8 requests may
-    # overtake them (fs/fuse/dev.c, forget_batch). STATFS creates no inode.
-    for _ in range(FORGETS_OVERTAKEN + 1):
-        os.statvfs(mount.path)
-    assert mount.signal(signal.SIGTERM) == 0
-    alive = re.findall(r"inodes alive at unmount: (\d+)", mount.log())
-    assert alive == ["0"], mount.log()
+    assert_everything_forgotten(mount)
 
 
 def test_root_entries_listed_without_attributes_are_named_by_a_live_inode(
