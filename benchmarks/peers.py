@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -228,8 +229,29 @@ def cleanup_all() -> None:
             _stop(started)
 
 
+# Locks this process holds on mount directories (see clear_stale_mounts).
+_CLAIMED: dict[Path, int] = {}
+
+
 def clear_stale_mounts(mount_dir: Path) -> None:
-    """Lazily unmount FUSE mounts a killed earlier run left under our own `mount_dir`."""
+    """Claim `mount_dir` for this process (until it exits), then lazily
+    unmount the FUSE mounts a killed earlier run left under it.
+
+    Another run that is still going holds the claim: its mounts are live,
+    and this run stops with a message instead of unmounting them under it
+    (two runs at once would also spoil each other's timings)."""
+    mount_dir.mkdir(parents=True, exist_ok=True)
+    if mount_dir not in _CLAIMED:
+        fd = os.open(mount_dir / ".claimed", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SystemExit(
+                f"another benchmark run is using {mount_dir} (its mounts are live):"
+                " wait for it to end"
+            ) from None
+        _CLAIMED[mount_dir] = fd
     prefix = str(mount_dir) + "/"
     with open("/proc/self/mountinfo") as f:
         mountpoints = [_unescape(line.split()[4]) for line in f]
