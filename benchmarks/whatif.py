@@ -49,14 +49,6 @@ Patches:
   plusonly    the reverse of a shipped change: every listing a readdirplus,
               as on a stock pyfuse3 (READDIRPLUS_AUTO off), so the kernel
               builds an inode for every entry listed.
-  packsmall   small blobs packed: every file of the data set's tree up to
-              64 KiB, in the tree's order (the order a reader of the
-              tree meets them), in one pack file beside the embedded
-              store, found through an in-memory index (built once, on the
-              first mount, under DATA/pack-whatif/). The raw+file store
-              reads them there instead of one file per blob: what packing
-              small blobs would give the rows that read many small files
-              cold, before anyone writes a pack format.
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -64,11 +56,8 @@ Patches:
 from __future__ import annotations
 
 import os
-import shutil
-import struct
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Final
 
 PATCHES: Final = (
@@ -83,7 +72,6 @@ PATCHES: Final = (
     "nostorepages",
     "notrim",
     "plusonly",
-    "packsmall",
     "readahead",
 )
 HARNESS_ONLY: Final = frozenset({"readahead"})
@@ -223,100 +211,6 @@ def _plusonly() -> None:
     StoreFilesystem.readdirplus_auto = False
 
 
-# Files at most this large go into the what-if's pack (the read-ahead's SMALL).
-PACKED_MAX: Final = 64 << 10
-_PACK_RECORD: Final = struct.Struct("<32sQQ")  # digest, offset, size
-
-
-def _build_pack(tree: Path, pack_dir: Path) -> None:
-    """Every distinct file of `tree` up to PACKED_MAX, in walk order (names
-    sorted), appended to pack_dir/pack; pack_dir/index says where each is."""
-    import blake3
-
-    temp = pack_dir.with_name(pack_dir.name + ".tmp")
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir(parents=True)
-    seen: set[bytes] = set()
-    offset = 0
-    with open(temp / "pack", "wb") as pack, open(temp / "index", "wb") as index:
-        for directory, dirnames, filenames in os.walk(tree):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = os.path.join(directory, name)
-                if os.path.islink(path) or not 0 < os.path.getsize(path) <= PACKED_MAX:
-                    continue
-                with open(path, "rb") as f:
-                    data = f.read()
-                digest = blake3.blake3(data).digest()
-                if digest in seen:
-                    continue
-                seen.add(digest)
-                pack.write(data)
-                index.write(_PACK_RECORD.pack(digest, offset, len(data)))
-                offset += len(data)
-    os.rename(temp, pack_dir)
-
-
-def _packsmall() -> None:
-    import blake3
-
-    from tvix_mountd.castore.blobs import BlobReader, raw
-    from tvix_mountd.castore.digests import B3Digest
-
-    addr = sys.argv[sys.argv.index("--blob-service-addr") + 1]
-    data_dir = Path(addr.removeprefix("raw+file://")).parent.parent  # DATA/store/blobs
-    pack_dir = data_dir / "pack-whatif"
-    if not pack_dir.is_dir():
-        _build_pack(data_dir / "tree", pack_dir)
-    places: dict[bytes, tuple[int, int]] = {
-        digest: (offset, size)
-        for digest, offset, size in _PACK_RECORD.iter_unpack((pack_dir / "index").read_bytes())
-    }
-    fd = os.open(pack_dir / "pack", os.O_RDONLY | os.O_CLOEXEC)
-
-    class PackedReader(BlobReader):
-        def __init__(self, offset: int, size: int) -> None:
-            self._offset, self._size = offset, size
-
-        @property
-        def size(self) -> int:
-            return self._size
-
-        async def read_at(self, offset: int, n: int) -> bytes:
-            n = max(0, min(n, self._size - offset))
-            return os.pread(fd, n, self._offset + offset)
-
-    service = raw.RawFileBlobService
-    open_raw, read_small, prefetch = service._open_raw, service.read_small, service.prefetch
-
-    async def _open_raw(self: Any, digest: B3Digest) -> BlobReader | None:
-        place = places.get(digest)
-        return PackedReader(*place) if place is not None else await open_raw(self, digest)
-
-    def _read_small(self: Any, digest: B3Digest, size: int) -> bytes | None:
-        place = places.get(digest)
-        if place is None:
-            return read_small(self, digest, size)
-        if place[1] != size:
-            return None
-        data = os.pread(fd, size, place[0])
-        return data if blake3.blake3(data).digest() == digest else None
-
-    def _prefetch(self: Any, digests: Any) -> None:
-        rest = []
-        for digest in digests:
-            place = places.get(digest)
-            if place is None:
-                rest.append(digest)
-            else:
-                os.posix_fadvise(fd, place[0], place[1], os.POSIX_FADV_WILLNEED)
-        prefetch(self, rest)
-
-    service._open_raw = _open_raw  # type: ignore[method-assign]
-    service.read_small = _read_small  # type: ignore[method-assign]
-    service.prefetch = _prefetch  # type: ignore[method-assign]
-
-
 def _dictindex() -> None:
     from tvix_mountd.workers import inodes
 
@@ -362,7 +256,6 @@ _APPLY: Final[dict[str, Callable[[], None]]] = {
     "nostorepages": _nostorepages,
     "notrim": _notrim,
     "plusonly": _plusonly,
-    "packsmall": _packsmall,
 }
 
 

@@ -509,9 +509,38 @@ class BackingStore:
         hexdigest = digest.hex()
         return self.root / "blobs" / "b3" / hexdigest[:2] / hexdigest
 
+    def packed_place(self, digest: B3Digest) -> tuple[Path, int, int] | None:
+        """(pack, offset, size) of a packed blob of the embedded store."""
+        index = self.root / "blobs" / "packs" / "index.sqlite"
+        if not index.exists():
+            return None
+        with contextlib.closing(sqlite3.connect(index)) as db:
+            row = db.execute(
+                "SELECT pack, offset, size FROM packed WHERE digest = ?", (bytes(digest),)
+            ).fetchone()
+        return None if row is None else (index.parent / row[0], row[1], row[2])
+
+    def flip_blob_byte(self, digest: B3Digest) -> None:
+        """One bit of a stored blob's middle byte flipped, packed or a file."""
+        place = self.packed_place(digest)
+        if place is None:
+            path = self.blob_file(digest)
+            path.chmod(0o644)
+            place = (path, 0, path.stat().st_size)
+        path, offset, size = place
+        with open(path, "r+b") as f:
+            f.seek(offset + size // 2)
+            byte = f.read(1)[0]
+            f.seek(offset + size // 2)
+            f.write(bytes([byte ^ 0x01]))
+
     def drop_blob(self, digest: B3Digest) -> None:
         if self.server is not None:
             del self.server.blobs[digest]  # one dict operation: atomic under the GIL
+        elif self.packed_place(digest) is not None:
+            index = self.root / "blobs" / "packs" / "index.sqlite"
+            with contextlib.closing(sqlite3.connect(index)) as db, db:
+                db.execute("DELETE FROM packed WHERE digest = ?", (bytes(digest),))
         else:
             self.blob_file(digest).unlink()
 

@@ -255,11 +255,7 @@ def test_lying_backend_is_eio_and_the_mount_survives(
 def test_corrupted_blob_file_is_eio(tmp_path: Path, name: str) -> None:
     with backing_store("embedded", tmp_path / "store") as store:
         served = _populate(store, tmp_path)
-        blob = store.blob_file(served.digest("t", name))
-        data = bytearray(blob.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        blob.chmod(0o644)
-        blob.write_bytes(bytes(data))
+        store.flip_blob_byte(served.digest("t", name))
         with mounted(store.addrs, tmp_path) as mount:
             path = mount.path / served.basename("t") / name
             for _ in range(2):  # the kernel retries a failed page: it must fail too

@@ -38,7 +38,7 @@ _MAX_IDLE = 16
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*")
 
 
-class _ConnectionPool:
+class ConnectionPool:
     """Connections to one database file, each used by one thread at a time.
 
     Connections are opened with check_same_thread=False because trio's worker
@@ -153,7 +153,7 @@ class SqliteTable:
         self.path = path
         self._name = name
         self._timeout = timeout
-        self._pool = _ConnectionPool(
+        self._pool = ConnectionPool(
             path,
             f"CREATE TABLE IF NOT EXISTS {name}"
             " (digest BLOB PRIMARY KEY NOT NULL, data BLOB NOT NULL) WITHOUT ROWID",

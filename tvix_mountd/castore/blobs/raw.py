@@ -4,11 +4,14 @@ Layout under the root given by the address:
 
     b3/<first 2 hex chars>/<64 hex chars>   the blob's bytes, uncompressed
     tmp/<random>.tmp                        blobs being written
+    packs/                                  small blobs stored in batches,
+                                            back to back (see packs.py)
 
 This is tvix-mountd's own layout, not tvix's object_store layout (that is
 `objectstore+file://`, see objectstore.py): uncompressed whole files are
 deliberate, so the FUSE read path serves a read with one pread on the blob
-file, and the kernel's page cache and readahead do the rest.
+file (or on the pack of a small one), and the kernel's page cache and
+readahead do the rest.
 
 Writes are atomic (see localdir.py): a blob is streamed into a temp file while
 being hashed, then published under its digest's name; `sync` makes it durable.
@@ -18,7 +21,6 @@ first file in place (one of another size was damaged, and is replaced).
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 
@@ -33,6 +35,7 @@ from tvix_mountd.castore.blobs.localdir import (
     ThreadedWriter,
     remove_quietly,
 )
+from tvix_mountd.castore.blobs.packs import MAX_PACKED, PackedBlobs
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.errors import StoreError
 from tvix_mountd.castore.localfs import start_writeback
@@ -90,6 +93,29 @@ class RawFileReader(BlobReader):
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+
+
+class PackedReader(BlobReader):
+    """Reads one packed blob with pread on its pack (inline, as RawFileReader)."""
+
+    def __init__(self, fd: int, offset: int, size: int, digest: B3Digest) -> None:
+        self._fd = fd  # the pack's, shared: PackedBlobs closes it
+        self._offset = offset
+        self._size = size
+        self._digest = digest
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def read_at(self, offset: int, n: int) -> bytes:
+        if offset < 0 or n < 0:
+            raise ValueError(f"invalid read of {n} bytes at {offset}")
+        n = max(0, min(n, self._size - offset))
+        try:
+            return os.pread(self._fd, n, self._offset + offset)
+        except OSError as e:
+            raise StoreError(f"reading blob {self._digest} from its pack: {e}") from e
 
 
 class RawFileWriter(ThreadedWriter):
@@ -157,6 +183,7 @@ class RawFileBlobService(BlobService):
         self.root = root
         self.local = LocalRoot(root, RAW_LAYOUT, OBJECT_STORE_LAYOUT)
         self._blob_dir = os.path.join(root, "b3")
+        self.packs = PackedBlobs(root)
 
     def blob_path(self, digest: B3Digest) -> str:
         """Where the blob with `digest` lives (whether or not it exists)."""
@@ -167,10 +194,13 @@ class RawFileBlobService(BlobService):
         await self.local.prepare()
         # Inline for the reason RawFileReader reads inline: a local stat is
         # cheaper than the thread hop that would wrap it.
-        return os.path.exists(self.blob_path(digest))  # noqa: ASYNC240
+        return self.packs.has(digest) or os.path.exists(self.blob_path(digest))  # noqa: ASYNC240
 
     async def _open_raw(self, digest: B3Digest) -> BlobReader | None:
         await self.local.prepare()
+        place = self.packs.find(digest)
+        if place is not None:
+            return PackedReader(*place, digest)
         path = self.blob_path(digest)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -186,9 +216,11 @@ class RawFileBlobService(BlobService):
 
     def read_small(self, digest: B3Digest, size: int) -> bytes | None:
         try:
-            with open(self.blob_path(digest), "rb", buffering=0) as f:
-                data = f.read(size + 1)
-        except OSError:
+            data = self.packs.read(digest)
+            if data is None:
+                with open(self.blob_path(digest), "rb", buffering=0) as f:
+                    data = f.read(size + 1)
+        except (OSError, StoreError):
             return None
         if len(data) != size or blake3.blake3(data).digest() != digest:
             return None
@@ -196,6 +228,8 @@ class RawFileBlobService(BlobService):
 
     def prefetch(self, digests: Sequence[B3Digest]) -> None:
         for digest in digests:
+            if self.packs.prefetch(digest):
+                continue
             try:
                 fd = os.open(self.blob_path(digest), os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
@@ -226,7 +260,10 @@ class RawFileBlobService(BlobService):
         await trio.to_thread.run_sync(self._put_batch_sync, blobs)
 
     async def sync(self) -> None:
-        await self.local.sync()
+        await self.local.sync()  # one syncfs: the packs and their index too
+
+    async def aclose(self) -> None:
+        self.packs.close()
 
     def _put_sync(self, data: bytes) -> B3Digest:
         digest = B3Digest.of(data)
@@ -234,14 +271,30 @@ class RawFileBlobService(BlobService):
         return digest
 
     def _put_batch_sync(self, blobs: Sequence[tuple[B3Digest, bytes]]) -> None:
+        """The small blobs into a pack, in their order; the others as files.
+        A blob stored already (packed or as a file, of its size) is left."""
+        small: list[tuple[B3Digest, bytes]] = []
+        packing: set[B3Digest] = set()
         for digest, data in blobs:
-            self._store_sync(digest, data)
+            if len(data) > MAX_PACKED:
+                self._store_sync(digest, data)
+            elif digest not in packing and not self._stored(digest, len(data)):
+                packing.add(digest)
+                small.append((digest, data))
+        self.packs.append(small)
+
+    def _stored(self, digest: B3Digest, size: int) -> bool:
+        if self.packs.has(digest, size):
+            return True
+        try:
+            return os.stat(self.blob_path(digest)).st_size == size
+        except FileNotFoundError:
+            return False
 
     def _store_sync(self, digest: B3Digest, data: bytes) -> None:
         target = self.blob_path(digest)
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(target).st_size == len(data):
-                return  # stored already: nothing to write
+        if self._stored(digest, len(data)):
+            return  # stored already: nothing to write
         try:
             self.local.write_file(target, data)
         except OSError as e:
