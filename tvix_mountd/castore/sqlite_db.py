@@ -46,10 +46,15 @@ class ConnectionPool:
     the pool hands it to one thread at a time, which is all SQLite needs.
     """
 
-    def __init__(self, path: str, schema: str, timeout: float) -> None:
+    def __init__(
+        self, path: str, schema: str, timeout: float, cache_kib: int | None = None
+    ) -> None:
+        """`cache_kib`: each connection's page cache (SQLite's default, 2 MiB,
+        if None)."""
         self._path = path
         self._schema = schema
         self._timeout = timeout
+        self._cache_kib = cache_kib
         self._lock = threading.Lock()
         self._idle: list[sqlite3.Connection] = []
         self._schema_ready = False
@@ -81,6 +86,8 @@ class ConnectionPool:
             # loss may drop the last commits of one file but not the other's
             # (a path info surviving the directories it points to).
             conn.execute("PRAGMA synchronous=FULL")
+            if self._cache_kib is not None:
+                conn.execute(f"PRAGMA cache_size=-{int(self._cache_kib)}")
             if not self._schema_ready:
                 conn.execute(self._schema)
                 self._schema_ready = True

@@ -231,6 +231,9 @@ class BlobPrefetcher:
         """In a worker thread: store the small files in the kernel's page cache
         (those it holds an inode of) or keep them; have the disk read the others."""
         larger = []
+        self._blobs.locate(
+            [packed_digest(node) for node, _ in batch if _size_field(node)[0] <= SMALL]
+        )
         for node, ino in batch:
             size = _size_field(node)[0]
             if size > SMALL:

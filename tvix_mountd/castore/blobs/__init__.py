@@ -187,6 +187,11 @@ class BlobService(ABC):
         meanwhile; by default nothing happens.
         """
 
+    def locate(self, digests: Sequence[B3Digest]) -> None:  # noqa: B027 - optional
+        """Hint that these blobs are about to be read with `read_small`:
+        a store that must look each one up may look them up together.
+        Blocking and best effort, as `prefetch`; by default nothing happens."""
+
     def read_small(self, digest: B3Digest, size: int) -> bytes | None:
         """The `size` bytes of a small blob, verified, read in the calling
         thread (blocking: call it from a worker thread), or None if this

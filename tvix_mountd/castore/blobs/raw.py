@@ -21,6 +21,7 @@ first file in place (one of another size was damaged, and is replaced).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -223,8 +224,13 @@ class RawFileBlobService(BlobService):
         except (OSError, StoreError):
             return None
         if len(data) != size or blake3.blake3(data).digest() != digest:
+            self.packs.forget([digest])  # if packed: its place may have moved
             return None
         return data
+
+    def locate(self, digests: Sequence[B3Digest]) -> None:
+        with contextlib.suppress(StoreError):
+            self.packs.find_many(digests)
 
     def prefetch(self, digests: Sequence[B3Digest]) -> None:
         for digest in digests:
