@@ -538,6 +538,29 @@ async def test_raw_small_blobs_of_a_batch_are_packed_in_their_order(
     assert [read(p) for p in packs_of(raw_blobs)] == [b"".join(small)]
 
 
+async def test_raw_locate_looks_up_packed_blobs_and_creates_nothing(tmp_path: Path) -> None:
+    root = str(tmp_path / "blobs")
+    fresh = RawFileBlobService(root)
+    try:
+        fresh.locate([B3Digest.of(b"nothing stored yet")])
+        assert not exists(Path(root, "packs"))
+    finally:
+        await fresh.aclose()
+    writer = RawFileBlobService(root)
+    small, large = blob_bytes(3000, seed=31), blob_bytes(MAX_PACKED + 1, seed=32)
+    await writer.put_batch([(B3Digest.of(small), small), (B3Digest.of(large), large)])
+    await writer.aclose()
+    reader = RawFileBlobService(root)
+    try:
+        digests = [B3Digest.of(small), B3Digest.of(large), B3Digest.of(b"missing")]
+        reader.locate(digests)  # packed, a file, missing: all fine
+        assert reader.read_small(digests[0], len(small)) == small
+        assert reader.read_small(digests[1], len(large)) == large
+        assert reader.read_small(digests[2], 7) is None
+    finally:
+        await reader.aclose()
+
+
 async def test_raw_packed_blob_damaged_in_its_pack_is_never_served(
     raw_blobs: RawFileBlobService,
 ) -> None:
