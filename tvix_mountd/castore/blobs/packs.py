@@ -58,12 +58,12 @@ INDEX_TIMEOUT: Final = 10.0
 # Each index connection's page cache: a lookup touches a few pages, and
 # the file system caches the index anyway; SQLite's 2 MiB a connection, for
 # the read-ahead's threads and the loop's, cost a worker 10 MB.
-INDEX_CACHE_KIB: Final = 256
+INDEX_CACHE_KIB: Final = 64
 # Places of blobs found recently: a file read ahead (read_small, in a
 # thread) is often opened right after (its READ came first), and its place
 # is then not asked of SQLite again. Only what was found is remembered: a
 # blob packed by another process later is found the next time it is asked.
-PLACES: Final = 1024
+PLACES: Final = 256
 # Digests are random keys: lookups touch the index's pages at random, and
 # on a cold page cache each is a disk read. The whole index is asked of the
 # disk at once instead (posix_fadvise WILLNEED, asynchronous; ~100 bytes a
