@@ -334,8 +334,12 @@ class Service:
         self.extra_env["PYTHONPATH"] = str(overlay) + (f":{path}" if path else "")
         return package
 
-    def start(self, *, wait: bool = True, timeout: float = START_TIMEOUT) -> None:
-        """`tvix-mountd start --config ...`; by default wait until /readyz answers 200."""
+    def start(
+        self, *, wait: bool = True, timeout: float = START_TIMEOUT, new_session: bool = False
+    ) -> None:
+        """`tvix-mountd start --config ...`; by default wait until /readyz answers 200.
+        `new_session`: in a process group of its own, as a terminal runs it
+        (for `signal_group`)."""
         assert self.process is None, "one start per Service"
         if not self.config_path.exists():
             self.write_config()
@@ -346,6 +350,7 @@ class Service:
                 stdout=log,
                 stderr=log,
                 env=self.env(),
+                start_new_session=new_session,
             )
         started = start_time(self.process.pid)
         if started is not None:
@@ -401,6 +406,14 @@ class Service:
         assert self.process is not None
         self._note_descendants()
         self.process.send_signal(signum)
+
+    def signal_group(self, signum: int) -> None:
+        """`signum` to every process of the supervisor's group, as a terminal
+        sends Ctrl-C (only for a Service started with `new_session`)."""
+        assert self.process is not None
+        assert os.getpgid(self.process.pid) == self.process.pid, "not started in a session"
+        self._note_descendants()
+        os.killpg(self.process.pid, signum)
 
     # -- talking to it
 

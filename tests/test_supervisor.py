@@ -138,6 +138,18 @@ def test_signal_unmounts_everything_and_exits_0(tmp_path: Path, signum: signal.S
         _no_errors(w.svc)
 
 
+def test_ctrl_c_in_a_terminal_unmounts_everything_and_exits_0(tmp_path: Path) -> None:
+    # The terminal sends SIGINT to every process of the group: the workers
+    # and the spawner get it too, and none of that is an error.
+    with world(tmp_path) as w:
+        w.svc.start(new_session=True)
+        w.check_serves("a")
+        w.svc.signal_group(signal.SIGINT)
+        assert w.svc.wait_exit() == 0, w.svc.log()
+        w.svc.assert_nothing_left()
+        _no_errors(w.svc)
+
+
 def test_second_start_on_same_state_dir_is_refused(tmp_path: Path) -> None:
     with world(tmp_path) as w:
         w.svc.start()

@@ -120,6 +120,10 @@ def _exec_child(
 
 def _spawner_main(conn: multiprocessing.connection.Connection) -> None:
     procutil.prepare_child("spawner")
+    # A Ctrl-C reaches every process of the terminal's group: the spawner's
+    # end is the supervisor's to decide (it says "quit", or goes away), or a
+    # Ctrl-C would look like a crash of it. Its children reset this.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     children: dict[int, BaseProcess] = {}
     exec_children: dict[int, _ExecChild] = {}
     while True:
