@@ -46,9 +46,10 @@ Patches:
   notrim      the reverse of a shipped change: no malloc_trim after a large
               directory is decoded (workers/heap.py), so the memory its
               decoding used stays resident.
-  plusonly    the reverse of a shipped change: every listing a readdirplus,
-              as on a stock pyfuse3 (READDIRPLUS_AUTO off), so the kernel
-              builds an inode for every entry listed.
+  plainlistings
+              the mount option plain_listings on (READDIRPLUS_AUTO): the
+              kernel lists without attributes where nobody stats the
+              entries, and builds no inode per entry then.
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -71,7 +72,7 @@ PATCHES: Final = (
     "dictindex",
     "nostorepages",
     "notrim",
-    "plusonly",
+    "plainlistings",
     "readahead",
 )
 HARNESS_ONLY: Final = frozenset({"readahead"})
@@ -205,10 +206,8 @@ def _notrim() -> None:
     heap.release_free_memory = lambda: None
 
 
-def _plusonly() -> None:
-    from tvix_mountd.workers.filesystem import StoreFilesystem
-
-    StoreFilesystem.readdirplus_auto = False
+def _plainlistings() -> None:
+    _wrap_filesystem_init(overrides={"plain_listings": True})
 
 
 def _dictindex() -> None:
@@ -255,7 +254,7 @@ _APPLY: Final[dict[str, Callable[[], None]]] = {
     "dictindex": _dictindex,
     "nostorepages": _nostorepages,
     "notrim": _notrim,
-    "plusonly": _plusonly,
+    "plainlistings": _plainlistings,
 }
 
 

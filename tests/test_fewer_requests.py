@@ -22,8 +22,12 @@ from tvix_mountd.workers.filesystem import PLAIN_LISTINGS, READS_WITHOUT_OPEN
 pytestmark = [pytest.mark.fuse, pytest.mark.xdist_group(KERNEL_CACHES)]
 
 
-def _served(tmp_path: Path, files: int) -> Iterator[tuple[World, DaemonRequests]]:
+def _served(
+    tmp_path: Path, files: int, plain_listings: bool = False
+) -> Iterator[tuple[World, DaemonRequests]]:
     with world(tmp_path, mounts=("a",), trees=1, files=files) as w:
+        w.svc.mount_entry("a")["plain_listings"] = plain_listings
+        w.svc.write_config()
         w.svc.start()
         yield w, DaemonRequests(w.svc, "a", w.path("a"))
 
@@ -164,6 +168,11 @@ def test_a_miss_in_a_store_path_is_asked_once_and_one_in_the_root_every_time(
 
 @pytest.fixture
 def wide_directories(tmp_path: Path) -> Iterator[tuple[World, DaemonRequests]]:
+    yield from _served(tmp_path, files=WIDE, plain_listings=True)
+
+
+@pytest.fixture
+def wide_directories_plus_only(tmp_path: Path) -> Iterator[tuple[World, DaemonRequests]]:
     yield from _served(tmp_path, files=WIDE)
 
 
@@ -186,6 +195,19 @@ def test_a_listing_nobody_stats_comes_without_attributes(
     # the kernel looks the others up when they are stat'ed afterwards.
     stats = requests.during(lambda: [os.lstat(directory / name) for name in names])
     assert WIDE // 2 < stats["lookup"] < WIDE, stats
+
+
+def test_without_plain_listings_every_listing_comes_with_attributes(
+    wide_directories_plus_only: tuple[World, DaemonRequests],
+) -> None:
+    # The mount option's default: the kernel builds an inode per entry
+    # listed, and nothing stat'ed afterwards needs a lookup.
+    w, requests = wide_directories_plus_only
+    directory = w.path("a") / "dir0"
+    os.stat(directory)
+    names = os.listdir(directory)
+    stats = requests.during(lambda: [os.lstat(directory / name) for name in names])
+    assert len(names) == WIDE and stats["lookup"] == 0, stats
 
 
 @pytest.mark.skipif(not PLAIN_LISTINGS, reason="needs the pyfuse3 patch set (setup.sh)")

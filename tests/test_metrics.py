@@ -98,6 +98,15 @@ def test_a_workers_figures_reach_the_supervisors_render(metrics_dir: Path) -> No
     assert value(found, f"{histogram}_bucket", mount="alpha", op="read", le="0.5") == 2
 
 
+def test_a_scrape_while_a_worker_creates_its_file_counts_the_others(metrics_dir: Path) -> None:
+    # A worker that is starting has created its metrics file but not yet
+    # sized it: the scrape must not fail (it used to answer 500).
+    in_child(worker_alpha)
+    (metrics_dir / "counter_99999.db").write_bytes(b"")
+    found = samples(m.render()[0])
+    assert value(found, "tvix_mountd_requests_total", mount="alpha", op="lookup") == 2
+
+
 def test_totals_outlive_workers_and_dead_workers_lose_live_gauges(metrics_dir: Path) -> None:
     def worker() -> None:
         requests = RequestMetrics("beta")

@@ -1,7 +1,8 @@
-"""Listings without attributes (plain READDIR; third_party/pyfuse3/
-04-plain-readdir.patch): a directory of many kernel buffers, listed with
-nothing stat'ed, names every entry with its type and its inode number as
-stat gives it, and leaves nothing behind once the kernel forgets it."""
+"""Listings without attributes (plain READDIR; the mount option
+plain_listings, third_party/pyfuse3/04-plain-readdir.patch): a directory of
+many kernel buffers, listed with nothing stat'ed, names every entry with its
+type and its inode number as stat gives it, and leaves nothing behind once
+the kernel forgets it."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ pytestmark = [
     pytest.mark.xdist_group(KERNEL_CACHES),
 ]
 
+# The mount option that lets the kernel list without attributes.
+PLAIN: Final = ("--plain-listings", "true")
 # Many kernel buffers' worth: a readdirplus buffer holds ~200 of these.
 WIDE: Final = 1500
 
@@ -63,7 +66,7 @@ def wide(tmp_path: Path) -> Iterator[tuple[Mount, Path, Path]]:
     source = _wide_source(tmp_path / "src" / "wide")
     with backing_store("embedded", tmp_path / "store") as store:
         (info,) = store.import_paths([source])
-        with mounted(store.addrs, tmp_path) as mount:
+        with mounted(store.addrs, tmp_path, extra_args=PLAIN) as mount:
             yield mount, mount.path / info.store_path.basename, source
 
 
@@ -130,7 +133,7 @@ def test_root_entries_listed_without_attributes_are_named_by_a_live_inode(
         (info,) = store.import_paths([source])
         extra = store.add_renamed(info, [f"root-entry-{i:04d}" for i in range(WIDE)])
         names = {i.store_path.basename for i in [info, *extra]}
-        with mounted(store.addrs, tmp_path, list_root=True) as mount:
+        with mounted(store.addrs, tmp_path, list_root=True, extra_args=PLAIN) as mount:
             fd = os.open(mount.path / info.store_path.basename, os.O_RDONLY)  # keeps its inode
             try:
                 number = os.fstat(fd).st_ino

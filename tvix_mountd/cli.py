@@ -206,6 +206,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         PathInfoRootNodes(store.path_infos),
         list_root=args.list_root,
         show_xattr=args.show_xattr,
+        plain_listings=args.plain_listings,
         backend_timeout=args.backend_timeout,
         store_pages=True,
     )
@@ -405,6 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         metavar="true|false",
         help="expose digests as extended attributes (default true)",
+    )
+    p.add_argument(
+        "--plain-listings",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="true|false",
+        help="list without attributes where nobody stats the entries (default false)",
     )
     p.add_argument(
         "--allow-other",

@@ -143,6 +143,10 @@ class MountConfig(_Strict):
     mountpoint: AbsolutePath
     list_root: bool = False
     show_xattr: bool = True
+    # Listings without attributes where nobody stats them (plain READDIR):
+    # `ls -f` and `find -type f` of large directories faster, stat walks a
+    # little slower (benchmarks/RESULTS.md). Fixed for the life of a mount.
+    plain_listings: bool = False
     allow_other: bool = False
     # Seconds the worker may answer nothing to the supervisor's probe (a
     # statfs through the kernel) before it counts as hung and is replaced.

@@ -13,6 +13,7 @@ custom collector, not polled.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -287,11 +288,36 @@ def rootcache_collector(stats: Callable[[], RootcacheStats | None]) -> Rootcache
     return RootcacheCollector(stats)
 
 
+class _ProcessFiles(Collector):
+    """prometheus_client's multiprocess collector over the files a process
+    has finished creating: a worker that is starting has created its file
+    but not yet sized it, and merging an empty file fails the whole scrape
+    (struct.error). Such a process has counted nothing yet."""
+
+    def __init__(self, directory: str) -> None:
+        self._directory = directory
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for entry in os.scandir(self._directory):
+            with contextlib.suppress(FileNotFoundError):  # a file removed meanwhile
+                if entry.name.endswith(".db") and entry.stat().st_size >= _HEADER_BYTES:
+                    files.append(entry.path)
+        merged: Iterable[Metric] = _multiprocess.MultiProcessCollector.merge(  # type: ignore[no-untyped-call]
+            files, accumulate=True
+        )
+        return merged
+
+
+# A process's metrics file starts with this header (prometheus_client's mmap_dict).
+_HEADER_BYTES: Final = 8
+
+
 def render(extra_collectors: Iterable[Collector] = ()) -> tuple[bytes, str]:
     """The exposition for a scrape: every process's files, plus `extra_collectors`."""
     registry = CollectorRegistry()
     if _directory is not None:
-        _multiprocess.MultiProcessCollector(registry, path=_directory)  # type: ignore[no-untyped-call]
+        registry.register(_ProcessFiles(_directory))
     for collector in extra_collectors:
         registry.register(collector)
     return generate_latest(registry), CONTENT_TYPE_LATEST

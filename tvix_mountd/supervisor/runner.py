@@ -378,6 +378,7 @@ class MountRunner:
                     list_root=self.mount.list_root,
                     show_xattr=self.mount.show_xattr,
                     allow_other=self.mount.allow_other,
+                    plain_listings=self.mount.plain_listings,
                 )
             ),
             "store": spec_dict(

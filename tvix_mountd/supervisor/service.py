@@ -580,12 +580,14 @@ async def _watch_exit(child: Child) -> None:
 def needs_new_mount(old: MountConfig, new: MountConfig) -> bool:
     """Whether a change of a mount's settings needs a new FUSE mount, rather
     than a new worker on the live one: the kernel fixes the mountpoint and
-    allow_other at mount time, and once told that extended attributes are
-    not supported (show_xattr off: ENOSYS) it never asks again."""
+    allow_other at mount time, once told that extended attributes are
+    not supported (show_xattr off: ENOSYS) it never asks again, and whether
+    it may list without attributes is agreed once per connection (INIT)."""
     return (
         old.mountpoint != new.mountpoint
         or old.allow_other != new.allow_other
         or (new.show_xattr and not old.show_xattr)
+        or old.plain_listings != new.plain_listings
     )
 
 

@@ -274,8 +274,9 @@ class StoreFilesystem(pyfuse3.Operations):
     enable_acl = False
     # A read's handle is the file's inode number, whether open made it or not.
     zero_fh_is_inode = True
-    # Listings without attributes where the kernel needs none (PLAIN_LISTINGS).
-    readdirplus_auto = True
+    # Listings without attributes where the kernel needs none (PLAIN_LISTINGS);
+    # per mount, see __init__. Asked for at INIT, so fixed per connection.
+    readdirplus_auto = False
 
     def __init__(
         self,
@@ -285,6 +286,7 @@ class StoreFilesystem(pyfuse3.Operations):
         *,
         list_root: bool = False,
         show_xattr: bool = True,
+        plain_listings: bool = False,
         backend_timeout: float = 10.0,
         metrics: RequestObserver | None = None,
         inodes: InodeTable | None = None,
@@ -296,7 +298,11 @@ class StoreFilesystem(pyfuse3.Operations):
         `open_requests` false: `open` answers ENOSYS, and the kernel reads
         files without opening them here (see READS_WITHOUT_OPEN).
         `store_pages`: a kernel serves this filesystem (pyfuse3 is mounted),
-        and files read ahead may be stored into its page cache."""
+        and files read ahead may be stored into its page cache.
+        `plain_listings`: let the kernel list without attributes where the
+        caller stats nothing (READDIRPLUS_AUTO, see PLAIN_LISTINGS): `ls -f`
+        of a large directory faster, a stat walk ~6% slower. Plain READDIRs
+        are answered correctly either way."""
         super().__init__()
         self.open_requests = open_requests
         self.inodes = inodes if inodes is not None else InodeTable()
@@ -316,6 +322,7 @@ class StoreFilesystem(pyfuse3.Operations):
         self._root_nodes = root_nodes
         self.list_root = list_root
         self.show_xattr = show_xattr
+        self.readdirplus_auto = plain_listings
         self.backend_timeout = backend_timeout
         self.journal = RequestJournal(self.inodes.state.journal)
         self._root_attr = entry_attributes(ROOT_INODE, None)

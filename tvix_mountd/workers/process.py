@@ -72,6 +72,7 @@ async def serve_worker(spec: WorkerSpec) -> None:
         root_nodes,
         list_root=mount.list_root,
         show_xattr=mount.show_xattr,
+        plain_listings=mount.plain_listings,
         backend_timeout=store.backend_timeout,
         metrics=metrics,
         inodes=inodes,

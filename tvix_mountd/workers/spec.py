@@ -36,6 +36,7 @@ class WorkerMount:
     list_root: bool
     show_xattr: bool
     allow_other: bool
+    plain_listings: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
