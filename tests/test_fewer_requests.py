@@ -185,15 +185,10 @@ WIDE: Final = 1500
 def test_a_listing_nobody_stats_comes_without_attributes(
     wide_directories: tuple[World, DaemonRequests],
 ) -> None:
-    w, requests = wide_directories
-    directory = w.path("a") / "dir0"
-    os.stat(directory)  # looked up: to count only what the listing asks
-    names: list[str] = []
-    listing = requests.during(lambda: names.extend(os.listdir(directory)))
-    assert len(names) == WIDE and listing["lookup"] == 0, listing
+    listing, stats = _list_then_stat(*wide_directories)
+    assert listing["lookup"] == 0, listing
     # Only the first buffer came with attributes (and an inode per entry):
     # the kernel looks the others up when they are stat'ed afterwards.
-    stats = requests.during(lambda: [os.lstat(directory / name) for name in names])
     assert WIDE // 2 < stats["lookup"] < WIDE, stats
 
 
@@ -202,12 +197,22 @@ def test_without_plain_listings_every_listing_comes_with_attributes(
 ) -> None:
     # The mount option's default: the kernel builds an inode per entry
     # listed, and nothing stat'ed afterwards needs a lookup.
-    w, requests = wide_directories_plus_only
+    _, stats = _list_then_stat(*wide_directories_plus_only)
+    assert stats["lookup"] == 0, stats
+
+
+def _list_then_stat(
+    w: World, requests: DaemonRequests
+) -> tuple[dict[str, float], dict[str, float]]:
+    """List a wide directory, then stat every entry: the requests each
+    caused (the directory itself looked up before either)."""
     directory = w.path("a") / "dir0"
     os.stat(directory)
-    names = os.listdir(directory)
+    names: list[str] = []
+    listing = requests.during(lambda: names.extend(os.listdir(directory)))
+    assert len(names) == WIDE, len(names)
     stats = requests.during(lambda: [os.lstat(directory / name) for name in names])
-    assert len(names) == WIDE and stats["lookup"] == 0, stats
+    return listing, stats
 
 
 @pytest.mark.skipif(not PLAIN_LISTINGS, reason="needs the pyfuse3 patch set (setup.sh)")

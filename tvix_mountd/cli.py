@@ -398,24 +398,20 @@ def build_parser() -> argparse.ArgumentParser:
         env = flag.upper().replace("-", "_")
         p.add_argument(f"--{flag}", default=os.environ.get(env, default_addr), metavar="ADDR")
     p.add_argument("-l", "--list-root", action="store_true", help="allow listing the root")
-    p.add_argument(
-        "--show-xattr",
-        type=_bool,
-        nargs="?",
-        const=True,
-        default=True,
-        metavar="true|false",
-        help="expose digests as extended attributes (default true)",
-    )
-    p.add_argument(
-        "--plain-listings",
-        type=_bool,
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="true|false",
-        help="list without attributes where nobody stats the entries (default false)",
-    )
+    # `--flag`, `--flag true` or `--flag false`, as tvix-store spells --show-xattr.
+    for flag, default, help_text in (
+        ("show-xattr", True, "expose digests as extended attributes"),
+        ("plain-listings", False, "list without attributes where nobody stats the entries"),
+    ):
+        p.add_argument(
+            f"--{flag}",
+            type=_bool,
+            nargs="?",
+            const=True,
+            default=default,
+            metavar="true|false",
+            help=f"{help_text} (default {str(default).lower()})",
+        )
     p.add_argument(
         "--allow-other",
         action="store_true",

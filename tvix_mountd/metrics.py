@@ -288,6 +288,10 @@ def rootcache_collector(stats: Callable[[], RootcacheStats | None]) -> Rootcache
     return RootcacheCollector(stats)
 
 
+# A process's metrics file starts with this header (prometheus_client's mmap_dict).
+_HEADER_BYTES: Final = 8
+
+
 class _ProcessFiles(Collector):
     """prometheus_client's multiprocess collector over the files a process
     has finished creating: a worker that is starting has created its file
@@ -307,10 +311,6 @@ class _ProcessFiles(Collector):
             files, accumulate=True
         )
         return merged
-
-
-# A process's metrics file starts with this header (prometheus_client's mmap_dict).
-_HEADER_BYTES: Final = 8
 
 
 def render(extra_collectors: Iterable[Collector] = ()) -> tuple[bytes, str]:

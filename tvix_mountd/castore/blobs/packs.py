@@ -96,7 +96,6 @@ class PackedBlobs:
         self._lock = threading.Lock()  # the descriptors
         self._append_lock = threading.Lock()
         self._pack: tuple[str, int] | None = None  # (name, fd) being appended to
-        self._pack_size = 0
 
     def _query(self, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
         now = time.monotonic()
@@ -125,45 +124,40 @@ class PackedBlobs:
             place = self._places.get(digest)
         if place is not None:
             return place
-        if not self._indexed:
-            if not os.path.exists(self._index_path):
-                return None
-            self._indexed = True
-        rows = self._query("SELECT pack, offset, size FROM packed WHERE digest = ?", (digest,))
-        if not rows:
-            return None
-        pack, offset, size = rows[0]
-        if not (isinstance(pack, str) and isinstance(offset, int) and isinstance(size, int)):
-            raise StoreError(f"pack index {self._index_path}: a damaged row for {digest}")
-        place = (self._pack_fd(pack), offset, size)
-        self._remember(digest, place)
-        return place
+        return self.find_many([digest]).get(digest)
 
-    def find_many(self, digests: Sequence[B3Digest]) -> None:
-        """Look up `digests` in one query, so that `find` has them at hand."""
+    def find_many(self, digests: Sequence[B3Digest]) -> dict[bytes, tuple[int, int, int]]:
+        """Look up those of `digests` not at hand in one query, and keep
+        their places at hand for `find`; the places found by the query."""
+        found: dict[bytes, tuple[int, int, int]] = {}
         with self._lock:
             wanted = [d for d in digests if d not in self._places]
-        if not wanted or (not self._indexed and not os.path.exists(self._index_path)):
-            return
-        self._indexed = True
+        if not wanted or not self._index_exists():
+            return found
         marks = ",".join("?" * len(wanted))
         rows = self._query(
             f"SELECT digest, pack, offset, size FROM packed WHERE digest IN ({marks})", wanted
         )
         for digest, pack, offset, size in rows:
-            if (
+            if not (
                 isinstance(digest, bytes)
                 and isinstance(pack, str)
                 and isinstance(offset, int)
                 and isinstance(size, int)
             ):
-                self._remember(digest, (self._pack_fd(pack), offset, size))
+                raise StoreError(f"pack index {self._index_path}: a damaged row for {digest!r}")
+            place = found[digest] = (self._pack_fd(pack), offset, size)
+            with self._lock:
+                self._places[digest] = place
+                if len(self._places) > PLACES:
+                    self._places.popitem(last=False)
+        return found
 
-    def _remember(self, digest: bytes, place: tuple[int, int, int]) -> None:
-        with self._lock:
-            self._places[digest] = place
-            if len(self._places) > PLACES:
-                self._places.popitem(last=False)
+    def _index_exists(self) -> bool:
+        """Whether anything was ever packed here (looking creates nothing)."""
+        if not self._indexed:
+            self._indexed = os.path.exists(self._index_path)
+        return self._indexed
 
     def _pack_fd(self, pack: str) -> int:
         with self._lock:
@@ -219,8 +213,6 @@ class PackedBlobs:
                     written += os.write(fd, memoryview(data)[written:])
             except OSError as e:
                 raise StoreError(f"appending to pack {name} in {self._dir}: {e}") from e
-            finally:
-                self._pack_size = os.fstat(fd).st_size
             db = self._index.acquire()
             try:
                 db.execute("BEGIN IMMEDIATE")
@@ -243,9 +235,9 @@ class PackedBlobs:
                 self._places.pop(digest, None)
 
     def _writable_pack(self) -> tuple[str, int]:
-        if self._pack is not None and self._pack_size < PACK_LIMIT:
-            return self._pack
         if self._pack is not None:
+            if os.fstat(self._pack[1]).st_size < PACK_LIMIT:
+                return self._pack
             os.close(self._pack[1])
         make_dirs(self._dir, 0o755)
         name = secrets.token_hex(16) + PACK_SUFFIX
@@ -256,7 +248,7 @@ class PackedBlobs:
             )
         except OSError as e:
             raise StoreError(f"creating pack {path}: {e}") from e
-        self._pack, self._pack_size = (name, fd), 0
+        self._pack = (name, fd)
         return self._pack
 
     def prefetch(self, digest: B3Digest) -> bool:
