@@ -201,6 +201,26 @@ def test_without_plain_listings_every_listing_comes_with_attributes(
     assert stats["lookup"] == 0, stats
 
 
+@pytest.mark.skipif(not PLAIN_LISTINGS, reason="needs the pyfuse3 patch set (setup.sh)")
+def test_a_reload_that_turns_plain_listings_on_mounts_again(
+    wide_directories_plus_only: tuple[World, DaemonRequests],
+) -> None:
+    # The kernel agrees on listings without attributes once per connection
+    # (INIT): a new worker on the live mount could not change it.
+    w, requests = wide_directories_plus_only
+    w.svc.mount_entry("a")["plain_listings"] = True
+    w.svc.write_config()
+    done = w.svc.cli("reload", "--config", str(w.svc.config_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["restarted a"], done.stdout
+    w.svc.wait_for(
+        lambda: [m["state"] for m in w.svc.status()["mounts"]] == ["serving"],
+        "the mount serving again",
+    )
+    _, stats = _list_then_stat(w, requests)
+    assert WIDE // 2 < stats["lookup"] < WIDE, stats
+
+
 def _list_then_stat(
     w: World, requests: DaemonRequests
 ) -> tuple[dict[str, float], dict[str, float]]:
