@@ -24,6 +24,7 @@ bench:
 	$(BIN)/python -m benchmarks.bigwalk
 	$(BIN)/python -m benchmarks.service
 	$(BIN)/python -m benchmarks.handover
+	$(BIN)/python -m benchmarks.grpcwalk
 	$(BIN)/python -m benchmarks.nixcache
 	$(BIN)/python -m benchmarks.nixcache --closure
 	$(BIN)/python -m benchmarks.importing

@@ -50,6 +50,8 @@ Patches:
               the mount option plain_listings on (READDIRPLUS_AUTO): the
               kernel lists without attributes where nobody stats the
               entries, and builds no inode per entry then.
+  nodirahead  the reverse of a shipped change: no fetching ahead of the
+              subdirectories a walk opens next (workers/dirahead.py).
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -73,6 +75,7 @@ PATCHES: Final = (
     "nostorepages",
     "notrim",
     "plainlistings",
+    "nodirahead",
     "readahead",
 )
 HARNESS_ONLY: Final = frozenset({"readahead"})
@@ -210,6 +213,10 @@ def _plainlistings() -> None:
     _wrap_filesystem_init(overrides={"plain_listings": True})
 
 
+def _nodirahead() -> None:
+    _wrap_filesystem_init(overrides={"directories_ahead": False})
+
+
 def _dictindex() -> None:
     from tvix_mountd.workers import inodes
 
@@ -255,6 +262,7 @@ _APPLY: Final[dict[str, Callable[[], None]]] = {
     "nostorepages": _nostorepages,
     "notrim": _notrim,
     "plainlistings": _plainlistings,
+    "nodirahead": _nodirahead,
 }
 
 

@@ -72,6 +72,8 @@ class Faults:
     hang_mid_stream         streams send about half, then block like `hang`
     message_delay           seconds between two messages of a stream: a slow but
                             live server (0: none)
+    latency                 seconds every call waits before it is answered: a
+                            server a network round trip away (0: none)
     error_mid_stream        streams send about half, then fail with INTERNAL;
                             Put fails with INTERNAL after the first message
     wrong_directory_digest  directory Get answers a different, valid directory
@@ -91,6 +93,7 @@ class Faults:
         self.hang = False
         self.hang_mid_stream = False
         self.message_delay = 0.0
+        self.latency = 0.0
         self.error_mid_stream = False
         self.wrong_directory_digest = False
         self.unsorted_directory = False
@@ -155,6 +158,8 @@ class _State:
             time.sleep(_POLL)
 
     def gate(self, context: grpc.ServicerContext) -> None:
+        if self.faults.latency:
+            time.sleep(self.faults.latency)
         if not self.faults.hang:
             return
         self.calls.hold(1)

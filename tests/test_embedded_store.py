@@ -665,6 +665,18 @@ async def test_directory_roundtrip(directory_service: DirectoryService) -> None:
     assert await directory_service.get(EMPTY.digest) == EMPTY
 
 
+async def test_directory_get_many_leaves_out_what_is_missing(
+    directory_service: DirectoryService,
+) -> None:
+    await directory_service.put_tree(TREE)
+    missing = B3Digest.of(b"not a directory")
+    wanted = [ROOT.digest, missing, LEAF.digest]
+    got = await directory_service.get_many(wanted)
+    assert got == {ROOT.digest: ROOT, LEAF.digest: LEAF}
+    assert all(type(digest) is B3Digest for digest in got)
+    assert await directory_service.get_many([]) == {}
+
+
 async def test_directory_put_tree_and_get_recursive(directory_service: DirectoryService) -> None:
     assert await directory_service.put_tree(TREE) == ROOT.digest
     for directory in TREE:
@@ -823,6 +835,8 @@ async def test_sqlite_corrupted_directory_rows(tmp_path: Path) -> None:
     )
     with pytest.raises(IntegrityError, match=re.escape(str(path))):
         await service.get(MIDDLE.digest)
+    with pytest.raises(IntegrityError, match=re.escape(str(path))):
+        await service.get_many([ROOT.digest, MIDDLE.digest])
     # A value that is not even a blob.
     raw_sql(path, "UPDATE directories SET data = 'text' WHERE digest = ?", bytes(LEAF.digest))
     with pytest.raises(IntegrityError, match="expected a blob"):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 
+from tests.mounting import wait_until
 from tvix_mountd.castore.addr import parse_address
 from tvix_mountd.castore.blobs.grpc import PUT_CHUNK_SIZE, STREAM_RETAIN, GrpcBlobService
 from tvix_mountd.castore.digests import EMPTY_BLOB_DIGEST, B3Digest
@@ -402,6 +403,35 @@ async def test_error_mid_stream(grpc_store_server: GrpcStoreServer, clients: Cli
     with pytest.raises(StoreError) as e:
         await clients.blobs.put(blob_data(3 * PUT_CHUNK_SIZE, seed=5))
     assert server_failure(e)
+
+
+async def test_directories_got_many_at_once(
+    grpc_store_server: GrpcStoreServer, clients: Clients
+) -> None:
+    """`get_many` asks for all of them at once (a walk's read-ahead waits one
+    round trip for a batch), and leaves out what the server does not have."""
+    tree = make_tree()
+    for directory in (tree.leaf, tree.mid, tree.root):
+        grpc_store_server.put_directory(directory)
+    missing = B3Digest.of(b"no such directory")
+    wanted = [tree.leaf.digest, missing, tree.mid.digest, tree.root.digest]
+    grpc_store_server.faults.hang = True
+    got: dict[B3Digest, Directory] = {}
+
+    async def get_many() -> None:
+        got.update(await clients.directories.get_many(wanted))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(get_many)
+        # Every call is held by the server at the same time.
+        await trio.to_thread.run_sync(
+            wait_until,
+            lambda: grpc_store_server.calls.held == len(wanted),
+            TIMEOUT,
+            "every Get held by the server at once",
+        )
+        grpc_store_server.faults.hang = False
+    assert got == {d.digest: d for d in (tree.leaf, tree.mid, tree.root)}
 
 
 async def test_hanging_server_times_out(grpc_store_server: GrpcStoreServer) -> None:

@@ -227,7 +227,7 @@ async def test_listed_files_go_to_the_page_cache_checked_and_their_pins_are_give
         # What readdirplus does with the entries it hands the kernel.
         numbers = [fs.inodes.ref(pack_node(node)) for _, node, _ in children]
         assert directory is not None
-        fs.prefetcher.listed(root.st_ino, directory, 0, numbers)
+        fs.runs.listed(root.st_ino, directory, 0, numbers, [pack_node(n) for _, n, _ in children])
         counts = [fs.inodes.lookups(ino) for ino in numbers]
         for i in (0, 1):  # two files read in name order
             assert await fs.read(numbers[i], 0, 1 << 16) == contents[names[i]]

@@ -35,6 +35,10 @@ T = TypeVar("T")
 # Enough idle connections for a burst of parallel requests; more than this
 # are closed when returned rather than kept open.
 _MAX_IDLE = 16
+# The page cache of each connection that reads ahead (`get_many`): the file
+# system caches the file anyway, and SQLite's default (2 MiB a connection,
+# filled by a walk) is memory a worker keeps.
+_AHEAD_CACHE_KIB = 128
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*")
 
 
@@ -160,33 +164,38 @@ class SqliteTable:
         self.path = path
         self._name = name
         self._timeout = timeout
-        self._pool = ConnectionPool(
-            path,
+        schema = (
             f"CREATE TABLE IF NOT EXISTS {name}"
-            " (digest BLOB PRIMARY KEY NOT NULL, data BLOB NOT NULL) WITHOUT ROWID",
-            timeout,
+            " (digest BLOB PRIMARY KEY NOT NULL, data BLOB NOT NULL) WITHOUT ROWID"
         )
+        self._pool = ConnectionPool(path, schema, timeout)
+        self._ahead_pool = ConnectionPool(path, schema, timeout, _AHEAD_CACHE_KIB)
         self._get_sql = f"SELECT data FROM {name} WHERE digest = ?"
         self._inline: sqlite3.Connection | None = None
         self._inline_thread: int | None = None
         self._inline_ready = False
         self._inline_failed = False
 
-    def _with_connection(self, fn: Callable[[sqlite3.Connection], T], what: str) -> T:
+    def _with_connection(
+        self, fn: Callable[[sqlite3.Connection], T], what: str, pool: ConnectionPool
+    ) -> T:
         try:
-            conn = self._pool.acquire()
+            conn = pool.acquire()
             try:
                 return fn(conn)
             finally:
-                self._pool.release(conn)
+                pool.release(conn)
         except sqlite3.Error as e:
             raise _store_error(self.path, what, e) from e
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T], what: str) -> T:
+    async def _run(
+        self, fn: Callable[[sqlite3.Connection], T], what: str, *, ahead: bool = False
+    ) -> T:
         return await run_blocking(
             self._with_connection,
             fn,
             what,
+            self._ahead_pool if ahead else self._pool,
             timeout=self._timeout,
             what=f"sqlite database {self.path}: {what}",
         )
@@ -229,6 +238,28 @@ class SqliteTable:
         if value is None or type(value) is bytes:
             return value
         return _blob(value, self.path, self._row_what(key))
+
+    async def get_many(
+        self, keys: Sequence[bytes], convert: Callable[[bytes, bytes], T]
+    ) -> dict[bytes, T]:
+        """`convert(key, data)` of the rows stored under those of `keys` that
+        are there, by key: one query, and the conversion in the same worker
+        thread (for reading ahead: the loop's thread is not kept waiting)."""
+        wanted = [bytes(key) for key in keys]
+        marks = ",".join("?" * len(wanted))
+        sql = f"SELECT digest, data FROM {self._name} WHERE digest IN ({marks})"
+        what = f"reading {len(wanted)} {self._name} rows"
+
+        def query(conn: sqlite3.Connection) -> dict[bytes, T]:
+            found: dict[bytes, T] = {}
+            for key, data in conn.execute(sql, wanted).fetchall():
+                key = _blob(key, self.path, what)
+                found[key] = convert(key, _blob(data, self.path, what))
+            return found
+
+        if not wanted:
+            return {}
+        return await self._run(query, what, ahead=True)
 
     def _row_what(self, key: bytes) -> str:
         # Formatted only when needed: the hot path would pay a hex encode.
@@ -294,4 +325,5 @@ class SqliteTable:
                 inline.close()
         # Closing the last connection checkpoints the WAL: file I/O, so in a
         # thread (without the timeout: it must finish to leave a clean file).
+        await trio.to_thread.run_sync(self._ahead_pool.close)
         await trio.to_thread.run_sync(self._pool.close)

@@ -38,6 +38,7 @@ from tvix_mountd.castore.nodes import (
     PACKED_FILE,
     PACKED_SIZE,
     PACKED_SYMLINK,
+    Directory,
     FileNode,
     Node,
     PackedNode,
@@ -47,12 +48,14 @@ from tvix_mountd.castore.nodes import (
 )
 from tvix_mountd.coalesce import Coalescer
 from tvix_mountd.workers import heap
+from tvix_mountd.workers.dirahead import DirectoryPrefetcher
 from tvix_mountd.workers.inodes import ROOT_INODE, Children, InodeTable
 from tvix_mountd.workers.journal import RequestJournal, request_key
 from tvix_mountd.workers.names import PackedNames
 from tvix_mountd.workers.notices import KernelNotices
 from tvix_mountd.workers.prefetch import BlobPrefetcher
 from tvix_mountd.workers.rootnodes import RootNodes
+from tvix_mountd.workers.runs import NameOrderRuns
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +189,17 @@ _size_field = PACKED_SIZE.unpack_from
 STORE_TIME_NS: Final = 1_000_000_000
 
 
+def children_of(directory: Directory) -> Children:
+    """A Directory's entries as the inode table keeps them."""
+    names, nodes = directory.packed_entries()
+    children = PackedNames(names), nodes
+    if len(nodes) >= LARGE_DIRECTORY:
+        # Decoding it left memory free but resident (~220 bytes an entry).
+        del directory, names
+        heap.release_free_memory()
+    return children
+
+
 def entry_attributes(ino: int, node: PackedNode | None) -> pyfuse3.EntryAttributes:
     """Attributes as in /nix/store: owned by root, times 1, modes 0444/0555.
 
@@ -292,6 +306,7 @@ class StoreFilesystem(pyfuse3.Operations):
         inodes: InodeTable | None = None,
         open_requests: bool = not READS_WITHOUT_OPEN,
         store_pages: bool = False,
+        directories_ahead: bool | None = None,
     ) -> None:
         """`inodes`: the table to serve from, with what it already holds (a
         mount handed over from another worker); a fresh one by default.
@@ -302,15 +317,26 @@ class StoreFilesystem(pyfuse3.Operations):
         `plain_listings`: let the kernel list without attributes where the
         caller stats nothing (READDIRPLUS_AUTO, see PLAIN_LISTINGS): `ls -f`
         of a large directory faster, a stat walk ~6% slower. Plain READDIRs
-        are answered correctly either way."""
+        are answered correctly either way.
+        `directories_ahead`: fetch the next subdirectories of a walk before
+        they are opened (dirahead.py); by default if the directory service
+        gains from it (`reads_ahead`)."""
         super().__init__()
         self.open_requests = open_requests
         self.inodes = inodes if inodes is not None else InodeTable()
         # Both run by whoever serves this filesystem (`run_background`).
         self.notices = KernelNotices()
+        # Where entries sit and which are used in name order: what both
+        # read-aheads start from.
+        self.runs = NameOrderRuns()
         self.prefetcher = (
-            BlobPrefetcher(blobs, _KernelPages(self.inodes) if store_pages else None)
+            BlobPrefetcher(blobs, self.runs, _KernelPages(self.inodes) if store_pages else None)
             if blobs.prefetches
+            else None
+        )
+        self.directory_prefetcher = (
+            DirectoryPrefetcher(directories, self.inodes, self.runs, children_of, backend_timeout)
+            if (directories.reads_ahead if directories_ahead is None else directories_ahead)
             else None
         )
         self.observer = metrics
@@ -358,6 +384,8 @@ class StoreFilesystem(pyfuse3.Operations):
             nursery.start_soon(self.notices.run)
             if self.prefetcher is not None:
                 nursery.start_soon(self.prefetcher.run)
+            if self.directory_prefetcher is not None:
+                nursery.start_soon(self.directory_prefetcher.run)
 
     # -- helpers ---------------------------------------------------------
 
@@ -464,6 +492,12 @@ class StoreFilesystem(pyfuse3.Operations):
         node = self._node(ino)
         if node[0] != PACKED_DIRECTORY:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if self.directory_prefetcher is not None:
+            # Being fetched ahead: wait for that rather than fetch it twice.
+            await self.directory_prefetcher.settled(packed_digest(node))
+            children = self.inodes.children(ino)
+            if children is not None:
+                return children
         children = await self._fetch_children(node)
         self.inodes.set_children(ino, node, children)
         return children
@@ -480,13 +514,7 @@ class StoreFilesystem(pyfuse3.Operations):
                 # A hole: the directory itself stats fine, its contents fail.
                 log.warning("directory %s not found in the directory service", digest)
                 raise pyfuse3.FUSEError(errno.EIO)
-            names, nodes = directory.packed_entries()
-            children = PackedNames(names), nodes
-            if len(nodes) >= LARGE_DIRECTORY:
-                # Decoding it left memory free but resident (~220 bytes an entry).
-                del directory, names
-                heap.release_free_memory()
-            return children
+            return children_of(directory)
 
         return await self._directory_fetches.run(digest, fetch)
 
@@ -513,10 +541,9 @@ class StoreFilesystem(pyfuse3.Operations):
             return self._no_entry
         node = nodes[i]
         ino = self.inodes.ref(node)
-        if self.prefetcher is not None and node[0] != PACKED_DIRECTORY:
-            parent = self.inodes.node(parent_inode)
-            assert parent is not None  # its children were just read
-            self.prefetcher.looked_up(ino, parent_inode, parent, i)
+        parent = self.inodes.node(parent_inode)
+        assert parent is not None  # its children were just read
+        self.runs.looked_up(ino, parent_inode, parent, i)
         return entry_attributes(ino, node)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -553,6 +580,8 @@ class StoreFilesystem(pyfuse3.Operations):
 
     @_request("opendir")
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int | pyfuse3.FileInfo:
+        if self.directory_prefetcher is not None and inode != ROOT_INODE:
+            self.directory_prefetcher.opened(inode)
         handle = await self.open_directory(inode)
         # The root's listing is not the kernel's to keep: store paths may be
         # added. Any other directory's content never changes.
@@ -579,10 +608,11 @@ class StoreFilesystem(pyfuse3.Operations):
             if caches:
                 # The kernel may keep this listing: see InodeTable.hold.
                 self.inodes.hold(fh, start, stop, numbers, counted=not plus)
-            if self.prefetcher is not None:
-                directory = self.inodes.node(fh)
-                if directory is not None:
-                    self.prefetcher.listed(fh, directory, start, numbers)
+            directory = self.inodes.node(fh)
+            if directory is not None:
+                # Listed directories' places only serve reading them ahead.
+                listed = nodes if self.directory_prefetcher is not None else ()
+                self.runs.listed(fh, directory, start, numbers, listed)
 
     def _reply_entries(
         self,
@@ -812,16 +842,9 @@ class StoreFilesystem(pyfuse3.Operations):
         if place is None:
             return
         directory_ino, directory, index = place
-        children = self.inodes.children(directory_ino)
-        # Unless a number was forgotten and reused since the lookup.
-        if (
-            children is None
-            or self.inodes.node(directory_ino) != directory
-            or index >= len(children[1])
-            or children[1][index] != node
-        ):
-            return
-        self.prefetcher.read_ahead_after(directory, index, children[1])
+        nodes = self.inodes.entries_around(directory_ino, directory, index, node)
+        if nodes is not None:
+            self.prefetcher.read_ahead_after(directory, index, nodes)
 
     @_request("read")
     async def read(self, fh: int, off: int, size: int) -> bytes:

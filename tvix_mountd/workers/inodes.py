@@ -129,11 +129,16 @@ class InodeTable:
             return ino
         return UNLISTED_NUMBERS | (hash(node) & (UNLISTED_NUMBERS - 1))
 
+    def number_of(self, node: PackedNode) -> int:
+        """The number of `node`'s inode if it is live (the kernel may hold
+        it), else 0; nothing counted, nothing allocated."""
+        return self._index.probe(node)[0]
+
     def pin(self, node: PackedNode) -> int:
         """The number of `node`'s inode with its count raised by one, if it
         is live (the kernel may hold it); 0, allocating nothing, if not.
         `forget(number, 1)` gives the count back."""
-        ino, _ = self._index.probe(node)
+        ino = self.number_of(node)
         if ino:
             state = self.state
             state.set_count(ino, state.count(ino) + 1)
@@ -235,6 +240,23 @@ class InodeTable:
         if ino not in self._children or start > held:
             return None
         return held
+
+    def entries_around(
+        self, directory_ino: int, directory: PackedNode, index: int, node: PackedNode
+    ) -> Sequence[PackedNode] | None:
+        """The entries of live directory `directory_ino`, if it still is
+        `directory`, its contents are here, and entry `index` of them is
+        `node`: a place remembered earlier still holds (no number was
+        forgotten and reused since). None if not."""
+        children = self._children.get(directory_ino)
+        if (
+            children is None
+            or self.node(directory_ino) != directory
+            or index >= len(children[1])
+            or children[1][index] != node
+        ):
+            return None
+        return children[1]
 
     def children(self, ino: int) -> Children | None:
         """A directory inode's contents, if they were read since it became live."""

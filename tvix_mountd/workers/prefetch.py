@@ -26,16 +26,16 @@ modules, looks up many files and reads few or none, and reading ahead for
 every lookup made those slower (RESULTS.md, the `noprefetch` what-if).
 
 Bounded: a window of files ahead per directory, small files only, a few
-threads, a queue that drops rather than grows, and a bounded memory of
-where recently looked-up files sit.
+threads, a queue that drops rather than grows; where files sit and which
+runs go on is runs.py's bounded memory.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Final, Protocol, TypeVar
+from typing import Final, Protocol
 
 import trio
 
@@ -47,6 +47,7 @@ from tvix_mountd.castore.nodes import (
     PackedNode,
     packed_digest,
 )
+from tvix_mountd.workers.runs import AheadWindows, NameOrderRuns, Place
 
 # Files ahead of the one looked up; asked for again once half are read.
 AHEAD: Final = 64
@@ -55,20 +56,9 @@ THREADS: Final = 4
 MAX_FILE: Final = 1 << 20  # larger files have the kernel's own readahead
 SMALL: Final = 64 << 10  # files this small are read whole and kept
 KEPT: Final = 16 << 20  # bytes kept at most (the oldest go first)
-DIRECTORIES: Final = 4096  # directories whose window and last read are remembered
 QUEUE: Final = 256
-# Looked-up files whose place in their directory is remembered (until read).
-PLACES: Final = 1024
-# Listings (readdir replies) whose entries' places are remembered: a file
-# listed rather than looked up (`ls`, a copy, `os.walk`) is found there.
-LISTINGS: Final = 16
-# A first READ of entry i is "in name order" after one of entry i-GAP..i-1.
-GAP: Final = 2
 
 _size_field = PACKED_SIZE.unpack_from
-
-K = TypeVar("K")
-V = TypeVar("V")
 
 # A file to read ahead: its node, and the number of its inode, pinned, if
 # the kernel holds one (0 if not).
@@ -93,17 +83,12 @@ class KernelPages(Protocol):
         ...
 
 
-def _remember(memory: OrderedDict[K, V], key: K, value: V, bound: int) -> None:
-    """`memory[key] = value` as the newest entry, the oldest let go past `bound`."""
-    memory[key] = value
-    memory.move_to_end(key)
-    if len(memory) > bound:
-        memory.popitem(last=False)
-
-
 class BlobPrefetcher:
-    def __init__(self, blobs: BlobService, pages: KernelPages | None = None) -> None:
+    def __init__(
+        self, blobs: BlobService, runs: NameOrderRuns, pages: KernelPages | None = None
+    ) -> None:
         self._blobs = blobs
+        self._runs = runs
         self._pages = pages
         self.stored = 0  # files whose contents went to the kernel's page cache
         # Packed file node -> its contents, checked. Filled by the threads,
@@ -115,68 +100,27 @@ class BlobPrefetcher:
         self._wanted: set[PackedNode] = set()
         self.kept_bytes = 0
         self._lock = threading.Lock()
-        # Directory (its packed node: content, unlike an inode number that
-        # may be reused) -> index up to which its files were asked for.
-        self._upto: OrderedDict[PackedNode, int] = OrderedDict()
-        # File inode -> its place: (directory inode, directory node, index).
-        self._places: OrderedDict[int, tuple[int, PackedNode, int]] = OrderedDict()
-        # Recent readdir replies: (directory inode, its node, index of the
-        # first entry, the numbers of the entries), the newest last.
-        self._listings: deque[tuple[int, PackedNode, int, Sequence[int]]] = deque(maxlen=LISTINGS)
-        # Directory node -> index of the file whose first READ came last.
-        self._last_read: OrderedDict[PackedNode, int] = OrderedDict()
+        self._windows = AheadWindows(AHEAD)
         self._send, self._receive = trio.open_memory_channel[Sequence[Ahead]](QUEUE)
         self._batch_done = trio.Event()
 
-    def looked_up(self, ino: int, directory_ino: int, directory: PackedNode, index: int) -> None:
-        """File inode `ino` was just looked up: entry `index` of `directory`."""
-        _remember(self._places, ino, (directory_ino, directory, index), PLACES)
-
-    def listed(
-        self, directory_ino: int, directory: PackedNode, start: int, numbers: Sequence[int]
-    ) -> None:
-        """Entries `start`... of `directory` (inode `directory_ino`) were just
-        handed to the kernel in a readdirplus reply, as inodes `numbers`."""
-        if numbers:
-            self._listings.append((directory_ino, directory, start, numbers))
-
-    def _listed_place(self, ino: int) -> tuple[int, PackedNode, int] | None:
-        for directory_ino, directory, start, numbers in reversed(self._listings):
-            try:
-                return directory_ino, directory, start + numbers.index(ino)
-            except ValueError:
-                continue
-        return None
-
-    def first_read(self, ino: int) -> tuple[int, PackedNode, int] | None:
+    def first_read(self, ino: int) -> Place | None:
         """File inode `ino` is being read from its start. Its place, if that
-        continues a run of first reads in name order in its directory (then
+        continues a run of first uses in name order in its directory (then
         the caller passes the directory's entries to `read_ahead_after`)."""
-        place = self._places.pop(ino, None) or self._listed_place(ino)
-        if place is None:
-            return None
-        _, directory, index = place
-        last = self._last_read.get(directory)
-        _remember(self._last_read, directory, index, DIRECTORIES)
-        if last is None or not last < index <= last + GAP:
-            return None
-        return place
+        return self._runs.first_use(ino)
 
     def read_ahead_after(
         self, directory: PackedNode, index: int, nodes: Sequence[PackedNode]
     ) -> None:
         """Read ahead the files after entry `index` of `directory`, whose
         entries are `nodes` (in name order)."""
-        upto = self._upto.get(directory, index + 1)
-        if upto - index > AHEAD // 2 or upto >= len(nodes):
-            return
-        stop = min(len(nodes), index + 1 + AHEAD)
+        window = self._windows.next(directory, index, len(nodes))
         files = [
             node
-            for node in nodes[max(upto, index + 1) : stop]
+            for node in nodes[window.start : window.stop]
             if node[0] in (PACKED_FILE, PACKED_EXECUTABLE) and 0 < _size_field(node)[0] <= MAX_FILE
         ]
-        _remember(self._upto, directory, stop, DIRECTORIES)
         small = {node for node in files if _size_field(node)[0] <= SMALL}
         with self._lock:
             self._wanted |= small
@@ -201,7 +145,7 @@ class BlobPrefetcher:
 
     def asked_upto(self, directory: PackedNode) -> int:
         """How many of `directory`'s first entries were asked for (0: none)."""
-        return self._upto.get(directory, 0)
+        return self._windows.asked_upto(directory)
 
     async def wait_batch(self) -> None:
         """Until the next batch has been read ahead (for tests, and for

@@ -13,6 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import ClassVar
 
 from tvix_mountd.castore.addr import DIRECTORY_SCHEMES, parse_address
 from tvix_mountd.castore.blocking import DEFAULT_TIMEOUT
@@ -22,9 +23,26 @@ from tvix_mountd.castore.nodes import Directory
 
 
 class DirectoryService(ABC):
+    # Whether a walk gains from fetching the next Directories before they
+    # are opened (workers/dirahead.py): a backend a round trip away does;
+    # the embedded store's SQLite answers as fast inline (measured).
+    reads_ahead: ClassVar[bool] = False
+
     @abstractmethod
     async def get(self, digest: B3Digest) -> Directory | None:
         """The Directory with this digest (checked), or None."""
+
+    async def get_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, Directory]:
+        """Those of the Directories with these digests that are there
+        (checked), by digest: for reading ahead, so a missing one is left
+        out rather than an error. One `get` after another unless a backend
+        has a better way."""
+        found: dict[B3Digest, Directory] = {}
+        for digest in digests:
+            directory = await self.get(digest)
+            if directory is not None:
+                found[digest] = directory
+        return found
 
     @abstractmethod
     async def put(self, directory: Directory) -> B3Digest:

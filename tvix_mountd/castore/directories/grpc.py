@@ -9,8 +9,10 @@ is not in the same stream is rejected even when the server already has it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
-from typing import Final
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import ClassVar, Final
+
+import trio
 
 from tvix_mountd.castore.addr import StoreAddress
 from tvix_mountd.castore.digests import B3Digest
@@ -27,6 +29,8 @@ _PUT_QUEUE: Final = 256
 
 
 class GrpcDirectoryService(DirectoryService):
+    reads_ahead: ClassVar[bool] = True
+
     def __init__(self, addr: StoreAddress, *, timeout: float) -> None:
         self._conn = GrpcConnection(addr, timeout=timeout)
 
@@ -56,6 +60,28 @@ class GrpcDirectoryService(DirectoryService):
             )
         with naming(stream.what):
             return validated_directory(received[0], digest)
+
+    async def get_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, Directory]:
+        """One Get each, all at once: one round trip's wait for the lot.
+        The first error is raised once every call is done."""
+        found: dict[B3Digest, Directory] = {}
+        errors: list[Exception] = []
+
+        async def get(digest: B3Digest) -> None:
+            try:
+                directory = await self.get(digest)
+            except Exception as e:
+                errors.append(e)
+                return
+            if directory is not None:
+                found[digest] = directory
+
+        async with trio.open_nursery() as nursery:
+            for digest in dict.fromkeys(digests):
+                nursery.start_soon(get, digest)
+        if errors:
+            raise errors[0]
+        return found
 
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         stream = self._conn.open_stream(

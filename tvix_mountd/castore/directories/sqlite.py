@@ -38,6 +38,16 @@ class SqliteDirectoryService(DirectoryService):
         data = await self._table.get(digest)
         if data is None:
             return None
+        return self._decode(digest, data)
+
+    async def get_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, Directory]:
+        """One query, decoded and checked in its worker thread."""
+        rows = await self._table.get_many(digests, self._decode)
+        return {B3Digest(digest): directory for digest, directory in rows.items()}
+
+    def _decode(self, key: bytes, data: bytes) -> Directory:
+        # Keys are the digests asked for (rows are found by them).
+        digest = key if isinstance(key, B3Digest) else B3Digest(key)
         try:
             return Directory.decode(data, expected=digest)
         except ValidationError as e:
