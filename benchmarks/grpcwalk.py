@@ -1,18 +1,21 @@
-"""`python -m benchmarks.grpcwalk`: walks of a tree served by a tvix-store over gRPC.
+"""`python -m benchmarks.grpcwalk`: walks and reads of a tree served by a tvix-store over gRPC.
 
-A mount whose directory service is a gRPC server asks it for each directory
-the first time it is opened: a walk (`find`, `os.walk`, `du`) waits one
-round trip per directory. This measures what reading the next ones ahead
-(workers/dirahead.py, on by default for gRPC) gives, against the what-if
-`nodirahead`, on the same server, in alternating order.
+A mount whose services are a gRPC server asks it for each directory the
+first time it is opened, and for each file's blob the first time it is
+read: a walk (`find`, `du`) waits one round trip per directory, a `cat` of
+many small files two per file (Stat, Read). This measures what reading
+ahead gives, on the same server, in alternating order: the next
+directories (workers/dirahead.py) against the what-if `nodirahead`, the
+next files' blobs (workers/prefetch.py) against `noprefetch`.
 
 The server is tests/grpc_server.py's (the real protocol, over a unix socket,
 with the data in memory), with its `latency` fault as the network: every
 call waits that long before it is answered (0: the same machine). The tree:
 DIRS directories of FILES small files each, one store path. Each repetition
 mounts afresh (nothing cached in the daemon, its first opens go to the
-server) and runs `find -type f` over the path, then `du -s` (which stats
-every entry) on another fresh mount.
+server) and runs one workload: `find -type f` over the path, `du -s` (which
+stats every entry), or `cat` of every file of the first 100
+directories (a shell glob: a listing, then the files in name order).
 """
 
 from __future__ import annotations
@@ -35,12 +38,18 @@ from tvix_mountd.castore.pathinfo import PathInfo
 from tvix_mountd.castore.storepath import StorePath
 
 VARIANTS: Final = ("tvix", "tvix-whatif")
-# Each run with the tree's path as its first argument.
-WORKLOADS: Final = {"find": ["find", "-type", "f"], "du": ["du", "-s"]}
+# Each a command with {} for the tree's path, and the what-if that takes
+# away the read-ahead it measures.
+WORKLOADS: Final = {
+    "find": (["find", "{}", "-type", "f"], "nodirahead"),
+    "du": (["du", "-s", "{}"], "nodirahead"),
+    # The first 100 directories (d00000-d00099).
+    "cat": (["sh", "-c", 'cat "$1"/d000??/* >/dev/null', "sh", "{}"], "noprefetch"),
+}
 
 
 class GrpcTvixPeer(FusePeer):
-    def __init__(self, name: str, addr: str, store_path: str, work_dir: Path) -> None:
+    def __init__(self, name: str, addr: str, store_path: str, work_dir: Path, whatif: str) -> None:
         super().__init__(
             name,
             (work_dir / "mnt" / f"grpc-{name}").resolve(),
@@ -49,8 +58,7 @@ class GrpcTvixPeer(FusePeer):
         )
         self._addr = addr
         self._store_path = store_path
-        whatif = "nodirahead" if name == "tvix-whatif" else ""
-        self.env = {**os.environ, "TVIX_WHATIF": whatif}
+        self.env = {**os.environ, "TVIX_WHATIF": whatif if name == "tvix-whatif" else ""}
         self.cwd = REPO  # this checkout's tvix_mountd/ and benchmarks/
 
     def argv(self) -> list[str]:
@@ -96,7 +104,7 @@ def _run(peer: GrpcTvixPeer, argv: list[str]) -> tuple[float, float]:
     with peer.mounted() as mount:
         root = mount.parts["tree"]
         started = time.perf_counter()
-        command = [argv[0], str(root), *argv[1:]]
+        command = [str(root) if arg == "{}" else arg for arg in argv]
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         seconds = time.perf_counter() - started
         assert mount.pid is not None
@@ -116,11 +124,14 @@ def main() -> int:
     with GrpcStoreServer() as server:
         basename = _fill(server, args.dirs, args.files)
         log(f"{args.dirs} directories of {args.files} files at {server.addr}")
-        peers = {v: GrpcTvixPeer(v, server.addr, basename, DEFAULT_WORK_DIR) for v in VARIANTS}
         rows = []
         for latency in latencies:
             server.faults.latency = latency
-            for workload, argv in WORKLOADS.items():
+            for workload, (argv, whatif) in WORKLOADS.items():
+                peers = {
+                    v: GrpcTvixPeer(v, server.addr, basename, DEFAULT_WORK_DIR, whatif)
+                    for v in VARIANTS
+                }
                 times: dict[str, list[float]] = {v: [] for v in VARIANTS}
                 peaks: dict[str, list[float]] = {v: [] for v in VARIANTS}
                 for rep in range(args.reps):
@@ -142,13 +153,14 @@ def main() -> int:
                 rows.append((latency, workload, with_ahead, without, peak_rss, times))
     print(f"\n{args.dirs} directories x {args.files} files; medians of {args.reps}\n")
     print(
-        "| server latency | workload | read ahead (default) | nodirahead | ratio"
+        "| server latency | workload | read ahead (default) | what-if without | ratio"
         " | daemon peak RSS, read ahead / not |"
     )
     print("|---:|---|---:|---:|---:|---:|")
     for latency, workload, with_ahead, without, (peak, peak_without), _ in rows:
         print(
-            f"| {latency * 1000:g} ms | {workload} | {with_ahead:.3f} s | {without:.3f} s"
+            f"| {latency * 1000:g} ms | {workload} | {with_ahead:.3f} s"
+            f" | {without:.3f} s ({WORKLOADS[workload][1]})"
             f" | {with_ahead / without:.2f}x | {peak:.1f} / {peak_without:.1f} MB |"
         )
     print("\nall samples (s):")

@@ -22,9 +22,11 @@ from tvix_mountd.castore.directories.sqlite import SqliteDirectoryService
 from tvix_mountd.castore.nodes import Directory, FileNode, pack_node
 from tvix_mountd.castore.storepath import StorePath
 from tvix_mountd.workers import dirahead
+from tvix_mountd.workers import runs as runs_mod
 from tvix_mountd.workers.filesystem import StoreFilesystem
 from tvix_mountd.workers.inodes import ROOT_INODE
 from tvix_mountd.workers.rootnodes import StaticRootNodes
+from tvix_mountd.workers.runs import NameOrderRuns
 
 if TYPE_CHECKING:
     from tests.grpc_server import GrpcStoreServer
@@ -209,3 +211,21 @@ async def test_without_its_task_nothing_is_fetched_ahead_and_opens_do_not_wait(
             assert await _open_and_list(fs, numbers[i]) == _names(subdirectories[i])
     assert directories.got_many == []
     await directories.aclose()
+
+
+def test_a_walks_files_do_not_push_its_subdirectories_places_out() -> None:
+    """A walk lists a directory's subdirectories, then many files in the
+    first of them, before it opens the next subdirectory: that one's place
+    (which the read-ahead starts from) is still known."""
+    runs = NameOrderRuns()
+    top = pack_node(Directory([]).as_node())
+    subdirectories = [pack_node(_subdirectory(i).as_node()) for i in range(3)]
+    runs.listed(1, top, 0, [10, 11, 12], subdirectories)
+    files = [pack_node(FileNode(B3Digest.of(b"%d" % i), 1)) for i in range(runs_mod.PLACES + 1)]
+    numbers = list(range(100, 100 + len(files)))
+    # In more replies than the last ones kept whole.
+    step = len(files) // (runs_mod.LISTINGS + 1)
+    for start in range(0, len(files), step):
+        runs.listed(10, subdirectories[0], start, numbers[start : start + step], files)
+    runs.first_use(10)  # the walk opens the first subdirectory, then the next
+    assert runs.first_use(11) == (1, top, 1)

@@ -13,7 +13,10 @@ import pyfuse3
 import pytest
 import trio
 
+from tests.grpc_server import GrpcStoreServer
+from tvix_mountd.castore.addr import parse_address
 from tvix_mountd.castore.blobs import BlobReader
+from tvix_mountd.castore.blobs.grpc import GrpcBlobService
 from tvix_mountd.castore.blobs.raw import RawFileBlobService
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories.memory import MemoryDirectoryService
@@ -227,7 +230,7 @@ async def test_listed_files_go_to_the_page_cache_checked_and_their_pins_are_give
         # What readdirplus does with the entries it hands the kernel.
         numbers = [fs.inodes.ref(pack_node(node)) for _, node, _ in children]
         assert directory is not None
-        fs.runs.listed(root.st_ino, directory, 0, numbers, [pack_node(n) for _, n, _ in children])
+        fs.runs.listed(root.st_ino, directory, 0, numbers)
         counts = [fs.inodes.lookups(ino) for ino in numbers]
         for i in (0, 1):  # two files read in name order
             assert await fs.read(numbers[i], 0, 1 << 16) == contents[names[i]]
@@ -261,3 +264,49 @@ def test_pin_takes_a_count_of_a_live_inode_and_allocates_nothing() -> None:
     table.forget(ino, 1)
     assert table.node(ino) is None and table.pin(node) == 0
     table.close()
+
+
+@pytest.fixture
+async def remote(
+    grpc_store_server: GrpcStoreServer,
+) -> AsyncIterator[tuple[StoreFilesystem, GrpcStoreServer, dict[bytes, bytes]]]:
+    """The same files, their blobs on a tvix-store over gRPC."""
+    contents = {f"f{i:03d}".encode(): f"file {i}\n".encode() * (i + 1) for i in range(FILES)}
+    entries = [
+        (name, FileNode(grpc_store_server.put_blob(d), len(d))) for name, d in contents.items()
+    ]
+    directory = Directory(entries)
+    directories = MemoryDirectoryService()
+    await directories.put(directory)
+    blobs = GrpcBlobService(parse_address(grpc_store_server.addr), timeout=WAIT)
+    fs = StoreFilesystem(blobs, directories, StaticRootNodes({NAME: directory.as_node()}))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.run_background)
+        yield fs, grpc_store_server, contents
+        nursery.cancel_scope.cancel()
+    await blobs.aclose()
+
+
+async def test_files_on_a_remote_store_are_fetched_ahead_all_at_once(
+    remote: tuple[StoreFilesystem, GrpcStoreServer, dict[bytes, bytes]],
+) -> None:
+    """From a tvix-store, the files after two read in name order are read
+    ahead, checked, and their READs then ask the server nothing; one whose
+    blob the server answers wrongly is left to its READ, which fails."""
+    fs, server, contents = remote
+    assert fs.prefetcher is not None  # on by default for gRPC
+    wrong = B3Digest.of(contents[b"f005"])
+    server.blobs[wrong] = b"X" + contents[b"f005"][1:]
+    root = await fs.lookup(ROOT_INODE, NAME, CTX)
+    for name in (b"f000", b"f001"):
+        assert await _cat(fs, root.st_ino, name) == contents[name]
+    later = [f"f{i:03d}".encode() for i in range(2, FILES) if i != 5]
+    await _wait_kept(
+        fs, [pack_node(FileNode(B3Digest.of(contents[n]), len(contents[n]))) for n in later]
+    )
+    reads = len(server.calls.reads)
+    for name in later:
+        assert await _cat(fs, root.st_ino, name) == contents[name]
+    assert len(server.calls.reads) == reads
+    with pytest.raises(pyfuse3.FUSEError):
+        await _cat(fs, root.st_ino, b"f005")

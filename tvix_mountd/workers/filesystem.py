@@ -331,7 +331,7 @@ class StoreFilesystem(pyfuse3.Operations):
         self.runs = NameOrderRuns()
         self.prefetcher = (
             BlobPrefetcher(blobs, self.runs, _KernelPages(self.inodes) if store_pages else None)
-            if blobs.prefetches
+            if blobs.prefetches or blobs.fetches_ahead
             else None
         )
         self.directory_prefetcher = (
@@ -339,6 +339,9 @@ class StoreFilesystem(pyfuse3.Operations):
             if (directories.reads_ahead if directories_ahead is None else directories_ahead)
             else None
         )
+        # Where a read-ahead waits on a round trip, every listed entry's place
+        # is worth remembering (runs.py); locally, the last replies' do.
+        self._places_of_listed = self.directory_prefetcher is not None or blobs.fetches_ahead
         self.observer = metrics
         # The largest read the kernel sent (logged at unmount): how well
         # readahead and max_pages let sequential reads batch up.
@@ -610,9 +613,9 @@ class StoreFilesystem(pyfuse3.Operations):
                 self.inodes.hold(fh, start, stop, numbers, counted=not plus)
             directory = self.inodes.node(fh)
             if directory is not None:
-                # Listed directories' places only serve reading them ahead.
-                listed = nodes if self.directory_prefetcher is not None else ()
-                self.runs.listed(fh, directory, start, numbers, listed)
+                self.runs.listed(
+                    fh, directory, start, numbers, nodes if self._places_of_listed else None
+                )
 
     def _reply_entries(
         self,

@@ -11,6 +11,9 @@ checked against their digests and kept in memory until read to the end
 (`SMALL`, `KEPT` bytes at most), the others asked of the disk
 (`BlobService.prefetch`: posix_fadvise WILLNEED for the embedded store).
 A READ of a kept file is then a slice of bytes, without a syscall.
+From a store a round trip away (a tvix-store over gRPC), where each READ
+would wait for it, a batch's small files are read all at once instead
+(`BlobService.read_many`), checked as well, and kept or stored the same way.
 
 A small file whose inode the kernel already holds (a listing handed it
 over, as `ls`, a copy or `os.walk` do before reading) goes further: its
@@ -183,38 +186,60 @@ class BlobPrefetcher:
             if size > SMALL:
                 larger.append(packed_digest(node))
                 continue
-            data = self._blobs.read_small(packed_digest(node), size)
-            if data is None:
-                with self._lock:
-                    self._wanted.discard(node)
-                continue  # not cheaply readable, or wrong: the READ will say
-            # `_wanted` read unlocked, as a hint: a store that a READ
-            # overtook is only wasted.
-            if (
-                ino
-                and self._pages is not None
-                and node in self._wanted
-                and self._pages.store(ino, data)
-            ):
-                with self._lock:
-                    self._wanted.discard(node)
-                    self.stored += 1
-                continue
-            with self._lock:
-                # Decided with the lock that `read` takes: a READ that came
-                # first leaves nothing kept that nobody will read.
-                if node not in self._wanted:
-                    continue
-                self._wanted.discard(node)
-                if node in self._kept:
-                    continue
-                self._kept[node] = data
-                self.kept_bytes += size
-                while self.kept_bytes > KEPT:
-                    _, dropped = self._kept.popitem(last=False)
-                    self.kept_bytes -= len(dropped)
+            self._take(node, ino, self._blobs.read_small(packed_digest(node), size))
         if larger:
             self._blobs.prefetch(larger)
+
+    async def fetch_ahead(self, batch: Sequence[Ahead]) -> None:
+        """Read the small files of `batch` from a blob service a round trip
+        away, all at once (`read_many`), then store or keep them as
+        `read_ahead` does (in a worker thread: storing into the page cache
+        may wait for the kernel)."""
+        small = [(node, ino) for node, ino in batch if _size_field(node)[0] <= SMALL]
+        found = await self._blobs.read_many(
+            [(packed_digest(node), _size_field(node)[0]) for node, _ in small]
+        )
+
+        def take_all() -> None:
+            for node, ino in small:
+                self._take(node, ino, found.get(packed_digest(node)))
+
+        await trio.to_thread.run_sync(take_all)
+
+    def _take(self, node: PackedNode, ino: int, data: bytes | None) -> None:
+        """A small file's contents read ahead (checked; None if they could not
+        be read cheaply, or were wrong: the READ will say): stored into the
+        page cache of inode `ino` (0: none held) or kept for its READ."""
+        if data is None:
+            with self._lock:
+                self._wanted.discard(node)
+            return
+        size = len(data)
+        # `_wanted` read unlocked, as a hint: a store that a READ
+        # overtook is only wasted.
+        if (
+            ino
+            and self._pages is not None
+            and node in self._wanted
+            and self._pages.store(ino, data)
+        ):
+            with self._lock:
+                self._wanted.discard(node)
+                self.stored += 1
+            return
+        with self._lock:
+            # Decided with the lock that `read` takes: a READ that came
+            # first leaves nothing kept that nobody will read.
+            if node not in self._wanted:
+                return
+            self._wanted.discard(node)
+            if node in self._kept:
+                return
+            self._kept[node] = data
+            self.kept_bytes += size
+            while self.kept_bytes > KEPT:
+                _, dropped = self._kept.popitem(last=False)
+                self.kept_bytes -= len(dropped)
 
     async def run(self) -> None:
         """Ask for the blobs, from up to THREADS threads at once, until cancelled."""
@@ -222,7 +247,10 @@ class BlobPrefetcher:
 
         async def prefetch(batch: Sequence[Ahead]) -> None:
             try:
-                await trio.to_thread.run_sync(self.read_ahead, batch)
+                if self._blobs.prefetches:
+                    await trio.to_thread.run_sync(self.read_ahead, batch)
+                else:
+                    await self.fetch_ahead(batch)
             finally:
                 self._unpin(batch)
                 slots.release()

@@ -22,13 +22,13 @@ from tvix_mountd.castore.nodes import PACKED_DIRECTORY, PackedNode
 
 # Directories whose last first use, and windows, are remembered.
 DIRECTORIES: Final = 4096
-# Looked-up entries, and listed directories, whose place in their directory
+# Looked-up (or listed, see `listed`) entries whose place in their directory
 # is remembered (until used).
 PLACES: Final = 4096
 # Listings (readdir replies) whose entries' places are remembered: a file
 # listed rather than looked up (`ls`, a copy, `os.walk`) is found there.
-# A walk lists a whole directory before it opens its subdirectories, more
-# replies than these: `listed` remembers listed directories' places apart.
+# A walk, or a shell's glob, lists more than these before it uses what it
+# listed: `listed` can remember every entry's place instead.
 LISTINGS: Final = 16
 # A first use of entry i is "in name order" after one of entry i-GAP..i-1.
 GAP: Final = 2
@@ -55,8 +55,9 @@ class NameOrderRuns:
     number that may be forgotten and reused)."""
 
     def __init__(self) -> None:
-        # Entry inode -> its place.
+        # Entry inode -> its place (listed subdirectories apart).
         self._places: OrderedDict[int, Place] = OrderedDict()
+        self._directory_places: OrderedDict[int, Place] = OrderedDict()
         # Recent readdir replies: (directory inode, its node, index of the
         # first entry, the numbers of the entries), the newest last.
         self._listings: deque[tuple[int, PackedNode, int, Sequence[int]]] = deque(maxlen=LISTINGS)
@@ -73,21 +74,22 @@ class NameOrderRuns:
         directory: PackedNode,
         start: int,
         numbers: Sequence[int],
-        nodes: Sequence[PackedNode],
+        nodes: Sequence[PackedNode] | None = None,
     ) -> None:
         """Entries `start`... of `directory` (inode `directory_ino`) were just
         handed to the kernel in a readdir reply, as inodes `numbers`. With
-        the directory's entries `nodes`, the places of the subdirectories
-        among them are remembered too (else only the reply's)."""
+        the directory's entries `nodes`: remember each one's place (as a
+        lookup's), not only the reply's among the last LISTINGS, the
+        subdirectories' apart (a walk's many files would push them out). A
+        read-ahead a round trip away is worth the ~0.5 us an entry."""
         if not numbers:
             return
         self._listings.append((directory_ino, directory, start, numbers))
-        if not nodes:
+        if nodes is None:
             return
-        places = self._places
         for i, ino in enumerate(numbers, start):
-            if nodes[i][0] == PACKED_DIRECTORY:
-                remember(places, ino, (directory_ino, directory, i), PLACES)
+            places = self._directory_places if nodes[i][0] == PACKED_DIRECTORY else self._places
+            remember(places, ino, (directory_ino, directory, i), PLACES)
 
     def _listed_place(self, ino: int) -> Place | None:
         for directory_ino, directory, start, numbers in reversed(self._listings):
@@ -101,7 +103,11 @@ class NameOrderRuns:
         """Inode `ino` is being used for the first time (a file read from its
         start, a directory opened). Its place, if that continues a run of
         first uses in name order in its directory."""
-        place = self._places.pop(ino, None) or self._listed_place(ino)
+        place = (
+            self._places.pop(ino, None)
+            or self._directory_places.pop(ino, None)
+            or self._listed_place(ino)
+        )
         if place is None:
             return None
         _, directory, index = place

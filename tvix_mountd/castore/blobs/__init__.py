@@ -22,7 +22,7 @@ import trio
 from tvix_mountd.castore.addr import BLOB_SCHEMES, parse_address
 from tvix_mountd.castore.blocking import DEFAULT_TIMEOUT
 from tvix_mountd.castore.digests import B3Digest
-from tvix_mountd.castore.errors import IntegrityError
+from tvix_mountd.castore.errors import IntegrityError, StoreError
 
 
 class BlobReader(ABC):
@@ -108,8 +108,12 @@ class BlobService(ABC):
     # on a peer, and a deadline could not interrupt them anyway, so callers
     # skip the deadline (trio's CancelScope costs as much as a cached read).
     local_reads: ClassVar[bool] = False
-    # Whether `prefetch` does anything.
+    # Whether `prefetch` does anything (and `read_small`, `locate`: a local
+    # store, read ahead from worker threads).
     prefetches: ClassVar[bool] = False
+    # Whether reading ahead with `read_many` pays: a store a round trip away,
+    # where files read one after another would each wait for it.
+    fetches_ahead: ClassVar[bool] = False
 
     @abstractmethod
     async def has(self, digest: B3Digest) -> bool: ...
@@ -178,6 +182,26 @@ class BlobService(ABC):
                     return True
         finally:
             await reader.aclose()
+
+    async def read_many(self, wanted: Sequence[tuple[B3Digest, int]]) -> dict[B3Digest, bytes]:
+        """Those of the small blobs `(digest, size)` that could be read whole
+        and match their digest and size, all read at once, by digest: for
+        reading ahead, so a missing or wrong one is left out (its read will
+        fail and say why), not an error."""
+        found: dict[B3Digest, bytes] = {}
+
+        async def read(digest: B3Digest, size: int) -> None:
+            try:
+                data = await self.read_all(digest)
+            except StoreError:
+                return
+            if data is not None and len(data) == size:
+                found[digest] = data
+
+        async with trio.open_nursery() as nursery:
+            for digest, size in dict(wanted).items():
+                nursery.start_soon(read, digest, size)
+        return found
 
     def prefetch(self, digests: Sequence[B3Digest]) -> None:  # noqa: B027 - optional
         """Hint that these blobs will be read soon, from their start.

@@ -50,6 +50,8 @@ def _chunk_len(chunk: rpc_blobstore_pb2.BlobChunk) -> int:
 
 
 class GrpcBlobService(BlobService):
+    fetches_ahead = True
+
     def __init__(self, addr: StoreAddress, *, timeout: float) -> None:
         self._conn = GrpcConnection(addr, timeout=timeout)
 
