@@ -405,6 +405,26 @@ async def test_error_mid_stream(grpc_store_server: GrpcStoreServer, clients: Cli
     assert server_failure(e)
 
 
+async def test_small_blobs_read_many_with_one_read_each(
+    grpc_store_server: GrpcStoreServer, clients: Clients
+) -> None:
+    """`read_many` (the read-ahead's) reads each blob whole with one Read by
+    its own digest, also one the server keeps in chunks, and checks it: a
+    wrong or missing one, or one of another size, is left out."""
+    server = grpc_store_server
+    server.faults.chunk_size = 1024
+    whole, chunked, wrong, short = (blob_data(n, seed=n) for n in (500, 3000, 700, 900))
+    digests = {data: server.put_blob(data) for data in (whole, chunked, wrong, short)}
+    server.blobs[digests[wrong]] = b"X" + wrong[1:]
+    server.faults.chunked = True
+    missing = B3Digest.of(b"not there")
+    wanted = [(digests[d], len(d)) for d in (whole, chunked, wrong)]
+    wanted += [(digests[short], len(short) + 1), (missing, 10)]
+    got = await clients.blobs.read_many(wanted)
+    assert got == {digests[whole]: whole, digests[chunked]: chunked}
+    assert sorted(server.calls.reads) == sorted(digest for digest, _ in wanted)
+
+
 async def test_directories_got_many_at_once(
     grpc_store_server: GrpcStoreServer, clients: Clients
 ) -> None:

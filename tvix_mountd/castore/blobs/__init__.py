@@ -192,7 +192,7 @@ class BlobService(ABC):
 
         async def read(digest: B3Digest, size: int) -> None:
             try:
-                data = await self.read_all(digest)
+                data = await self._read_small_remotely(digest, size)
             except StoreError:
                 return
             if data is not None and len(data) == size:
@@ -202,6 +202,10 @@ class BlobService(ABC):
             for digest, size in dict(wanted).items():
                 nursery.start_soon(read, digest, size)
         return found
+
+    async def _read_small_remotely(self, digest: B3Digest, size: int) -> bytes | None:
+        """For `read_many`: the blob whole and verified (its size is known)."""
+        return await self.read_all(digest)
 
     def prefetch(self, digests: Sequence[B3Digest]) -> None:  # noqa: B027 - optional
         """Hint that these blobs will be read soon, from their start.
