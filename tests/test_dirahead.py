@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from tvix_mountd.castore.addr import parse_address
 from tvix_mountd.castore.blobs.memory import MemoryBlobService
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories.grpc import GrpcDirectoryService
+from tvix_mountd.castore.directories.memory import MemoryDirectoryService
 from tvix_mountd.castore.directories.sqlite import SqliteDirectoryService
 from tvix_mountd.castore.nodes import Directory, FileNode, pack_node
 from tvix_mountd.castore.storepath import StorePath
@@ -221,7 +223,8 @@ def test_a_walks_files_do_not_push_its_subdirectories_places_out() -> None:
     top = pack_node(Directory([]).as_node())
     subdirectories = [pack_node(_subdirectory(i).as_node()) for i in range(3)]
     runs.listed(1, top, 0, [10, 11, 12], subdirectories)
-    files = [pack_node(FileNode(B3Digest.of(b"%d" % i), 1)) for i in range(runs_mod.PLACES + 1)]
+    count = runs_mod.LISTED_PLACES + 1
+    files = [pack_node(FileNode(B3Digest.of(b"%d" % i), 1)) for i in range(count)]
     numbers = list(range(100, 100 + len(files)))
     # In more replies than the last ones kept whole.
     step = len(files) // (runs_mod.LISTINGS + 1)
@@ -229,3 +232,43 @@ def test_a_walks_files_do_not_push_its_subdirectories_places_out() -> None:
         runs.listed(10, subdirectories[0], start, numbers[start : start + step], files)
     runs.first_use(10)  # the walk opens the first subdirectory, then the next
     assert runs.first_use(11) == (1, top, 1)
+
+
+class HangingAhead(MemoryDirectoryService):
+    """Answers one Directory at a time; a batch never (a backend that hangs
+    on what a read-ahead asks)."""
+
+    async def get_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, Directory]:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+
+async def test_an_open_waits_for_a_fetch_ahead_no_longer_than_a_backend_call(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A directory whose fetch ahead is queued behind batches that hang waits
+    at most the backend timeout for it, then fetches it itself."""
+    timeout = 5.0
+    directories = HangingAhead()
+    subdirectories = [_subdirectory(i) for i in range(SUBDIRECTORIES)]
+    top = Directory([(f"d{i:03d}".encode(), d.as_node()) for i, d in enumerate(subdirectories)])
+    await directories.put_tree([*subdirectories, top])
+    fs = StoreFilesystem(
+        MemoryBlobService(),
+        directories,
+        StaticRootNodes({NAME: top.as_node()}),
+        directories_ahead=True,
+        backend_timeout=timeout,
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.run_background)
+        await trio.testing.wait_all_tasks_blocked()  # the read-ahead takes batches
+        numbers = await _list_top(fs)
+        for i in (0, 1):  # a run: 2.. are asked for, in batches, the last ones queued
+            await _open_and_list(fs, numbers[i])
+        last = 1 + dirahead.AHEAD
+        started = trio.current_time()
+        assert await _open_and_list(fs, numbers[last]) == _names(subdirectories[last])
+        waited = trio.current_time() - started
+        assert timeout <= waited < 2 * timeout
+        nursery.cancel_scope.cancel()

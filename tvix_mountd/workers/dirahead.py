@@ -96,10 +96,14 @@ class DirectoryPrefetcher:
                 self._inflight[packed_digest(node)] = trio.Event()
 
     async def settled(self, digest: B3Digest) -> None:
-        """Until a fetch ahead of `digest`, if one is queued or running, is done."""
+        """Until a fetch ahead of `digest`, if one is queued or running, is
+        done; no longer than one backend call may take (a batch queued behind
+        others on a hung backend must not hold an open for longer than its
+        own fetch would)."""
         event = self._inflight.get(digest)
         if event is not None:
-            await event.wait()
+            with trio.move_on_after(self._timeout):
+                await event.wait()
 
     async def wait_batch(self) -> None:
         """Until the next batch is done (for tests, and whoever wants to see it work)."""

@@ -544,9 +544,12 @@ class StoreFilesystem(pyfuse3.Operations):
             return self._no_entry
         node = nodes[i]
         ino = self.inodes.ref(node)
-        parent = self.inodes.node(parent_inode)
-        assert parent is not None  # its children were just read
-        self.runs.looked_up(ino, parent_inode, parent, i)
+        # Its place, for the read-ahead that would start from it, if any.
+        ahead = self.directory_prefetcher if node[0] == PACKED_DIRECTORY else self.prefetcher
+        if ahead is not None:
+            parent = self.inodes.node(parent_inode)
+            assert parent is not None  # its children were just read
+            self.runs.looked_up(ino, parent_inode, parent, i)
         return entry_attributes(ino, node)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:

@@ -22,9 +22,11 @@ from tvix_mountd.castore.nodes import PACKED_DIRECTORY, PackedNode
 
 # Directories whose last first use, and windows, are remembered.
 DIRECTORIES: Final = 4096
-# Looked-up (or listed, see `listed`) entries whose place in their directory
-# is remembered (until used).
-PLACES: Final = 4096
+# Looked-up entries whose place in their directory is remembered (until used).
+PLACES: Final = 1024
+# Listed files, and listed directories, whose places are remembered apart
+# (see `listed`): a walk lists many before it uses them.
+LISTED_PLACES: Final = 4096
 # Listings (readdir replies) whose entries' places are remembered: a file
 # listed rather than looked up (`ls`, a copy, `os.walk`) is found there.
 # A walk, or a shell's glob, lists more than these before it uses what it
@@ -55,8 +57,9 @@ class NameOrderRuns:
     number that may be forgotten and reused)."""
 
     def __init__(self) -> None:
-        # Entry inode -> its place (listed subdirectories apart).
+        # Entry inode -> its place: looked up, listed files, listed directories.
         self._places: OrderedDict[int, Place] = OrderedDict()
+        self._file_places: OrderedDict[int, Place] = OrderedDict()
         self._directory_places: OrderedDict[int, Place] = OrderedDict()
         # Recent readdir replies: (directory inode, its node, index of the
         # first entry, the numbers of the entries), the newest last.
@@ -88,8 +91,10 @@ class NameOrderRuns:
         if nodes is None:
             return
         for i, ino in enumerate(numbers, start):
-            places = self._directory_places if nodes[i][0] == PACKED_DIRECTORY else self._places
-            remember(places, ino, (directory_ino, directory, i), PLACES)
+            places = (
+                self._directory_places if nodes[i][0] == PACKED_DIRECTORY else self._file_places
+            )
+            remember(places, ino, (directory_ino, directory, i), LISTED_PLACES)
 
     def _listed_place(self, ino: int) -> Place | None:
         for directory_ino, directory, start, numbers in reversed(self._listings):
@@ -105,6 +110,7 @@ class NameOrderRuns:
         first uses in name order in its directory."""
         place = (
             self._places.pop(ino, None)
+            or self._file_places.pop(ino, None)
             or self._directory_places.pop(ino, None)
             or self._listed_place(ino)
         )
