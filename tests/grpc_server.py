@@ -122,6 +122,7 @@ class CallLog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.reads: list[B3Digest] = []  # Read requests, by digest
+        self.stats: list[B3Digest] = []  # Stat requests, by digest
         self.put_message_sizes: list[int] = []  # BlobChunk sizes received by Put
         # Calls blocked by `hang` right now: a client is waiting on them.
         self.held = 0
@@ -133,6 +134,10 @@ class CallLog:
     def read(self, digest: B3Digest) -> None:
         with self._lock:
             self.reads.append(digest)
+
+    def stat(self, digest: B3Digest) -> None:
+        with self._lock:
+            self.stats.append(digest)
 
     def put_message(self, size: int) -> None:
         with self._lock:
@@ -211,6 +216,7 @@ class _BlobServicer(rpc_blobstore_pb2_grpc.BlobServiceServicer):
     ) -> rpc_blobstore_pb2.StatBlobResponse:
         self._s.gate(context)
         digest = _digest_arg(request.digest, context)
+        self._s.calls.stat(digest)
         data = self._lookup(digest)
         if data is None:
             _abort(context, grpc.StatusCode.NOT_FOUND, f"blob {digest} not found")

@@ -405,6 +405,54 @@ async def test_error_mid_stream(grpc_store_server: GrpcStoreServer, clients: Cli
     assert server_failure(e)
 
 
+async def test_a_small_blob_of_known_size_is_read_without_a_stat(
+    grpc_store_server: GrpcStoreServer, clients: Clients
+) -> None:
+    """`open_read_sized` (what the filesystem opens files with: it knows
+    their size from the node) asks a small blob with one Read, and its reads
+    still check the size and the digest; a missing one fails its first read;
+    a large one is opened as before (a Stat, for its chunk list)."""
+    server = grpc_store_server
+    data = blob_data(5000, seed=1)
+    digest = server.put_blob(data)
+    reader = await clients.blobs.open_read_sized(digest, len(data))
+    assert reader is not None
+    try:
+        assert await read_to_end(reader, step=1000) == data
+    finally:
+        await reader.aclose()
+    assert server.calls.stats == []
+    assert server.calls.reads == [digest]
+    # The node says another size than the server has: an error, not bytes.
+    reader = await clients.blobs.open_read_sized(digest, len(data) + 1)
+    assert reader is not None
+    with pytest.raises(IntegrityError, match="expected 5001"):
+        await read_to_end(reader)
+    await reader.aclose()
+    # Wrong bytes under the digest: the digest check fails at the end.
+    server.blobs[digest] = b"X" + data[1:]
+    reader = await clients.blobs.open_read_sized(digest, len(data))
+    assert reader is not None
+    with pytest.raises(IntegrityError):
+        await read_to_end(reader)
+    await reader.aclose()
+    missing = B3Digest.of(b"missing")
+    reader = await clients.blobs.open_read_sized(missing, 10)
+    assert reader is not None
+    with pytest.raises(StoreError, match="not found"):
+        await reader.read_at(0, 10)
+    await reader.aclose()
+    big = blob_data(300 << 10, seed=2)
+    big_digest = server.put_blob(big)
+    reader = await clients.blobs.open_read_sized(big_digest, len(big))
+    assert reader is not None
+    try:
+        assert await read_to_end(reader) == big
+    finally:
+        await reader.aclose()
+    assert server.calls.stats == [big_digest]
+
+
 async def test_small_blobs_read_many_with_one_read_each(
     grpc_store_server: GrpcStoreServer, clients: Clients
 ) -> None:

@@ -794,9 +794,9 @@ class StoreFilesystem(pyfuse3.Operations):
         assert type(node) is FileNode
         reader = None
         if node.size > 0:
-            digest = node.digest
+            digest, size = node.digest, node.size
             reader = await self._backend(
-                lambda: self._blobs.open_read(digest),
+                lambda: self._blobs.open_read_sized(digest, size),
                 "open blob %s",
                 digest,
                 deadline=not self._blobs.local_reads,

@@ -40,6 +40,8 @@ PUT_CHUNK_SIZE: Final = 1 << 20
 _PUT_QUEUE: Final = 8
 # Most bytes one worker-thread hop collects from a Read stream.
 _MAX_BATCH_BYTES: Final = 4 << 20
+# Blobs up to this size whose size is known are read without a Stat first.
+_UNSTATED_MAX: Final = 256 << 10
 # What a streaming reader keeps behind its position: the kernel's readahead
 # issues several reads at once and they may arrive slightly out of order.
 STREAM_RETAIN: Final = 1 << 20
@@ -87,18 +89,15 @@ class GrpcBlobService(BlobService):
             self._open_read, self._conn.addr, digest, chunks[0].size if chunks else None
         )
 
-    async def _read_small_remotely(self, digest: B3Digest, size: int) -> bytes | None:
-        """One Read, no Stat: the size is known, and a blob kept in chunks is
-        read whole by its own digest all the same."""
-        reader = VerifyingReader(
-            _StreamReader(self._open_read, self._conn.addr, digest, size), digest
-        )
-        try:
-            # One byte more than the size: the end of the stream is seen, and
-            # the digest checked.
-            return await reader.read_at(0, size + 1)
-        finally:
-            await reader.aclose()
+    async def open_read_sized(self, digest: B3Digest, size: int) -> BlobReader | None:
+        """A small blob with one Read and no Stat (a round trip less): its
+        size is known, and a blob the server keeps in chunks reads whole by
+        its own digest all the same. Larger ones as `open_read` (their chunk
+        list serves reads at any offset)."""
+        if size > _UNSTATED_MAX:
+            return await self.open_read(digest)
+        stream = _StreamReader(self._open_read, self._conn.addr, digest, size, stated=False)
+        return VerifyingReader(stream, digest)
 
     def _open_read(self, digest: B3Digest) -> ResponseStream[rpc_blobstore_pb2.BlobChunk]:
         return self._conn.open_stream(
@@ -159,9 +158,18 @@ class _StreamReader(BlobReader):
     """
 
     def __init__(
-        self, open_read: _OpenRead, where: StoreAddress, digest: B3Digest, size: int | None
+        self,
+        open_read: _OpenRead,
+        where: StoreAddress,
+        digest: B3Digest,
+        size: int | None,
+        *,
+        stated: bool = True,
     ) -> None:
+        """`size`: what Stat said (or the caller knows); `stated`: whether a
+        Stat found the blob (else a missing one is found missing here)."""
         self._open_read = open_read
+        self._stated = stated
         self._where = where
         self._digest = digest
         self._size_hint = size
@@ -220,6 +228,8 @@ class _StreamReader(BlobReader):
         try:
             batch = await self._stream.batch(want, _chunk_len)
         except RpcNotFound:
+            if not self._stated:
+                raise StoreError(f"blob {self._digest} not found at {self._where}") from None
             raise StoreError(
                 f"blob {self._digest} vanished from {self._where} while reading"
             ) from None
@@ -228,7 +238,7 @@ class _StreamReader(BlobReader):
             if self._size_hint is not None and buf_end != self._size_hint:
                 raise IntegrityError(
                     f"blob {self._digest}: stream ended after {buf_end} bytes,"
-                    f" Stat said {self._size_hint}"
+                    f" expected {self._size_hint}"
                 )
             self._size = buf_end
             return
