@@ -330,7 +330,7 @@ class StoreFilesystem(pyfuse3.Operations):
         # read-aheads start from.
         self.runs = NameOrderRuns()
         self.prefetcher = (
-            BlobPrefetcher(blobs, self.runs, _KernelPages(self.inodes) if store_pages else None)
+            BlobPrefetcher(blobs, _KernelPages(self.inodes) if store_pages else None)
             if blobs.prefetches or blobs.fetches_ahead
             else None
         )
@@ -844,7 +844,7 @@ class StoreFilesystem(pyfuse3.Operations):
         """File `ino` (`node`) is being read from its start: if that goes on
         a run in name order, have the files after it read ahead."""
         assert self.prefetcher is not None
-        place = self.prefetcher.first_read(ino)
+        place = self.runs.first_use(ino)
         if place is None:
             return
         directory_ino, directory, index = place

@@ -50,7 +50,7 @@ from tvix_mountd.castore.nodes import (
     PackedNode,
     packed_digest,
 )
-from tvix_mountd.workers.runs import AheadWindows, NameOrderRuns, Place
+from tvix_mountd.workers.runs import AheadWindows
 
 # Files ahead of the one looked up; asked for again once half are read.
 AHEAD: Final = 64
@@ -87,11 +87,8 @@ class KernelPages(Protocol):
 
 
 class BlobPrefetcher:
-    def __init__(
-        self, blobs: BlobService, runs: NameOrderRuns, pages: KernelPages | None = None
-    ) -> None:
+    def __init__(self, blobs: BlobService, pages: KernelPages | None = None) -> None:
         self._blobs = blobs
-        self._runs = runs
         self._pages = pages
         self.stored = 0  # files whose contents went to the kernel's page cache
         # Packed file node -> its contents, checked. Filled by the threads,
@@ -106,12 +103,6 @@ class BlobPrefetcher:
         self._windows = AheadWindows(AHEAD)
         self._send, self._receive = trio.open_memory_channel[Sequence[Ahead]](QUEUE)
         self._batch_done = trio.Event()
-
-    def first_read(self, ino: int) -> Place | None:
-        """File inode `ino` is being read from its start. Its place, if that
-        continues a run of first uses in name order in its directory (then
-        the caller passes the directory's entries to `read_ahead_after`)."""
-        return self._runs.first_use(ino)
 
     def read_ahead_after(
         self, directory: PackedNode, index: int, nodes: Sequence[PackedNode]

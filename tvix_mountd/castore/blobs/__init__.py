@@ -23,6 +23,7 @@ from tvix_mountd.castore.addr import BLOB_SCHEMES, parse_address
 from tvix_mountd.castore.blocking import DEFAULT_TIMEOUT
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.errors import IntegrityError, StoreError
+from tvix_mountd.castore.gather import gather_found
 
 
 class BlobReader(ABC):
@@ -195,27 +196,24 @@ class BlobService(ABC):
         and match their digest and size, all read at once, by digest: for
         reading ahead, so a missing or wrong one is left out (its read will
         fail and say why), not an error."""
-        found: dict[B3Digest, bytes] = {}
+        sizes = dict(wanted)
 
-        async def read(digest: B3Digest, size: int) -> None:
+        async def read(digest: B3Digest) -> bytes | None:
+            size = sizes[digest]
             try:
                 reader = await self.open_read_sized(digest, size)
                 if reader is None:
-                    return
+                    return None
                 try:
                     # One byte more than the size: the end is seen, the digest checked.
                     data = await reader.read_at(0, size + 1)
                 finally:
                     await reader.aclose()
             except StoreError:
-                return
-            if len(data) == size:
-                found[digest] = data
+                return None
+            return data if len(data) == size else None
 
-        async with trio.open_nursery() as nursery:
-            for digest, size in dict(wanted).items():
-                nursery.start_soon(read, digest, size)
-        return found
+        return await gather_found(sizes, read)
 
     def prefetch(self, digests: Sequence[B3Digest]) -> None:  # noqa: B027 - optional
         """Hint that these blobs will be read soon, from their start.

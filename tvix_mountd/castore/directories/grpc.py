@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import ClassVar, Final
 
-import trio
-
 from tvix_mountd.castore.addr import StoreAddress
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories import ClosureChecker, ClosureValidator, DirectoryService
 from tvix_mountd.castore.errors import IntegrityError, ValidationError
+from tvix_mountd.castore.gather import gather_found
 from tvix_mountd.castore.grpc_channel import GrpcConnection, RpcNotFound, naming, shown_digest
 from tvix_mountd.castore.nodes import Directory, validated_directory
 from tvix_mountd.proto import castore_pb2, rpc_directory_pb2, rpc_directory_pb2_grpc
@@ -62,26 +61,8 @@ class GrpcDirectoryService(DirectoryService):
             return validated_directory(received[0], digest)
 
     async def get_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, Directory]:
-        """One Get each, all at once: one round trip's wait for the lot.
-        The first error is raised once every call is done."""
-        found: dict[B3Digest, Directory] = {}
-        errors: list[Exception] = []
-
-        async def get(digest: B3Digest) -> None:
-            try:
-                directory = await self.get(digest)
-            except Exception as e:
-                errors.append(e)
-                return
-            if directory is not None:
-                found[digest] = directory
-
-        async with trio.open_nursery() as nursery:
-            for digest in dict.fromkeys(digests):
-                nursery.start_soon(get, digest)
-        if errors:
-            raise errors[0]
-        return found
+        """One Get each, all at once: one round trip's wait for the lot."""
+        return await gather_found(digests, self.get)
 
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         stream = self._conn.open_stream(
