@@ -134,6 +134,38 @@ async def test_a_blob_that_fails_its_check_is_not_read_ahead(
         await fs.read(attr.st_ino, 0, 1 << 16)
 
 
+async def test_a_bug_in_reading_ahead_leaves_the_reads_working(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reading ahead is an optimisation: if it fails in a way nobody foresaw,
+    that is logged, and the files are read as if nothing had been read ahead."""
+    fs, blobs, contents = await _fs(tmp_path)
+    calls = 0
+
+    def broken(digest: B3Digest, size: int) -> bytes | None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("a bug in read_small")
+
+    monkeypatch.setattr(blobs, "read_small", broken)
+    root = await fs.lookup(ROOT_INODE, NAME, CTX)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.run_background)
+        for name in (b"f000", b"f001"):  # a run: the next files are asked for
+            assert await _cat(fs, root.st_ino, name) == contents[name]
+        assert fs.prefetcher is not None
+        with trio.fail_after(WAIT):
+            while calls == 0:
+                await fs.prefetcher.wait_batch()
+        for i in range(2, FILES):  # read on, across further batches that fail too
+            name = f"f{i:03d}".encode()
+            assert await _cat(fs, root.st_ino, name) == contents[name]
+        nursery.cancel_scope.cancel()
+    assert fs.prefetcher.kept_bytes == 0
+    assert "reading 16 files ahead" in caplog.text
+    assert "a bug in read_small" in caplog.text
+
+
 async def test_what_is_kept_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(prefetch, "KEPT", 1000)
     monkeypatch.setattr(prefetch, "THREADS", 1)  # batches kept in order

@@ -35,6 +35,7 @@ runs go on is runs.py's bounded memory.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -62,6 +63,8 @@ KEPT: Final = 16 << 20  # bytes kept at most (the oldest go first)
 QUEUE: Final = 256
 
 _size_field = PACKED_SIZE.unpack_from
+
+log = logging.getLogger(__name__)
 
 # A file to read ahead: its node, and the number of its inode, pinned, if
 # the kernel holds one (0 if not).
@@ -242,6 +245,12 @@ class BlobPrefetcher:
                     await trio.to_thread.run_sync(self.read_ahead, batch)
                 else:
                     await self.fetch_ahead(batch)
+            except Exception:
+                # A bug must not take the mount down: the files' READs still
+                # read them, and nothing of this batch is waited for.
+                log.exception("reading %d files ahead", len(batch))
+                with self._lock:
+                    self._wanted.difference_update(node for node, _ in batch)
             finally:
                 self._unpin(batch)
                 slots.release()
