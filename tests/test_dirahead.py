@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from tvix_mountd.castore.addr import parse_address
+from tvix_mountd.castore.blobs.grpc import GrpcBlobService
 from tvix_mountd.castore.blobs.memory import MemoryBlobService
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories.grpc import GrpcDirectoryService
@@ -197,6 +198,13 @@ async def test_on_by_default_only_where_the_directories_are_a_round_trip_away(
     assert fs.directory_prefetcher is not None
     fs = StoreFilesystem(MemoryBlobService(), remote, StaticRootNodes({}), directories_ahead=False)
     assert fs.directory_prefetcher is None
+    # The mount's `read_ahead = false` turns every read-ahead off.
+    blobs = GrpcBlobService(parse_address(grpc_store_server.addr), timeout=WAIT)
+    fs = StoreFilesystem(blobs, remote, StaticRootNodes({}))
+    assert fs.directory_prefetcher is not None and fs.prefetcher is not None
+    fs = StoreFilesystem(blobs, remote, StaticRootNodes({}), read_ahead=False)
+    assert fs.directory_prefetcher is None and fs.prefetcher is None
+    await blobs.aclose()
     await remote.aclose()
     await local.aclose()
 

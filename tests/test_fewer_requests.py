@@ -23,10 +23,11 @@ pytestmark = [pytest.mark.fuse, pytest.mark.xdist_group(KERNEL_CACHES)]
 
 
 def _served(
-    tmp_path: Path, files: int, plain_listings: bool = False
+    tmp_path: Path, files: int, plain_listings: bool = False, read_ahead: bool = True
 ) -> Iterator[tuple[World, DaemonRequests]]:
     with world(tmp_path, mounts=("a",), trees=1, files=files) as w:
         w.svc.mount_entry("a")["plain_listings"] = plain_listings
+        w.svc.mount_entry("a")["read_ahead"] = read_ahead
         w.svc.write_config()
         w.svc.start()
         yield w, DaemonRequests(w.svc, "a", w.path("a"))
@@ -85,6 +86,25 @@ def test_after_a_listing_files_read_in_name_order_are_stored_ahead_and_send_no_r
     # Then reading them sends nothing at all, and gives the source's bytes.
     counts = requests.during(lambda: [read(name) for name in rest])
     assert counts["read"] == 0 and counts["lookup"] == 0 and counts["open"] == 0, counts
+    _assert_read_as_the_source(directory, source, names)
+
+
+@pytest.fixture
+def without_read_ahead(tmp_path: Path) -> Iterator[tuple[World, DaemonRequests]]:
+    yield from _served(tmp_path, files=24, read_ahead=False)
+
+
+def test_with_read_ahead_off_every_file_sends_its_read(
+    without_read_ahead: tuple[World, DaemonRequests],
+) -> None:
+    """`read_ahead = false`: after a listing, files read in name order are
+    not stored ahead; each one's READ comes to the daemon."""
+    w, requests = without_read_ahead
+    directory = w.path("a") / "dir0"
+    source = w.sources[w.names[0]] / "dir0"
+    names = sorted(os.listdir(directory))  # the kernel holds an inode for each
+    counts = requests.during(lambda: [(directory / name).read_bytes() for name in names])
+    assert counts["read"] == len(names), counts
     _assert_read_as_the_source(directory, source, names)
 
 

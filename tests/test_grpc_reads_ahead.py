@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from tests.mounting import backing_store, mounted
+from tvix_mountd.castore.digests import B3Digest
 
 DIRECTORIES = 12
 FILES = 24
@@ -51,3 +52,22 @@ def test_a_walk_and_read_in_name_order_is_served_ahead_without_stats(tmp_path: P
         stored = re.search(r"files stored ahead into the kernel's page cache: (\d+)", mount.log())
         assert stored is not None, mount.log()
         assert int(stored.group(1)) > 0
+
+
+def test_with_read_ahead_off_only_what_is_read_is_asked_for(tmp_path: Path) -> None:
+    """`--read-ahead false` (the `read_ahead` key): files read in name order
+    are asked of the store one by one as they are read, nothing more."""
+    source = tmp_path / "src" / "tree"
+    contents = _tree(source)
+    with backing_store("grpc", tmp_path / "store") as store:
+        (info,) = store.import_paths([source])
+        assert store.server is not None
+        reads = store.server.calls.reads
+        with mounted(store.addrs, tmp_path, extra_args=("--read-ahead", "false")) as mount:
+            top = mount.path / info.store_path.basename
+            reads.clear()
+            names = [f"d00/f{f:02d}" for f in range(6)]
+            for rel in names:  # a run in name order: would start the read-ahead
+                assert (top / rel).read_bytes() == contents[rel]
+        # The daemon has stopped: whatever it asked for has reached the server.
+        assert sorted(reads) == sorted(B3Digest.of(contents[rel]) for rel in names)

@@ -20,6 +20,7 @@ MOUNT = WorkerMount(
     list_root=True,
     show_xattr=False,
     allow_other=False,
+    read_ahead=False,
 )
 STORE = WorkerStore(
     blob_service_addr="raw+file:///var/lib/blobs",

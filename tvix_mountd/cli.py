@@ -207,6 +207,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         list_root=args.list_root,
         show_xattr=args.show_xattr,
         plain_listings=args.plain_listings,
+        read_ahead=args.read_ahead,
         backend_timeout=args.backend_timeout,
         store_pages=True,
     )
@@ -402,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, default, help_text in (
         ("show-xattr", True, "expose digests as extended attributes"),
         ("plain-listings", False, "list without attributes where nobody stats the entries"),
+        ("read-ahead", True, "read ahead what comes next when files are used in name order"),
     ):
         p.add_argument(
             f"--{flag}",

@@ -147,6 +147,10 @@ class MountConfig(_Strict):
     # `ls -f` and `find -type f` of large directories faster, stat walks a
     # little slower (benchmarks/RESULTS.md). Fixed for the life of a mount.
     plain_listings: bool = False
+    # Read ahead the files and directories that come next when they are used
+    # in name order (workers/prefetch.py, dirahead.py). Off: each is asked
+    # for only when needed (a store billed per request, a link to spare).
+    read_ahead: bool = True
     allow_other: bool = False
     # Seconds the worker may answer nothing to the supervisor's probe (a
     # statfs through the kernel) before it counts as hung and is replaced.

@@ -379,6 +379,7 @@ class MountRunner:
                     show_xattr=self.mount.show_xattr,
                     allow_other=self.mount.allow_other,
                     plain_listings=self.mount.plain_listings,
+                    read_ahead=self.mount.read_ahead,
                 )
             ),
             "store": spec_dict(

@@ -301,6 +301,7 @@ class StoreFilesystem(pyfuse3.Operations):
         list_root: bool = False,
         show_xattr: bool = True,
         plain_listings: bool = False,
+        read_ahead: bool = True,
         backend_timeout: float = 10.0,
         metrics: RequestObserver | None = None,
         inodes: InodeTable | None = None,
@@ -318,6 +319,8 @@ class StoreFilesystem(pyfuse3.Operations):
         caller stats nothing (READDIRPLUS_AUTO, see PLAIN_LISTINGS): `ls -f`
         of a large directory faster, a stat walk ~6% slower. Plain READDIRs
         are answered correctly either way.
+        `read_ahead` false: nothing is read ahead, neither files
+        (prefetch.py) nor directories (dirahead.py).
         `directories_ahead`: fetch the next subdirectories of a walk before
         they are opened (dirahead.py); by default if the directory service
         gains from it (`reads_ahead`)."""
@@ -331,17 +334,21 @@ class StoreFilesystem(pyfuse3.Operations):
         self.runs = NameOrderRuns()
         self.prefetcher = (
             BlobPrefetcher(blobs, _KernelPages(self.inodes) if store_pages else None)
-            if blobs.prefetches or blobs.fetches_ahead
+            if read_ahead and (blobs.prefetches or blobs.fetches_ahead)
             else None
         )
+        if directories_ahead is None:
+            directories_ahead = directories.reads_ahead
         self.directory_prefetcher = (
             DirectoryPrefetcher(directories, self.inodes, self.runs, children_of, backend_timeout)
-            if (directories.reads_ahead if directories_ahead is None else directories_ahead)
+            if read_ahead and directories_ahead
             else None
         )
         # Where a read-ahead waits on a round trip, every listed entry's place
         # is worth remembering (runs.py); locally, the last replies' do.
-        self._places_of_listed = self.directory_prefetcher is not None or blobs.fetches_ahead
+        self._places_of_listed = self.directory_prefetcher is not None or (
+            self.prefetcher is not None and blobs.fetches_ahead
+        )
         self.observer = metrics
         # The largest read the kernel sent (logged at unmount): how well
         # readahead and max_pages let sequential reads batch up.
@@ -615,7 +622,7 @@ class StoreFilesystem(pyfuse3.Operations):
                 # The kernel may keep this listing: see InodeTable.hold.
                 self.inodes.hold(fh, start, stop, numbers, counted=not plus)
             directory = self.inodes.node(fh)
-            if directory is not None:
+            if directory is not None and (self.prefetcher or self.directory_prefetcher):
                 self.runs.listed(
                     fh, directory, start, numbers, nodes if self._places_of_listed else None
                 )

@@ -73,6 +73,7 @@ async def serve_worker(spec: WorkerSpec) -> None:
         list_root=mount.list_root,
         show_xattr=mount.show_xattr,
         plain_listings=mount.plain_listings,
+        read_ahead=mount.read_ahead,
         backend_timeout=store.backend_timeout,
         metrics=metrics,
         inodes=inodes,

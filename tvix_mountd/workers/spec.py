@@ -37,6 +37,7 @@ class WorkerMount:
     show_xattr: bool
     allow_other: bool
     plain_listings: bool = False
+    read_ahead: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
