@@ -14,7 +14,7 @@ from typing import Final
 import pytest
 
 from tests.mounting import KERNEL_CACHES
-from tests.supervising import DaemonRequests, World, world
+from tests.supervising import DaemonRequests, World, parse_metrics, sample, world
 from tvix_mountd.workers.filesystem import PLAIN_LISTINGS, READS_WITHOUT_OPEN
 
 # Counting what the kernel does not ask because it caches: not alongside a
@@ -87,6 +87,16 @@ def test_after_a_listing_files_read_in_name_order_are_stored_ahead_and_send_no_r
     counts = requests.during(lambda: [read(name) for name in rest])
     assert counts["read"] == 0 and counts["lookup"] == 0 and counts["open"] == 0, counts
     _assert_read_as_the_source(directory, source, names)
+    # /metrics says what the read-ahead did.
+    w.svc.wait_for(
+        lambda: (_read_ahead(w, "stored") or 0) >= len(rest), "the stored files in /metrics"
+    )
+    assert (_read_ahead(w, "read") or 0) >= len(rest)
+
+
+def _read_ahead(w: World, outcome: str) -> float | None:
+    found = parse_metrics(w.svc.http("/metrics")[1])
+    return sample(found, "tvix_mountd_files_read_ahead_total", mount="a", outcome=outcome)
 
 
 @pytest.fixture
@@ -106,6 +116,7 @@ def test_with_read_ahead_off_every_file_sends_its_read(
     counts = requests.during(lambda: [(directory / name).read_bytes() for name in names])
     assert counts["read"] == len(names), counts
     _assert_read_as_the_source(directory, source, names)
+    assert _read_ahead(w, "read") is None
 
 
 def test_files_read_without_a_listing_are_not_stored_ahead(

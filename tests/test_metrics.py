@@ -192,6 +192,33 @@ async def test_flush_periodically_covers_the_idle_tail(
     assert total() == 2
 
 
+def test_read_ahead_totals_are_written_as_they_grow_even_without_requests(
+    metrics_dir: Path,
+) -> None:
+    requests = RequestMetrics("zeta")
+    totals = [0, 0, 0, 0]
+    requests.watch_read_ahead(lambda: (totals[0], totals[1], totals[2], totals[3]))
+
+    def figures() -> tuple[float | None, ...]:
+        found = samples(m.render()[0])
+        files = [
+            value(found, "tvix_mountd_files_read_ahead_total", mount="zeta", outcome=outcome)
+            for outcome in ("read", "stored", "served")
+        ]
+        directories = value(found, "tvix_mountd_directories_read_ahead_total", mount="zeta")
+        return (*files, directories)
+
+    requests.flush()  # nothing yet: nothing written
+    assert figures() == (None, None, None, None)
+    totals[:] = [5, 2, 1, 3]
+    requests.flush()  # the read-ahead's threads count on after the last request
+    assert figures() == (5, 2, 1, 3)
+    totals[:] = [9, 2, 4, 3]
+    requests.observe("read", 0.0001, None)
+    requests.flush()
+    assert figures() == (9, 2, 4, 3)  # running totals, written as what they grew by
+
+
 def test_rootcache_collector(metrics_dir: Path) -> None:
     stats = {
         "local": {

@@ -58,12 +58,14 @@ ROOTCACHE_GAUGES: Final = {
 
 @dataclass(frozen=True, slots=True)
 class Metrics:
-    """The metric objects; workers write the first four, the supervisor the rest."""
+    """The metric objects; workers write the first six, the supervisor the rest."""
 
     requests: Counter
     errors: Counter
     read_bytes: Counter
     request_seconds: Histogram
+    files_read_ahead: Counter
+    directories_read_ahead: Counter
     restarts: Counter
     handovers: Counter
     mount_up: Gauge
@@ -152,6 +154,20 @@ def metrics() -> Metrics:
                 "Time spent handling a FUSE request in the daemon",
                 ["mount", "op"],
                 buckets=REQUEST_BUCKETS,
+                registry=None,
+            ),
+            files_read_ahead=Counter(
+                "tvix_mountd_files_read_ahead",
+                "Small files read ahead and checked (read); of those, stored into the"
+                " kernel's page cache (stored) or whose READ was answered from memory"
+                " (served)",
+                ["mount", "outcome"],
+                registry=None,
+            ),
+            directories_read_ahead=Counter(
+                "tvix_mountd_directories_read_ahead",
+                "Directories fetched ahead of their first open and given to their inodes",
+                ["mount"],
                 registry=None,
             ),
             restarts=Counter(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import time
 from bisect import bisect_left
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -40,6 +41,13 @@ REQUEST_BUCKETS: Final = (
     5.0,
     10.0,
 )
+
+
+# What the read-aheads did so far (workers/prefetch.py, dirahead.py), as
+# running totals: files read ahead and checked, of those stored into the
+# page cache, of those served from memory; directories given ahead.
+ReadAheadCounts = tuple[int, int, int, int]
+_FILE_OUTCOMES: Final = ("read", "stored", "served")
 
 
 def errno_label(error_errno: int) -> str:
@@ -80,6 +88,8 @@ class RequestMetrics:
     FLUSH_AFTER: Final = 10_000  # observations, whatever the time
 
     __slots__ = (
+        "_ahead_flushed",
+        "_ahead_source",
         "_children",
         "_errors",
         "_last_flush",
@@ -100,6 +110,12 @@ class RequestMetrics:
         self._read_bytes = 0
         self._pending = 0
         self._last_flush = time.monotonic()
+        self._ahead_source: Callable[[], ReadAheadCounts] | None = None
+        self._ahead_flushed: ReadAheadCounts = (0, 0, 0, 0)
+
+    def watch_read_ahead(self, source: Callable[[], ReadAheadCounts]) -> None:
+        """Write what `source` counts (running totals) at every flush."""
+        self._ahead_source = source
 
     def observe(
         self, op: str, seconds: float, error_errno: int | None, read_bytes: int = 0
@@ -127,7 +143,9 @@ class RequestMetrics:
     def flush(self) -> None:
         """Write what was observed since the last flush to the shared files."""
         self._last_flush = time.monotonic()
-        if not self._pending:
+        # The read-aheads' threads go on counting after the last request.
+        ahead = self._ahead_source() if self._ahead_source is not None else self._ahead_flushed
+        if not self._pending and ahead == self._ahead_flushed:
             return
         self._pending = 0
         shared = self._metrics
@@ -135,6 +153,14 @@ class RequestMetrics:
             from tvix_mountd.metrics import metrics
 
             shared = self._metrics = metrics()
+        if ahead != self._ahead_flushed:
+            deltas = [now - then for now, then in zip(ahead, self._ahead_flushed, strict=True)]
+            for outcome, delta in zip(_FILE_OUTCOMES, deltas, strict=False):
+                if delta:
+                    shared.files_read_ahead.labels(self._mount, outcome).inc(delta)
+            if deltas[3]:
+                shared.directories_read_ahead.labels(self._mount).inc(deltas[3])
+            self._ahead_flushed = ahead
         for op, figures in self._ops.items():
             if not figures.count:
                 continue

@@ -113,6 +113,10 @@ class RequestObserver(Protocol):
         self, op: str, seconds: float, error_errno: int | None, read_bytes: int = 0
     ) -> None: ...
 
+    def watch_read_ahead(self, source: Callable[[], tuple[int, int, int, int]]) -> None:
+        """Count what the read-aheads did: `source` gives running totals."""
+        ...
+
 
 # Stable numbers for the request journal's keys (a str's hash is not stable
 # across processes).
@@ -350,6 +354,8 @@ class StoreFilesystem(pyfuse3.Operations):
             self.prefetcher is not None and blobs.fetches_ahead
         )
         self.observer = metrics
+        if metrics is not None and (self.prefetcher or self.directory_prefetcher):
+            metrics.watch_read_ahead(self.read_ahead_counts)
         # The largest read the kernel sent (logged at unmount): how well
         # readahead and max_pages let sequential reads batch up.
         self.largest_read = 0
@@ -846,6 +852,19 @@ class StoreFilesystem(pyfuse3.Operations):
                 await blob.reader.aclose()
         finally:
             lock.release()
+
+    def read_ahead_counts(self) -> tuple[int, int, int, int]:
+        """Running totals of the read-aheads: small files read ahead and
+        checked, of those stored into the page cache, of those served from
+        memory; directories given ahead of their open."""
+        files = self.prefetcher
+        directories = self.directory_prefetcher
+        return (
+            0 if files is None else files.taken,
+            0 if files is None else files.stored,
+            0 if files is None else files.served,
+            0 if directories is None else directories.given,
+        )
 
     def _read_ahead_after(self, ino: int, node: PackedNode) -> None:
         """File `ino` (`node`) is being read from its start: if that goes on

@@ -93,7 +93,12 @@ class BlobPrefetcher:
     def __init__(self, blobs: BlobService, pages: KernelPages | None = None) -> None:
         self._blobs = blobs
         self._pages = pages
-        self.stored = 0  # files whose contents went to the kernel's page cache
+        # Counts, for the metrics: files read ahead whole and checked; of
+        # those, stored into the kernel's page cache, or whose READ was
+        # answered from memory.
+        self.taken = 0
+        self.stored = 0
+        self.served = 0
         # Packed file node -> its contents, checked. Filled by the threads,
         # taken by the loop's thread.
         self._kept: OrderedDict[PackedNode, bytes] = OrderedDict()
@@ -166,6 +171,8 @@ class BlobPrefetcher:
             if offset + size >= len(data):
                 del self._kept[node]
                 self.kept_bytes -= len(data)
+            if offset == 0:
+                self.served += 1
         return data[offset : offset + size]
 
     def read_ahead(self, batch: Sequence[Ahead]) -> None:
@@ -209,6 +216,8 @@ class BlobPrefetcher:
                 self._wanted.discard(node)
             return
         size = len(data)
+        with self._lock:
+            self.taken += 1
         # `_wanted` read unlocked, as a hint: a store that a READ
         # overtook is only wasted.
         if (
