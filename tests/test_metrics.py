@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tvix_mountd import metrics as m
 from tvix_mountd import request_metrics
-from tvix_mountd.request_metrics import RequestMetrics, errno_label
+from tvix_mountd.request_metrics import ReadAheadCounts, RequestMetrics, errno_label
 
 _FORK = multiprocessing.get_context("fork")
 
@@ -197,7 +197,7 @@ def test_read_ahead_totals_are_written_as_they_grow_even_without_requests(
 ) -> None:
     requests = RequestMetrics("zeta")
     totals = [0, 0, 0, 0]
-    requests.watch_read_ahead(lambda: (totals[0], totals[1], totals[2], totals[3]))
+    requests.watch_read_ahead(lambda: ReadAheadCounts(*totals))
 
     def figures() -> tuple[float | None, ...]:
         found = samples(m.render()[0])

@@ -11,7 +11,7 @@ import errno
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import trio
 
@@ -43,11 +43,14 @@ REQUEST_BUCKETS: Final = (
 )
 
 
-# What the read-aheads did so far (workers/prefetch.py, dirahead.py), as
-# running totals: files read ahead and checked, of those stored into the
-# page cache, of those served from memory; directories given ahead.
-ReadAheadCounts = tuple[int, int, int, int]
-_FILE_OUTCOMES: Final = ("read", "stored", "served")
+class ReadAheadCounts(NamedTuple):
+    """What the read-aheads did so far (workers/prefetch.py, dirahead.py),
+    as running totals."""
+
+    files_read: int = 0  # small files read ahead and checked; of those:
+    files_stored: int = 0  # stored into the kernel's page cache
+    files_served: int = 0  # whose READ was answered from memory
+    directories: int = 0  # directories given ahead of their first open
 
 
 def errno_label(error_errno: int) -> str:
@@ -111,7 +114,7 @@ class RequestMetrics:
         self._pending = 0
         self._last_flush = time.monotonic()
         self._ahead_source: Callable[[], ReadAheadCounts] | None = None
-        self._ahead_flushed: ReadAheadCounts = (0, 0, 0, 0)
+        self._ahead_flushed = ReadAheadCounts()
 
     def watch_read_ahead(self, source: Callable[[], ReadAheadCounts]) -> None:
         """Write what `source` counts (running totals) at every flush."""
@@ -154,12 +157,18 @@ class RequestMetrics:
 
             shared = self._metrics = metrics()
         if ahead != self._ahead_flushed:
-            deltas = [now - then for now, then in zip(ahead, self._ahead_flushed, strict=True)]
-            for outcome, delta in zip(_FILE_OUTCOMES, deltas, strict=False):
-                if delta:
-                    shared.files_read_ahead.labels(self._mount, outcome).inc(delta)
-            if deltas[3]:
-                shared.directories_read_ahead.labels(self._mount).inc(deltas[3])
+            before = self._ahead_flushed
+            for outcome, now, then in (
+                ("read", ahead.files_read, before.files_read),
+                ("stored", ahead.files_stored, before.files_stored),
+                ("served", ahead.files_served, before.files_served),
+            ):
+                if now != then:
+                    shared.files_read_ahead.labels(self._mount, outcome).inc(now - then)
+            if ahead.directories != before.directories:
+                shared.directories_read_ahead.labels(self._mount).inc(
+                    ahead.directories - before.directories
+                )
             self._ahead_flushed = ahead
         for op, figures in self._ops.items():
             if not figures.count:

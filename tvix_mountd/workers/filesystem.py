@@ -47,6 +47,7 @@ from tvix_mountd.castore.nodes import (
     unpack_node,
 )
 from tvix_mountd.coalesce import Coalescer
+from tvix_mountd.request_metrics import ReadAheadCounts
 from tvix_mountd.workers import heap
 from tvix_mountd.workers.dirahead import DirectoryPrefetcher
 from tvix_mountd.workers.inodes import ROOT_INODE, Children, InodeTable
@@ -113,7 +114,7 @@ class RequestObserver(Protocol):
         self, op: str, seconds: float, error_errno: int | None, read_bytes: int = 0
     ) -> None: ...
 
-    def watch_read_ahead(self, source: Callable[[], tuple[int, int, int, int]]) -> None:
+    def watch_read_ahead(self, source: Callable[[], ReadAheadCounts]) -> None:
         """Count what the read-aheads did: `source` gives running totals."""
         ...
 
@@ -853,17 +854,15 @@ class StoreFilesystem(pyfuse3.Operations):
         finally:
             lock.release()
 
-    def read_ahead_counts(self) -> tuple[int, int, int, int]:
-        """Running totals of the read-aheads: small files read ahead and
-        checked, of those stored into the page cache, of those served from
-        memory; directories given ahead of their open."""
+    def read_ahead_counts(self) -> ReadAheadCounts:
+        """Running totals of what the read-aheads did, for the metrics."""
         files = self.prefetcher
         directories = self.directory_prefetcher
-        return (
-            0 if files is None else files.taken,
-            0 if files is None else files.stored,
-            0 if files is None else files.served,
-            0 if directories is None else directories.given,
+        return ReadAheadCounts(
+            files_read=0 if files is None else files.taken,
+            files_stored=0 if files is None else files.stored,
+            files_served=0 if files is None else files.served,
+            directories=0 if directories is None else directories.given,
         )
 
     def _read_ahead_after(self, ino: int, node: PackedNode) -> None:
