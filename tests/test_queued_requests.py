@@ -16,33 +16,21 @@ from typing import Final
 import pytest
 
 from tests.mounting import backing_store, mounted
+from tests.supervising import make_tree, tree_files
 
 READERS: Final = 6
 DIRECTORIES: Final = 6
 FILES: Final = 40
-O_NONBLOCK: Final = os.O_NONBLOCK
 QUEUED_READS_PATCH: Final = "read.queued.requests"
 
 
-def _tree(root: Path) -> dict[str, bytes]:
-    contents = {}
-    for d in range(DIRECTORIES):
-        for f in range(FILES):
-            rel = f"d{d}/f{f:02d}"
-            data = f"file {f} of {d}\n".encode() * (3 * f + d + 1)
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_bytes(data)
-            contents[rel] = data
-    return contents
-
-
-# Each reader process stats, reads and re-reads every file in its own order
-# (some with one read, some in small pieces) and prints what it read.
+# Each reader process stats and reads every file, starting at its own place
+# (some with one read, some in small pieces), and prints what it read.
 _READER = """
 import hashlib, os, sys
 top, start = sys.argv[1], int(sys.argv[2])
 names = sorted(
-    os.path.join(d, f) for d in os.listdir(top) for f in os.listdir(os.path.join(top, d))
+    os.path.relpath(os.path.join(d, f), top) for d, _, files in os.walk(top) for f in files
 )
 names = names[start:] + names[:start]
 for rel in names:
@@ -66,14 +54,14 @@ def _nonblocking_fuse_descriptors(pid: int) -> list[bool]:
         except FileNotFoundError:
             continue
         flags = next(line for line in fdinfo.splitlines() if line.startswith("flags:"))
-        found.append(bool(int(flags.split()[1], 8) & O_NONBLOCK))
+        found.append(bool(int(flags.split()[1], 8) & os.O_NONBLOCK))
     return found
 
 
 @pytest.mark.parametrize("store_kind", ["embedded", "grpc"])
 def test_concurrent_readers_read_every_file_right(tmp_path: Path, store_kind: str) -> None:
     source = tmp_path / "src" / "tree"
-    contents = _tree(source)
+    contents = tree_files(make_tree(source, files=FILES, size=800, subdirs=DIRECTORIES))
     expected = {rel: hashlib.sha256(data).hexdigest() for rel, data in contents.items()}
     with backing_store(store_kind, tmp_path / "store") as store:
         (info,) = store.import_paths([source])
