@@ -15,6 +15,7 @@ import random
 import re
 import sqlite3
 import stat
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -44,7 +45,7 @@ from tvix_mountd.castore.pathinfo import PathInfo
 from tvix_mountd.castore.pathinfos import PathInfoService
 from tvix_mountd.castore.pathinfos.memory import MemoryPathInfoService
 from tvix_mountd.castore.pathinfos.sqlite import LIST_PAGE_SIZE, SqlitePathInfoService
-from tvix_mountd.castore.sqlite_db import SqliteTable
+from tvix_mountd.castore.sqlite_db import ConnectionPool, SqliteTable
 from tvix_mountd.castore.storepath import StorePath
 
 TIMEOUT = 10.0
@@ -885,6 +886,46 @@ async def test_sqlite_directories_two_instances_share_a_file(tmp_path: Path) -> 
     await first.aclose()
     assert await second.get(LEAF.digest) == LEAF
     await second.aclose()
+
+
+def test_connections_opened_at_once_on_a_new_database_both_work(tmp_path: Path) -> None:
+    """A reader and a writer that open the first connections of a new file
+    at the same moment (an import's first pack: a lookup and an append):
+    setting both up at once could deadlock in SQLite, which answered one
+    "database is locked" at once (seen in CI, about one new file in 25 here)."""
+    schema = "CREATE TABLE IF NOT EXISTS t (k BLOB PRIMARY KEY) WITHOUT ROWID"
+    errors: list[BaseException] = []
+    for n in range(400):
+        pool = ConnectionPool(str(tmp_path / f"new{n}.sqlite"), schema, TIMEOUT)
+        start = threading.Barrier(2)
+
+        def read(pool: ConnectionPool = pool, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                conn = pool.acquire()
+                conn.execute("SELECT k FROM t WHERE k = ?", (b"x",)).fetchall()
+                pool.release(conn)
+            except BaseException as e:
+                errors.append(e)
+
+        def write(pool: ConnectionPool = pool, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                conn = pool.acquire()
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("INSERT OR REPLACE INTO t VALUES (?)", (b"y",))
+                conn.execute("COMMIT")
+                pool.release(conn)
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=read), threading.Thread(target=write)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        pool.close()
+    assert errors == []
 
 
 async def test_sqlite_parallel_readers(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -35,6 +36,14 @@ T = TypeVar("T")
 # Enough idle connections for a burst of parallel requests; more than this
 # are closed when returned rather than kept open.
 _MAX_IDLE = 16
+# A new connection's set-up (WAL, the schema) takes the database's exclusive
+# lock while the file is new, and two connections doing it at once may
+# deadlock: SQLite then answers one "database is locked" at once, without
+# waiting (busy_timeout does not cover it). So within a process one
+# connection is set up at a time, and another process's is waited out,
+# retrying this often until the pool's timeout.
+_SETUP_LOCK = threading.Lock()
+_SETUP_RETRY = 0.005
 # The page cache of each connection that reads ahead (`get_many`): the file
 # system caches the file anyway, and SQLite's default (2 MiB a connection,
 # filled by a walk) is memory a worker keeps.
@@ -84,21 +93,32 @@ class ConnectionPool:
             )
         except sqlite3.Error as e:
             raise StoreError(f"sqlite database {self._path}: cannot open: {e}") from e
+        deadline = time.monotonic() + self._timeout * 0.8
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk when it returns. With NORMAL a power
-            # loss may drop the last commits of one file but not the other's
-            # (a path info surviving the directories it points to).
-            conn.execute("PRAGMA synchronous=FULL")
-            if self._cache_kib is not None:
-                conn.execute(f"PRAGMA cache_size=-{int(self._cache_kib)}")
-            if not self._schema_ready:
-                conn.execute(self._schema)
-                self._schema_ready = True
+            while True:
+                try:
+                    with _SETUP_LOCK:
+                        self._set_up(conn)
+                    return conn
+                except sqlite3.Error as e:
+                    if not (_is_busy(e) and time.monotonic() < deadline):
+                        raise _store_error(self._path, "setting up a connection", e) from e
+                time.sleep(_SETUP_RETRY)
         except BaseException:
             conn.close()
             raise
-        return conn
+
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk when it returns. With NORMAL a power
+        # loss may drop the last commits of one file but not the other's
+        # (a path info surviving the directories it points to).
+        conn.execute("PRAGMA synchronous=FULL")
+        if self._cache_kib is not None:
+            conn.execute(f"PRAGMA cache_size=-{int(self._cache_kib)}")
+        if not self._schema_ready:
+            conn.execute(self._schema)
+            self._schema_ready = True
 
     def acquire(self) -> sqlite3.Connection:
         with self._lock:
