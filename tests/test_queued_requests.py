@@ -17,6 +17,7 @@ import pytest
 
 from tests.mounting import backing_store, mounted
 from tests.supervising import make_tree, tree_files
+from tvix_mountd.workers.mount import block_unless_reading_queued
 
 READERS: Final = 6
 DIRECTORIES: Final = 6
@@ -91,3 +92,18 @@ def test_concurrent_readers_read_every_file_right(tmp_path: Path, store_kind: st
             assert descriptors, "the daemon holds no /dev/fuse descriptor"
             if QUEUED_READS_PATCH in importlib.metadata.version("pyfuse3"):
                 assert all(descriptors), descriptors
+
+
+@pytest.mark.parametrize("reads_queued", [True, False])
+def test_a_worker_without_the_patch_gets_a_blocking_descriptor(reads_queued: bool) -> None:
+    # A pipe stands in for the connection's descriptor: O_NONBLOCK is a flag
+    # of the open file, shared by every worker that serves it in turn, and
+    # left set by a worker before with patch 05.
+    read_end, write_end = os.pipe()
+    try:
+        os.set_blocking(read_end, False)
+        block_unless_reading_queued(read_end, reads_queued)
+        assert os.get_blocking(read_end) is not reads_queued
+    finally:
+        os.close(read_end)
+        os.close(write_end)

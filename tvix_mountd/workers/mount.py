@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 # 128 KiB ones for sequential reads: fewer requests, the main cost here.
 DEFAULT_READ_AHEAD_KB = 1024
 MNT_DETACH = 2
+# Whether pyfuse3 reads requests the device already holds without waiting
+# first (third_party/pyfuse3/05-read-queued-requests.patch; its version
+# says so, it adds no name). It makes the descriptor non-blocking.
+READS_QUEUED_REQUESTS: Final = "read.queued.requests" in pyfuse3.__version__
 
 
 class MountError(Exception):
@@ -237,6 +241,7 @@ async def serve_lent(
     stays (it is the keeper's to end)."""
     from tvix_mountd.workers.connection import request_resend
 
+    block_unless_reading_queued(connection.fuse_fd, READS_QUEUED_REQUESTS)
     try:
         # libfuse takes /dev/fd/N as "this descriptor, already mounted".
         pyfuse3.init(fs, f"/dev/fd/{connection.fuse_fd}", options.fuse_options())
@@ -268,6 +273,18 @@ async def serve_lent(
         with trio.CancelScope(shield=True):
             await fs.close()
         pyfuse3.close(unmount=False)
+
+
+def block_unless_reading_queued(fuse_fd: int, reads_queued: bool) -> None:
+    """Give a pyfuse3 that waits for every request a blocking descriptor.
+
+    The workers of a connection share its open file, O_NONBLOCK included,
+    and one with patch 05 sets it. A later worker without it (a downgrade)
+    would then see EAGAIN from a read after "readable" whose request was
+    withdrawn meanwhile (its caller killed), which stock pyfuse3 raises, and
+    the worker would end; blocking, the read waits for the next request."""
+    if not reads_queued:
+        os.set_blocking(fuse_fd, True)
 
 
 async def _serve_session(fs: StoreFilesystem, task_status: trio.TaskStatus[None]) -> None:
