@@ -52,6 +52,13 @@ Patches:
               entries, and builds no inode per entry then.
   nodirahead  the reverse of a shipped change: no fetching ahead of the
               subdirectories a walk opens next (workers/dirahead.py).
+  dirsahead   the directory service's SQLite file asked of the disk as a
+              whole (posix_fadvise WILLNEED, asynchronous) when reads of it
+              start and at most once a second while they go on, as the
+              pack index is: the cold lookups' random page reads.
+  twothreads  files read ahead by 2 threads at once instead of
+              workers/prefetch.py's 4: what the other two cost in memory
+              (a malloc arena and a stack each) and give in speed.
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -76,6 +83,8 @@ PATCHES: Final = (
     "notrim",
     "plainlistings",
     "nodirahead",
+    "twothreads",
+    "dirsahead",
     "readahead",
 )
 HARNESS_ONLY: Final = frozenset({"readahead"})
@@ -217,6 +226,37 @@ def _nodirahead() -> None:
     _wrap_filesystem_init(overrides={"directories_ahead": False})
 
 
+def _dirsahead() -> None:
+    import time
+
+    from tvix_mountd.castore import sqlite_db
+
+    get = sqlite_db.SqliteTable.get
+    last: dict[str, float] = {}
+
+    async def get_reading_ahead(self: Any, key: bytes) -> Any:
+        now = time.monotonic()
+        if self._name == "directories" and now - last.get(self.path, -1.0) >= 1.0:
+            last[self.path] = now
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+        return await get(self, key)
+
+    sqlite_db.SqliteTable.get = get_reading_ahead  # type: ignore[method-assign]
+
+
+def _twothreads() -> None:
+    from tvix_mountd.workers import prefetch
+
+    setattr(prefetch, "THREADS", 2)  # noqa: B010
+
+
 def _dictindex() -> None:
     from tvix_mountd.workers import inodes
 
@@ -263,6 +303,8 @@ _APPLY: Final[dict[str, Callable[[], None]]] = {
     "notrim": _notrim,
     "plainlistings": _plainlistings,
     "nodirahead": _nodirahead,
+    "twothreads": _twothreads,
+    "dirsahead": _dirsahead,
 }
 
 

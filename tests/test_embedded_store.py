@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import trio
 
+from tvix_mountd.castore import sqlite_db
 from tvix_mountd.castore.blobs import BlobService, localdir
 from tvix_mountd.castore.blobs.localdir import STALE_TEMP_AGE
 from tvix_mountd.castore.blobs.memory import MemoryBlobService
@@ -45,7 +46,7 @@ from tvix_mountd.castore.pathinfo import PathInfo
 from tvix_mountd.castore.pathinfos import PathInfoService
 from tvix_mountd.castore.pathinfos.memory import MemoryPathInfoService
 from tvix_mountd.castore.pathinfos.sqlite import LIST_PAGE_SIZE, SqlitePathInfoService
-from tvix_mountd.castore.sqlite_db import ConnectionPool, SqliteTable
+from tvix_mountd.castore.sqlite_db import ConnectionPool, SqliteTable, WholeFileReadAhead
 from tvix_mountd.castore.storepath import StorePath
 
 TIMEOUT = 10.0
@@ -786,6 +787,43 @@ def raw_sql(path: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
         return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
+
+
+class _Fadvises:
+    """os.posix_fadvise, recording which files were asked for as a whole."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.paths: list[str] = []
+        real = os.posix_fadvise
+
+        def spy(fd: int, offset: int, length: int, advice: int) -> None:
+            if (offset, length, advice) == (0, 0, os.POSIX_FADV_WILLNEED):
+                self.paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real(fd, offset, length, advice)
+
+        monkeypatch.setattr(os, "posix_fadvise", spy)
+
+
+def test_a_small_database_file_is_read_ahead_whole_once_an_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fadvises = _Fadvises(monkeypatch)
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    small, large = tmp_path / "small.sqlite", tmp_path / "large.sqlite"
+    small.write_bytes(b"x" * 65536)
+    with open(large, "wb") as f:
+        f.truncate(sqlite_db.WHOLE_FILE_MAX + 1)  # sparse: no disk used
+    read_small, read_large = WholeFileReadAhead(str(small)), WholeFileReadAhead(str(large))
+    read_small()
+    read_small()  # within the interval: not asked again
+    read_large()  # too large to read whole: left to its lookups
+    assert fadvises.paths == [str(small)]
+    now[0] += sqlite_db.WHOLE_FILE_INTERVAL
+    read_small()
+    read_large()
+    assert fadvises.paths == [str(small), str(small)]
+    WholeFileReadAhead(str(tmp_path / "missing.sqlite"))()  # no error: the lookup says it
 
 
 async def test_sqlite_directories_created_on_first_use(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Final, TypeVar
 
 import trio
 
@@ -49,6 +49,39 @@ _SETUP_RETRY = 0.005
 # filled by a walk) is memory a worker keeps.
 _AHEAD_CACHE_KIB = 128
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*")
+# A database keyed by digests is read at random: on a cold page cache each
+# lookup is a disk read or more of its own. A file up to this size is asked
+# of the disk as a whole instead when lookups start (the pack index, where a
+# cold `cat` makes one lookup per file); a larger one is left to its
+# lookups, since reading it all would take longer than they do and push out
+# what others cache.
+WHOLE_FILE_MAX: Final = 64 << 20
+# ... and asked again at most this often while lookups go on (a no-op for
+# pages still cached, and so cheap): what memory pressure dropped comes back.
+WHOLE_FILE_INTERVAL: Final = 1.0
+
+
+class WholeFileReadAhead:
+    """Has the kernel read a small database file into its page cache, in
+    the background (posix_fadvise WILLNEED), at most once an interval."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._last = -WHOLE_FILE_INTERVAL  # monotonic time of the last one
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self._last < WHOLE_FILE_INTERVAL:
+            return
+        self._last = now
+        # A file missing or unreadable: the lookup itself will say so.
+        with contextlib.suppress(OSError):
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if os.fstat(fd).st_size <= WHOLE_FILE_MAX:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
 
 class ConnectionPool:

@@ -37,7 +37,6 @@ import os
 import secrets
 import sqlite3
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Final
@@ -45,7 +44,7 @@ from typing import Final
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.errors import StoreError
 from tvix_mountd.castore.localfs import make_dirs
-from tvix_mountd.castore.sqlite_db import ConnectionPool
+from tvix_mountd.castore.sqlite_db import ConnectionPool, WholeFileReadAhead
 
 # Blobs this small are packed (the read-ahead's whole-file size, so a packed
 # file is one pread).
@@ -64,12 +63,6 @@ INDEX_CACHE_KIB: Final = 64
 # is then not asked of SQLite again. Only what was found is remembered: a
 # blob packed by another process later is found the next time it is asked.
 PLACES: Final = 256
-# Digests are random keys: lookups touch the index's pages at random, and
-# on a cold page cache each is a disk read. The whole index is asked of the
-# disk at once instead (posix_fadvise WILLNEED, asynchronous; ~100 bytes a
-# blob), when lookups start and at most this often while they go on (a
-# no-op while the pages are cached, and so cheap).
-INDEX_READAHEAD_INTERVAL: Final = 1.0
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS packed ("
     " digest BLOB PRIMARY KEY, pack TEXT NOT NULL, offset INTEGER NOT NULL,"
@@ -87,7 +80,8 @@ class PackedBlobs:
         self._index = ConnectionPool(self._index_path, _SCHEMA, INDEX_TIMEOUT, INDEX_CACHE_KIB)
         self._places: OrderedDict[bytes, tuple[int, int, int]] = OrderedDict()
         self._indexed = False  # whether the index exists (looking creates nothing)
-        self._index_read_ahead = -INDEX_READAHEAD_INTERVAL  # monotonic time
+        # Digests are random keys: lookups touch the index's pages at random.
+        self._read_index_ahead = WholeFileReadAhead(self._index_path)
         # Lookups share one connection, one at a time (each is a few
         # microseconds): a connection per thread cost ~0.4 MB each.
         self._reader: sqlite3.Connection | None = None
@@ -98,10 +92,7 @@ class PackedBlobs:
         self._pack: tuple[str, int] | None = None  # (name, fd) being appended to
 
     def _query(self, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
-        now = time.monotonic()
-        if now - self._index_read_ahead >= INDEX_READAHEAD_INTERVAL:
-            self._index_read_ahead = now
-            self._read_index_ahead()
+        self._read_index_ahead()
         with self._reader_lock:
             try:
                 if self._reader is None:
@@ -109,14 +100,6 @@ class PackedBlobs:
                 return self._reader.execute(sql, params).fetchall()
             except sqlite3.Error as e:
                 raise StoreError(f"pack index {self._index_path}: {e}") from e
-
-    def _read_index_ahead(self) -> None:
-        with contextlib.suppress(OSError):
-            fd = os.open(self._index_path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
 
     def find(self, digest: B3Digest) -> tuple[int, int, int] | None:
         """(descriptor of its pack, offset, size) of a packed blob."""
