@@ -56,6 +56,14 @@ Patches:
               whole (posix_fadvise WILLNEED, asynchronous) when reads of it
               start and at most once a second while they go on, as the
               pack index is: the cold lookups' random page reads.
+  noindexahead
+              the reverse of a shipped change: the pack index is not asked
+              of the disk as a whole when lookups start (castore/sqlite_db.py
+              WholeFileReadAhead); each lookup reads its own pages.
+  shortswitch the interpreter's switch interval 0.5 ms instead of 5 ms: a
+              read-ahead thread back from a short syscall (a pack index
+              query, a pread, a notify_store) waits for the GIL at most
+              that long while the loop's thread runs Python.
   twothreads  files read ahead by 2 threads at once instead of
               workers/prefetch.py's 4: what the other two cost in memory
               (a malloc arena and a stack each) and give in speed.
@@ -85,6 +93,8 @@ PATCHES: Final = (
     "nodirahead",
     "twothreads",
     "dirsahead",
+    "noindexahead",
+    "shortswitch",
     "readahead",
 )
 HARNESS_ONLY: Final = frozenset({"readahead"})
@@ -251,6 +261,16 @@ def _dirsahead() -> None:
     sqlite_db.SqliteTable.get = get_reading_ahead  # type: ignore[method-assign]
 
 
+def _noindexahead() -> None:
+    from tvix_mountd.castore import sqlite_db
+
+    setattr(sqlite_db, "WHOLE_FILE_MAX", -1)  # noqa: B010
+
+
+def _shortswitch() -> None:
+    sys.setswitchinterval(0.0005)
+
+
 def _twothreads() -> None:
     from tvix_mountd.workers import prefetch
 
@@ -305,6 +325,8 @@ _APPLY: Final[dict[str, Callable[[], None]]] = {
     "nodirahead": _nodirahead,
     "twothreads": _twothreads,
     "dirsahead": _dirsahead,
+    "noindexahead": _noindexahead,
+    "shortswitch": _shortswitch,
 }
 
 
