@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import os
 import random
 import re
@@ -22,7 +24,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -30,13 +33,14 @@ import pytest
 
 from tests.grpc_server import GrpcStoreServer
 from tests.loads import Load, LoadResult, loads, wait_progress
-from tests.mounting import BackingStore, StoreAddrs
+from tests.mounting import STOP_TIMEOUT, BackingStore, StoreAddrs, is_mounted, mounted, wait_until
 from tests.supervising import (
     Reader,
     ReaderResult,
     Service,
     World,
     embedded_store,
+    make_tree,
     mount_id,
     start_time,
     tree_files,
@@ -535,3 +539,257 @@ def test_reload_onto_another_store_hands_over_and_forgets_the_old_names(tmp_path
         assert tree_files(point / new_name) == tree_files(new_source)
         assert mount_id(point) == ids
         assert "the store changed: invalidating 1 root entries" in svc.log()
+
+
+# -- kills while files are stored ahead ---------------------------------------------------
+
+STORED_AHEAD_KILLS: Final = 2
+FUSECTL: Final = Path("/sys/fs/fuse/connections")
+
+# Lists each directory of a tree (from the `start`th on, so that readers
+# read apart) and reads its files in name order with
+# `cat dir/*` (a C reader, as quick as the read-ahead or quicker), again and
+# again until told to stop; drops each file's pages after reading it (so the
+# next pass sends READs again) and the store's files' pages before each pass
+# (so READs wait for the disk, as on a cold store); counts passes (in a
+# file, for the test to wait on) and wrong reads.
+_NAME_ORDER_READER = """
+import hashlib, json, os, subprocess, sys
+top, expected_file, progress, stop, store, start = sys.argv[1:7]
+expected = json.load(open(expected_file))
+order = sorted(expected)
+order = order[int(start):] + order[:int(start)]
+passes, failures = 0, []
+def drop(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+while not os.path.exists(stop):
+    for d, _, names in os.walk(store):
+        for n in names:
+            drop(os.path.join(d, n))
+    for rel in order:
+        path = os.path.join(top, rel)
+        try:
+            paths = [os.path.join(path, n) for n in sorted(os.listdir(path))]
+            out = subprocess.run(["cat", *paths], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            if out.returncode != 0:
+                failures.append(f"{rel}: {out.stderr.decode()}")
+            elif hashlib.sha256(out.stdout).hexdigest() != expected[rel]:
+                failures.append(f"{rel}: wrong contents")
+            for p in paths:
+                drop(p)
+        except OSError as e:
+            failures.append(f"{rel}: {e}")
+    passes += 1
+    with open(progress + ".tmp", "w") as f:
+        f.write(str(passes))
+    os.replace(progress + ".tmp", progress)
+print(json.dumps({"passes": passes, "failures": failures[:20]}))
+"""
+
+
+def _abort_connection(connection: int) -> None:
+    """Abort FUSE connection `connection` if it is still there, so that
+    nothing (a worker stuck in the kernel, a reader) waits on it for good:
+    the cleanup of a failed run. Mounts fusectl for it if need be."""
+    mounted_here = False
+    if not any(mount[1] == str(FUSECTL) for mount in _proc_mounts()):
+        mounted_here = (
+            subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)]).returncode == 0
+        )
+    try:
+        abort = FUSECTL / str(connection) / "abort"
+        if abort.exists():
+            abort.write_text("1")
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", str(FUSECTL)], check=False)
+
+
+def _caught_in_a_store(pid: int) -> bool:
+    """Stop worker `pid` (SIGSTOP); whether a thread of it is then waiting in
+    the kernel for a page that a READ has locked (a notify_store that cannot
+    go on before the READ is answered). If not, let it go on (SIGCONT)."""
+    os.kill(pid, signal.SIGSTOP)
+    tasks = Path(f"/proc/{pid}/task")
+    caught = False
+    try:
+        for task in tasks.iterdir():
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            # A write to the FUSE device (the notify_store) waiting for a
+            # page (not a read waiting for the disk, which ends by itself).
+            if state == "D" and "fuse_dev_do_write" in (task / "stack").read_text():
+                caught = True
+    except FileNotFoundError:
+        pass
+    if not caught:
+        os.kill(pid, signal.SIGCONT)
+    return caught
+
+
+def _proc_mounts() -> list[list[str]]:
+    return [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+
+
+@needs_resend
+def test_kills_while_files_are_stored_ahead_fail_no_read(tmp_path: Path) -> None:
+    # After a listing, the read-ahead stores the next files' pages into the
+    # kernel's page cache from a thread (notify_store). A store can wait for
+    # a page that a reader's READ has locked: killed meanwhile, the worker
+    # cannot be reaped until the next worker answers that READ.
+    source = make_tree(tmp_path / "src" / "tree", files=50, size=8000, subdirs=40)
+    # Per directory: the digest of its files' contents, in name order.
+    files = tree_files(source)
+    expected = {
+        str(d.relative_to(source)): hashlib.sha256(
+            b"".join(files[str(p.relative_to(source))] for p in sorted(d.iterdir()))
+        ).hexdigest()
+        for d in sorted(source.iterdir())
+        if d.is_dir()
+    }
+    expected_file = tmp_path / "expected.json"
+    expected_file.write_text(json.dumps(expected))
+    addrs, (name,) = embedded_store(tmp_path / "store", [source])
+    stop = tmp_path / "stop"
+    readers: list[subprocess.Popen[str]] = []
+    connection: int | None = None
+    try:
+        with Service(tmp_path / "svc") as svc:
+            svc.add_store("local", addrs)
+            point = svc.add_mount("a", hang_timeout=HANG_TIMEOUT)
+            svc.start()
+            connection = os.minor(os.stat(point).st_dev)
+            progress = [tmp_path / f"progress{i}" for i in range(4)]
+            readers = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        _NAME_ORDER_READER,
+                        str(point / name),
+                        str(expected_file),
+                        str(progress[i]),
+                        str(stop),
+                        str(tmp_path / "store"),
+                        str(i * 10),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                for i in range(len(progress))
+            ]
+
+            def passes() -> int:
+                for reader in readers:
+                    if reader.poll() is not None:
+                        _, err = reader.communicate()
+                        raise AssertionError(f"a reader ended early: {err}")
+                return min(int(p.read_text()) if p.exists() else 0 for p in progress)
+
+            def passed(done: int) -> Callable[[], bool]:
+                return lambda: passes() > done
+
+            # A worker reads ahead each directory once (it remembers how far
+            # it asked): its first pass is where stores meet READs. A worker
+            # not caught meanwhile is restarted (a new one reads ahead anew).
+            kills = restarts = 0
+            deadline = time.monotonic() + 120
+            while kills < STORED_AHEAD_KILLS:
+                assert time.monotonic() < deadline, f"{kills} kills, {restarts} restarts"
+                old = _pid(svc, "a")
+                try:
+                    wait_until(partial(_caught_in_a_store, old), 5, "a store to meet a READ")
+                except AssertionError:
+                    restart = svc.cli("restart", "--config", str(svc.config_path), "a")
+                    assert restart.returncode == 0, (restart.stdout, restart.stderr, svc.log())
+                    restarts += 1
+                    continue
+                os.kill(old, signal.SIGKILL)
+                kills += 1
+                _wait_new_worker_serving(svc, "a", old, timeout=20)
+            done = passes()
+            wait_until(passed(done), 60, "every reader to read the tree once more")
+            stop.touch()
+            outputs = [reader.communicate(timeout=60) for reader in readers]
+            for reader, (out, err) in zip(readers, outputs, strict=True):
+                assert reader.returncode == 0, err
+                result = json.loads(out)
+                assert result["failures"] == [] and result["passes"] > 0, result
+            status = svc.mount_status("a")
+            assert status["restarts"] == STORED_AHEAD_KILLS, status
+            assert status["handovers"] == STORED_AHEAD_KILLS + restarts, status
+            assert "Traceback" not in svc.log()
+    finally:
+        stop.touch()
+        if connection is not None:
+            _abort_connection(connection)
+        for reader in readers:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait()
+
+
+def test_a_stop_while_files_are_stored_ahead_ends_the_daemon(tmp_path: Path) -> None:
+    # A stop (SIGTERM) that found a store waiting for a page a READ holds:
+    # the session must answer that READ before it stops reading requests,
+    # or the daemon could never end, nor the mount with it.
+    source = make_tree(tmp_path / "src" / "tree", files=50, size=8000, subdirs=60)
+    files = tree_files(source)
+    expected = {
+        str(d.relative_to(source)): hashlib.sha256(
+            b"".join(files[str(p.relative_to(source))] for p in sorted(d.iterdir()))
+        ).hexdigest()
+        for d in sorted(source.iterdir())
+        if d.is_dir()
+    }
+    expected_file = tmp_path / "expected.json"
+    expected_file.write_text(json.dumps(expected))
+    store = BackingStore("embedded", tmp_path / "store")
+    (info,) = store.import_paths([source])
+    stop = tmp_path / "stop"
+    readers: list[subprocess.Popen[bytes]] = []
+    connection: int | None = None
+    try:
+        with mounted(store.addrs, tmp_path / "mnt") as mount:
+            connection = os.minor(os.stat(mount.path).st_dev)
+            readers = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-c",
+                        _NAME_ORDER_READER,
+                        str(mount.path / info.store_path.basename),
+                        str(expected_file),
+                        str(tmp_path / f"progress{i}"),
+                        str(stop),
+                        str(tmp_path / "store"),
+                        str(i * 15),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for i in range(4)
+            ]
+            pid = mount.process.pid
+            wait_until(partial(_caught_in_a_store, pid), 30, "a store to meet a READ")
+            mount.stopped = True
+            os.kill(pid, signal.SIGTERM)  # delivered once it goes on
+            os.kill(pid, signal.SIGCONT)
+            try:
+                status = mount.process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"the daemon did not end; log:\n{mount.log()}") from None
+            assert status == 0, mount.log()
+            assert not is_mounted(mount.path)
+    finally:
+        stop.touch()
+        if connection is not None:
+            _abort_connection(connection)
+        for reader in readers:
+            if reader.poll() is None:
+                reader.kill()
+            reader.wait()

@@ -98,6 +98,46 @@ class Child:
     exitcode: int | None = None
 
 
+# Seconds a worker whose main thread has exited is given to be reaped.
+REAP_GRACE: Final = 0.5
+# How often a worker being stopped is looked at (see wait_gone).
+STOPPING_POLL: Final = 0.05
+
+
+async def wait_gone(child: Child, poll: float) -> None:
+    """Until `child` has exited, or at least its main thread has (looked at
+    every `poll` seconds).
+
+    A worker whose main thread is gone serves no more, but it is not reaped
+    while another of its threads is still in the kernel, and one may stay
+    there until the *next* worker serves: a read-ahead thread in a
+    notify_store waits for a page that a reader's READ to this mount has
+    locked, and after a SIGKILL only the next worker can answer that READ.
+    Waiting for the whole process would keep every reader of the mount
+    waiting for good. (A pidfd cannot tell: even one of the main thread
+    alone, PIDFD_THREAD, is readable only once the process is reaped.)"""
+    while not child.exited.is_set():
+        if _main_thread_exited(child.pid):
+            # Normally the whole process follows at once, and its exit
+            # status tells a handback from a crash.
+            with trio.move_on_after(REAP_GRACE):
+                await child.exited.wait()
+            return
+        with trio.move_on_after(poll):
+            await child.exited.wait()
+
+
+def _main_thread_exited(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return True
+    # The state follows the command name, which may hold anything but ends
+    # at the last ")".
+    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] in (b"Z", b"X")
+
+
 def kill(child: Child, signum: int = signal.SIGKILL) -> None:
     if not child.exited.is_set():
         with contextlib.suppress(ProcessLookupError):
@@ -108,11 +148,11 @@ async def terminate(child: Child, what: str, signum: int = signal.SIGTERM) -> No
     """`signum` to a child, SIGKILL if it does not go in time."""
     kill(child, signum)
     with trio.move_on_after(STOP_TIMEOUT if signum == signal.SIGTERM else HANDBACK_TIMEOUT):
-        await child.exited.wait()
-    if not child.exited.is_set():
-        log.warning("%s %d ignored %s, killing it", what, child.pid, signal.Signals(signum).name)
-        kill(child)
-        await child.exited.wait()
+        await wait_gone(child, STOPPING_POLL)
+        return
+    log.warning("%s %d ignored %s, killing it", what, child.pid, signal.Signals(signum).name)
+    kill(child)
+    await wait_gone(child, STOPPING_POLL)
 
 
 class HandoverError(Exception):
@@ -426,7 +466,7 @@ class MountRunner:
         self._served = False
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch, child)
-            await child.exited.wait()
+            await wait_gone(child, PROBE_INTERVAL)
             nursery.cancel_scope.cancel()
         return self._served
 
@@ -485,6 +525,11 @@ class MountRunner:
     def _exit_reason(self, child: Child, ending: str | None) -> str:
         if ending == "hang":
             return f"worker {child.pid} killed: {self.error}"
+        if not child.exited.is_set():
+            return (
+                f"worker {child.pid} ended (a thread of it is still in the kernel,"
+                " waiting on the mount)"
+            )
         code = child.exitcode
         error_file = self.supervisor.error_file(self.name)
         if code == EXIT_MOUNT_ERROR and error_file.exists():

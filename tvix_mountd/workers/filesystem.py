@@ -1055,6 +1055,12 @@ class StoreFilesystem(pyfuse3.Operations):
     async def removexattr(self, *args: object) -> None:
         raise _erofs()
 
+    async def settle(self) -> None:
+        """Before the session stops answering requests: finish what may wait
+        on the kernel for a request's answer (see BlobPrefetcher.settle)."""
+        if self.prefetcher is not None:
+            await self.prefetcher.settle()
+
     async def close(self) -> None:
         """Release every open handle (at unmount)."""
         if self.largest_read:

@@ -313,7 +313,7 @@ async def serve_until_signalled(
     """`serve`, ending cleanly (unmounted) on SIGTERM or SIGINT; `background`
     (the store's own work) runs for as long as the mount is served."""
     await _until_signalled(
-        partial(serve, fs, mountpoint, options), _STOP, lambda signum: None, background
+        partial(serve, fs, mountpoint, options), fs, _STOP, lambda signum: None, background
     )
 
 
@@ -333,16 +333,20 @@ async def serve_lent_until_signalled(
             connection.detach_if_ours()
 
     await _until_signalled(
-        partial(serve_lent, fs, connection, options), (*_STOP, signal.SIGUSR1), on_signal
+        partial(serve_lent, fs, connection, options), fs, (*_STOP, signal.SIGUSR1), on_signal
     )
     return handed_back
 
 
 _STOP: Final = (signal.SIGTERM, signal.SIGINT)
+# Seconds the session goes on answering requests after a signal, for what
+# waits on the kernel to finish (StoreFilesystem.settle).
+SETTLE_TIMEOUT: Final = 1.0
 
 
 async def _until_signalled(
     serve_fn: Callable[[], Awaitable[None]],
+    fs: StoreFilesystem,
     signums: tuple[int, ...],
     on_signal: Callable[[int], None],
     background: Callable[[], Awaitable[None]] | None = None,
@@ -359,6 +363,8 @@ async def _until_signalled(
                         else:
                             log.info("received %s, unmounting", name)
                         on_signal(signum)
+                        with trio.move_on_after(SETTLE_TIMEOUT):
+                            await fs.settle()
                         pyfuse3.terminate()
                         return
 

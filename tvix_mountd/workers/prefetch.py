@@ -111,6 +111,10 @@ class BlobPrefetcher:
         self._windows = AheadWindows(AHEAD)
         self._send, self._receive = trio.open_memory_channel[Sequence[Ahead]](QUEUE)
         self._batch_done = trio.Event()
+        # A slot per thread reading ahead; all of them: none is.
+        self._slots = trio.Semaphore(THREADS)
+        # Cleared before the session stops answering requests (`settle`).
+        self._storing = True
 
     def read_ahead_after(
         self, directory: PackedNode, index: int, nodes: Sequence[PackedNode]
@@ -223,6 +227,7 @@ class BlobPrefetcher:
         if (
             ino
             and self._pages is not None
+            and self._storing
             and node in self._wanted
             and self._pages.store(ino, data)
         ):
@@ -244,9 +249,22 @@ class BlobPrefetcher:
                 _, dropped = self._kept.popitem(last=False)
                 self.kept_bytes -= len(dropped)
 
+    async def settle(self) -> None:
+        """Store no more pages, and wait for the threads reading ahead now.
+
+        For before the session stops answering requests: a store into the
+        page cache waits for pages that a reader's READ has locked, until
+        that READ is answered; a thread left waiting so would keep the
+        process from ever ending, and the mount with it."""
+        self._storing = False
+        for _ in range(THREADS):
+            await self._slots.acquire()
+        for _ in range(THREADS):
+            self._slots.release()
+
     async def run(self) -> None:
         """Ask for the blobs, from up to THREADS threads at once, until cancelled."""
-        slots = trio.Semaphore(THREADS)
+        slots = self._slots
 
         async def prefetch(batch: Sequence[Ahead]) -> None:
             try:
