@@ -594,7 +594,8 @@ print(json.dumps({"passes": passes, "failures": failures[:20]}))
 def _abort_connection(connection: int) -> None:
     """Abort FUSE connection `connection` if it is still there, so that
     nothing (a worker stuck in the kernel, a reader) waits on it for good:
-    the cleanup of a failed run. Mounts fusectl for it if need be."""
+    the cleanup of a failed run. Mounts fusectl for it if need be (and
+    unmounts it again)."""
     mounted_here = False
     if not any(mount[1] == str(FUSECTL) for mount in _proc_mounts()):
         mounted_here = (
@@ -723,6 +724,7 @@ def test_kills_while_files_are_stored_ahead_fail_no_read(tmp_path: Path) -> None
             assert status["restarts"] == STORED_AHEAD_KILLS, status
             assert status["handovers"] == STORED_AHEAD_KILLS + restarts, status
             assert "Traceback" not in svc.log()
+        connection = None  # stopped cleanly: nothing left to abort
     finally:
         stop.touch()
         if connection is not None:
@@ -785,6 +787,7 @@ def test_a_stop_while_files_are_stored_ahead_ends_the_daemon(tmp_path: Path) -> 
                 raise AssertionError(f"the daemon did not end; log:\n{mount.log()}") from None
             assert status == 0, mount.log()
             assert not is_mounted(mount.path)
+        connection = None  # ended cleanly: nothing left to abort
     finally:
         stop.touch()
         if connection is not None:
