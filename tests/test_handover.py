@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Final
@@ -631,18 +631,11 @@ def _caught_in_a_store(pid: int) -> bool:
     return caught
 
 
-def _proc_mounts() -> list[list[str]]:
-    return [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
-
-
-@needs_resend
-def test_kills_while_files_are_stored_ahead_fail_no_read(tmp_path: Path) -> None:
-    # After a listing, the read-ahead stores the next files' pages into the
-    # kernel's page cache from a thread (notify_store). A store can wait for
-    # a page that a reader's READ has locked: killed meanwhile, the worker
-    # cannot be reaped until the next worker answers that READ.
-    source = make_tree(tmp_path / "src" / "tree", files=50, size=8000, subdirs=40)
-    # Per directory: the digest of its files' contents, in name order.
+def _stored_ahead_tree(tmp_path: Path, subdirs: int) -> tuple[Path, Path]:
+    """A tree of `subdirs` directories of 50 files of ~8 KB, and a file
+    holding, per directory, the digest of its files' contents in name order
+    (what a reader's `cat dir/*` must print)."""
+    source = make_tree(tmp_path / "src" / "tree", files=50, size=8000, subdirs=subdirs)
     files = tree_files(source)
     expected = {
         str(d.relative_to(source)): hashlib.sha256(
@@ -653,6 +646,58 @@ def test_kills_while_files_are_stored_ahead_fail_no_read(tmp_path: Path) -> None
     }
     expected_file = tmp_path / "expected.json"
     expected_file.write_text(json.dumps(expected))
+    return source, expected_file
+
+
+def _start_name_order_readers(
+    top: Path, expected_file: Path, progress: Sequence[Path], stop: Path, store: Path, apart: int
+) -> list[subprocess.Popen[str]]:
+    """A _NAME_ORDER_READER per progress file, each `apart` directories on."""
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _NAME_ORDER_READER,
+                str(top),
+                str(expected_file),
+                str(path),
+                str(stop),
+                str(store),
+                str(i * apart),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, path in enumerate(progress)
+    ]
+
+
+def _end_stored_ahead(
+    stop: Path, connection: int | None, readers: Sequence[subprocess.Popen[str]]
+) -> None:
+    """Stop the readers; abort `connection` if a run did not end cleanly."""
+    stop.touch()
+    if connection is not None:
+        _abort_connection(connection)
+    for reader in readers:
+        if reader.poll() is None:
+            reader.kill()
+        reader.wait()
+
+
+def _proc_mounts() -> list[list[str]]:
+    return [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+
+
+@needs_resend
+def test_kills_while_files_are_stored_ahead_fail_no_read(tmp_path: Path) -> None:
+    # After a listing, the read-ahead stores the next files' pages into the
+    # kernel's page cache from a thread (notify_store). A store can wait for
+    # a page that a reader's READ has locked: killed meanwhile, the worker
+    # cannot be reaped until the next worker answers that READ.
+    source, expected_file = _stored_ahead_tree(tmp_path, subdirs=40)
     addrs, (name,) = embedded_store(tmp_path / "store", [source])
     stop = tmp_path / "stop"
     readers: list[subprocess.Popen[str]] = []
@@ -664,25 +709,9 @@ def test_kills_while_files_are_stored_ahead_fail_no_read(tmp_path: Path) -> None
             svc.start()
             connection = os.minor(os.stat(point).st_dev)
             progress = [tmp_path / f"progress{i}" for i in range(4)]
-            readers = [
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-c",
-                        _NAME_ORDER_READER,
-                        str(point / name),
-                        str(expected_file),
-                        str(progress[i]),
-                        str(stop),
-                        str(tmp_path / "store"),
-                        str(i * 10),
-                    ],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                for i in range(len(progress))
-            ]
+            readers = _start_name_order_readers(
+                point / name, expected_file, progress, stop, tmp_path / "store", apart=10
+            )
 
             def passes() -> int:
                 for reader in readers:
@@ -726,56 +755,30 @@ def test_kills_while_files_are_stored_ahead_fail_no_read(tmp_path: Path) -> None
             assert "Traceback" not in svc.log()
         connection = None  # stopped cleanly: nothing left to abort
     finally:
-        stop.touch()
-        if connection is not None:
-            _abort_connection(connection)
-        for reader in readers:
-            if reader.poll() is None:
-                reader.kill()
-                reader.wait()
+        _end_stored_ahead(stop, connection, readers)
 
 
 def test_a_stop_while_files_are_stored_ahead_ends_the_daemon(tmp_path: Path) -> None:
     # A stop (SIGTERM) that found a store waiting for a page a READ holds:
     # the session must answer that READ before it stops reading requests,
     # or the daemon could never end, nor the mount with it.
-    source = make_tree(tmp_path / "src" / "tree", files=50, size=8000, subdirs=60)
-    files = tree_files(source)
-    expected = {
-        str(d.relative_to(source)): hashlib.sha256(
-            b"".join(files[str(p.relative_to(source))] for p in sorted(d.iterdir()))
-        ).hexdigest()
-        for d in sorted(source.iterdir())
-        if d.is_dir()
-    }
-    expected_file = tmp_path / "expected.json"
-    expected_file.write_text(json.dumps(expected))
+    source, expected_file = _stored_ahead_tree(tmp_path, subdirs=60)
     store = BackingStore("embedded", tmp_path / "store")
     (info,) = store.import_paths([source])
     stop = tmp_path / "stop"
-    readers: list[subprocess.Popen[bytes]] = []
+    readers: list[subprocess.Popen[str]] = []
     connection: int | None = None
     try:
         with mounted(store.addrs, tmp_path / "mnt") as mount:
             connection = os.minor(os.stat(mount.path).st_dev)
-            readers = [
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-c",
-                        _NAME_ORDER_READER,
-                        str(mount.path / info.store_path.basename),
-                        str(expected_file),
-                        str(tmp_path / f"progress{i}"),
-                        str(stop),
-                        str(tmp_path / "store"),
-                        str(i * 15),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                for i in range(4)
-            ]
+            readers = _start_name_order_readers(
+                mount.path / info.store_path.basename,
+                expected_file,
+                [tmp_path / f"progress{i}" for i in range(4)],
+                stop,
+                tmp_path / "store",
+                apart=15,
+            )
             pid = mount.process.pid
             wait_until(partial(_caught_in_a_store, pid), 30, "a store to meet a READ")
             mount.stopped = True
@@ -789,10 +792,4 @@ def test_a_stop_while_files_are_stored_ahead_ends_the_daemon(tmp_path: Path) -> 
             assert not is_mounted(mount.path)
         connection = None  # ended cleanly: nothing left to abort
     finally:
-        stop.touch()
-        if connection is not None:
-            _abort_connection(connection)
-        for reader in readers:
-            if reader.poll() is None:
-                reader.kill()
-            reader.wait()
+        _end_stored_ahead(stop, connection, readers)
