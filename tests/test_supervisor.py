@@ -14,6 +14,8 @@ import re
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import pytest
+import trio
 
 from tests.mounting import KERNEL_CACHES
 from tests.supervising import (
@@ -38,6 +41,7 @@ from tests.supervising import (
     world,
 )
 from tvix_mountd.config import SupervisorConfig
+from tvix_mountd.supervisor.runner import Child, wait_gone
 
 pytestmark = [
     pytest.mark.fuse,
@@ -591,3 +595,44 @@ def test_one_log_stream(tmp_path: Path, log_format: str) -> None:
         rootcache = [r for r in records if r[1] == "tvix_mountd.supervisor.rootcache"]
         assert rootcache and {tag for tag, _, _ in rootcache} == {"rootcache"}, rootcache
         assert {tag for tag, _, _ in records} == {"supervisor", "rootcache", "a", "b"}
+
+
+# A process whose main thread ends (pthread_exit) while another thread
+# goes on: it is not reaped, as a worker is not while a thread of it waits
+# in the kernel; /proc shows its main thread a zombie.
+_MAIN_THREAD_ENDS_FIRST = """
+import ctypes, sys, threading, time
+threading.Thread(target=time.sleep, args=(60,), daemon=False).start()
+sys.stdout.write("ready\\n")
+sys.stdout.flush()
+sys.stdin.readline()
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+def test_a_worker_whose_main_thread_ended_counts_as_gone() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-c", _MAIN_THREAD_ENDS_FIRST],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdin is not None and process.stdout is not None
+
+    async def gone_within(seconds: float) -> bool:
+        # Its exit is never reported to this Child: only /proc can tell.
+        with trio.move_on_after(seconds):
+            await wait_gone(Child(process.pid), poll=0.05)
+            return True
+        return False
+
+    try:
+        assert process.stdout.readline() == "ready\n"
+        assert not trio.run(gone_within, 0.5), "a live process was taken for gone"
+        process.stdin.write("end\n")
+        process.stdin.flush()
+        assert trio.run(gone_within, 10.0), "a process whose main thread ended was not"
+        assert process.poll() is None, "the process was reaped: that showed nothing"
+    finally:
+        process.kill()
+        process.wait()

@@ -131,7 +131,8 @@ def _main_thread_exited(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
+        # Gone before the open, or between the open and the read (ESRCH).
         return True
     # The state follows the command name, which may hold anything but ends
     # at the last ")".
