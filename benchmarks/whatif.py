@@ -237,25 +237,14 @@ def _nodirahead() -> None:
 
 
 def _dirsahead() -> None:
-    import time
-
     from tvix_mountd.castore import sqlite_db
 
     get = sqlite_db.SqliteTable.get
-    last: dict[str, float] = {}
+    ahead: dict[str, sqlite_db.WholeFileReadAhead] = {}
 
     async def get_reading_ahead(self: Any, key: bytes) -> Any:
-        now = time.monotonic()
-        if self._name == "directories" and now - last.get(self.path, -1.0) >= 1.0:
-            last[self.path] = now
-            try:
-                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass
+        if self._name == "directories":
+            ahead.setdefault(self.path, sqlite_db.WholeFileReadAhead(self.path))()
         return await get(self, key)
 
     sqlite_db.SqliteTable.get = get_reading_ahead  # type: ignore[method-assign]

@@ -624,8 +624,8 @@ def _caught_in_a_store(pid: int) -> bool:
             # page (not a read waiting for the disk, which ends by itself).
             if state == "D" and "fuse_dev_do_write" in (task / "stack").read_text():
                 caught = True
-    except FileNotFoundError:
-        pass
+    except (FileNotFoundError, ProcessLookupError):
+        pass  # a thread (or the worker) ended meanwhile: not caught
     if not caught:
         os.kill(pid, signal.SIGCONT)
     return caught

@@ -136,7 +136,7 @@ def _main_thread_exited(pid: int) -> bool:
         return True
     # The state follows the command name, which may hold anything but ends
     # at the last ")".
-    return stat[stat.rindex(b")") + 2 : stat.rindex(b")") + 3] in (b"Z", b"X")
+    return stat.rpartition(b")")[2].split()[0] in (b"Z", b"X")
 
 
 def kill(child: Child, signum: int = signal.SIGKILL) -> None:
