@@ -67,6 +67,16 @@ Patches:
   twothreads  files read ahead by 2 threads at once instead of
               workers/prefetch.py's 4: what the other two cost in memory
               (a malloc arena and a stack each) and give in speed.
+  stdlibreaders
+              the reverse of a shipped change: a binary cache's xz and bzip2
+              NARs are read through the stdlib's LZMAFile and BZ2File (8 KiB
+              of compressed input per call) and zstd's through a 128 KiB
+              `read_size`, instead of 1 MiB at a time.
+  blockbyblock
+              the reverse of a shipped change: a binary cache's NAR is
+              decompressed a block per call, in the worker thread of the
+              ingest's call, instead of by a thread of its own that keeps
+              two blocks ready.
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -95,6 +105,8 @@ PATCHES: Final = (
     "dirsahead",
     "noindexahead",
     "shortswitch",
+    "stdlibreaders",
+    "blockbyblock",
     "readahead",
 )
 HARNESS_ONLY: Final = frozenset({"readahead"})
@@ -260,6 +272,49 @@ def _shortswitch() -> None:
     sys.setswitchinterval(0.0005)
 
 
+def _stdlibreaders() -> None:
+    import bz2
+    import lzma
+
+    import zstandard
+
+    from tvix_mountd.castore.pathinfos import nixcache
+
+    shipped = getattr(nixcache, "decompressing")  # noqa: B009
+
+    def decompressing(raw: Any, compression: str) -> Any:
+        if compression == "xz":
+            return lzma.LZMAFile(raw)
+        if compression == "bzip2":
+            return bz2.BZ2File(raw)
+        if compression == "zstd":
+            return zstandard.ZstdDecompressor().stream_reader(
+                raw, read_across_frames=True, closefd=True
+            )
+        return shipped(raw, compression)
+
+    # The name nixcache.py calls.
+    setattr(nixcache, "decompressing", decompressing)  # noqa: B010
+
+
+def _blockbyblock() -> None:
+    from tvix_mountd.castore.errors import IntegrityError, StoreError
+    from tvix_mountd.castore.pathinfos import nixcache
+    from tvix_mountd.castore.pathinfos.nixcache_files import DECOMPRESSION_ERRORS
+
+    def read(self: Any) -> bytes:
+        # The decompression in the calling worker thread, a block per call.
+        try:
+            block: bytes = self._decompressed.read(nixcache.BLOCK_SIZE)
+        except StoreError:
+            raise
+        except DECOMPRESSION_ERRORS as e:
+            raise IntegrityError(f"cannot decompress: {e}") from e
+        return block
+
+    nixcache._Download.read = read  # type: ignore[method-assign]
+
+
 def _twothreads() -> None:
     from tvix_mountd.workers import prefetch
 
@@ -316,6 +371,8 @@ _APPLY: Final[dict[str, Callable[[], None]]] = {
     "dirsahead": _dirsahead,
     "noindexahead": _noindexahead,
     "shortswitch": _shortswitch,
+    "stdlibreaders": _stdlibreaders,
+    "blockbyblock": _blockbyblock,
 }
 
 

@@ -2,11 +2,12 @@
 
 Blocking code, run in worker threads (as sqlite and grpcio calls are). The
 HTTP client is urllib3: a thread-safe pool of keep-alive connections, and a
-streamed response that is a file object, so the stdlib's `lzma` and `bz2`
-readers and zstandard's `stream_reader` decompress it with bounded output
-per read. (An incremental decompressor fed from an async stream would have
-to hold whatever one network chunk expands to: zstandard's has no output
-limit, and a hostile cache could send a decompression bomb.)
+streamed response that is a file object, which the decompressors read from
+with bounded output per read (the stdlib's `lzma` and `bz2` decompressors
+take an output limit; zstandard's `stream_reader`). (An incremental
+decompressor fed from an async stream would have to hold whatever one
+network chunk expands to: zstandard's has no output limit, and a hostile
+cache could send a decompression bomb.)
 
 Its timeouts are per socket operation (connect, each read), which is the
 "no progress for backend_timeout" rule of the store: a download that keeps
@@ -41,6 +42,11 @@ _USER_AGENT: Final = "tvix-mountd"
 # What the decompressors raise on data they cannot decode (gzip and bz2:
 # OSError; a stream cut short: EOFError).
 DECOMPRESSION_ERRORS: Final = (lzma.LZMAError, zstandard.ZstdError, OSError, EOFError)
+# Compressed bytes handed to a decompressor at once. The stdlib's LZMAFile and
+# BZ2File read 8 KiB at a time, and each read, hash and decompress call gives
+# the GIL up and must take it back from the ingest's thread: thousands of
+# waits per NAR (RESULTS.md, eleventh session).
+INPUT_CHUNK: Final = 1 << 20
 
 
 class ByteSource(Protocol):
@@ -226,21 +232,88 @@ class CountingReader(io.RawIOBase):
         super().close()
 
 
+class _Decompressor(Protocol):
+    """lzma.LZMADecompressor and bz2.BZ2Decompressor."""
+
+    @property
+    def eof(self) -> bool: ...
+
+    @property
+    def needs_input(self) -> bool: ...
+
+    @property
+    def unused_data(self) -> bytes: ...
+
+    def decompress(self, data: bytes, max_length: int = -1) -> bytes: ...
+
+
+class StreamDecompressor:
+    """`raw` decompressed, INPUT_CHUNK of it at a time, each read returning
+    at most what was asked for. Concatenated streams decompress as one, and
+    anything after the last one that is not a stream ends the data, as the
+    stdlib's LZMAFile and BZ2File do (and Nix's xz reader)."""
+
+    def __init__(
+        self,
+        raw: ByteSource,
+        new: Callable[[], _Decompressor],
+        trailing_error: type[Exception] | tuple[type[Exception], ...],
+    ) -> None:
+        self._raw = raw
+        self._new = new
+        self._trailing_error = trailing_error
+        self._decompressor = new()
+        self._ended = False
+
+    def read(self, n: int = -1, /) -> bytes:
+        if n < 0:
+            return b"".join(iter(lambda: self.read(INPUT_CHUNK), b""))
+        while not self._ended and n:
+            decompressor = self._decompressor
+            fresh = False
+            if decompressor.eof:
+                data = decompressor.unused_data or self._raw.read(INPUT_CHUNK)
+                if not data:
+                    self._ended = True
+                    break
+                self._decompressor = decompressor = self._new()
+                fresh = True
+            elif decompressor.needs_input:
+                data = self._raw.read(INPUT_CHUNK)
+                if not data:
+                    raise EOFError("compressed data ended before its end-of-stream marker")
+            else:
+                data = b""
+            try:
+                out = decompressor.decompress(data, n)
+            except self._trailing_error:
+                if not fresh:
+                    raise
+                self._ended = True  # not another stream: trailing bytes
+                break
+            if out:
+                return out
+        return b""
+
+    def close(self) -> None:
+        self._raw.close()
+
+
 def decompressing(raw: ByteSource, compression: str) -> ByteSource:
     """A reader of `raw`'s decompressed bytes; each read returns at most what
     was asked for, whatever the compression ratio."""
-    # The stubs want a full IO; these readers only ever call read() and close().
-    source = cast("IO[bytes]", raw)
     if compression == "none":
         return raw
     if compression == "xz":
-        return lzma.LZMAFile(source)
+        return StreamDecompressor(raw, lzma.LZMADecompressor, lzma.LZMAError)
     if compression == "bzip2":
-        return bz2.BZ2File(source)
+        return StreamDecompressor(raw, bz2.BZ2Decompressor, OSError)
+    # The stubs want a full IO; these readers only ever call read() and close().
+    source = cast("IO[bytes]", raw)
     if compression == "gzip":
         return gzip.GzipFile(fileobj=source)
     if compression == "zstd":
         return zstandard.ZstdDecompressor().stream_reader(
-            source, read_across_frames=True, closefd=True
+            source, read_size=INPUT_CHUNK, read_across_frames=True, closefd=True
         )
     raise StoreError(f"unsupported compression {compression!r}")
