@@ -45,6 +45,8 @@ from tests.supervising import (
     start_time,
     tree_files,
 )
+from tvix_mountd import procutil
+from tvix_mountd.workers import fusectl, watchdog
 from tvix_mountd.workers.connection import InitRequest
 
 pytestmark = [pytest.mark.fuse]
@@ -544,7 +546,6 @@ def test_reload_onto_another_store_hands_over_and_forgets_the_old_names(tmp_path
 # -- kills while files are stored ahead ---------------------------------------------------
 
 STORED_AHEAD_KILLS: Final = 2
-FUSECTL: Final = Path("/sys/fs/fuse/connections")
 
 # Lists each directory of a tree (from the `start`th on, so that readers
 # read apart) and reads its files in name order with
@@ -594,20 +595,8 @@ print(json.dumps({"passes": passes, "failures": failures[:20]}))
 def _abort_connection(connection: int) -> None:
     """Abort FUSE connection `connection` if it is still there, so that
     nothing (a worker stuck in the kernel, a reader) waits on it for good:
-    the cleanup of a failed run. Mounts fusectl for it if need be (and
-    unmounts it again)."""
-    mounted_here = False
-    if not is_mounted(FUSECTL):
-        mounted_here = (
-            subprocess.run(["mount", "-t", "fusectl", "none", str(FUSECTL)]).returncode == 0
-        )
-    try:
-        abort = FUSECTL / str(connection) / "abort"
-        if abort.exists():
-            abort.write_text("1")
-    finally:
-        if mounted_here:
-            subprocess.run(["umount", str(FUSECTL)], check=False)
+    the cleanup of a failed run."""
+    fusectl.abort_connection(connection)
 
 
 def _caught_in_a_store(pid: int) -> bool:
@@ -755,6 +744,89 @@ def test_kills_while_files_are_stored_ahead_fail_no_read(tmp_path: Path) -> None
         connection = None  # stopped cleanly: nothing left to abort
     finally:
         _end_stored_ahead(stop, connection, readers)
+
+
+def test_a_standalone_daemon_killed_in_a_store_leaves_a_dead_mount_not_a_hung_one(
+    tmp_path: Path,
+) -> None:
+    # SIGKILLed while a store waits for a page a READ holds, a standalone
+    # daemon cannot end: only it could answer that READ. Its watchdog aborts
+    # the connection, so the daemon ends, its readers fail instead of
+    # waiting for good, and the mount is left dead, for the next to clear.
+    source, expected_file = _stored_ahead_tree(tmp_path, subdirs=60)
+    store = BackingStore("embedded", tmp_path / "store")
+    (info,) = store.import_paths([source])
+    stop = tmp_path / "stop"
+    readers: list[subprocess.Popen[str]] = []
+    connection: int | None = None
+    try:
+        with mounted(store.addrs, tmp_path / "mnt") as mount:
+            connection = os.minor(os.stat(mount.path).st_dev)
+            readers = _start_name_order_readers(
+                mount.path / info.store_path.basename,
+                expected_file,
+                [tmp_path / f"progress{i}" for i in range(4)],
+                stop,
+                tmp_path / "store",
+                apart=15,
+            )
+            pid = mount.process.pid
+            watchdogs = _children(pid)
+            wait_until(partial(_caught_in_a_store, pid), 30, "a store to meet a READ")
+            mount.killed = True
+            os.kill(pid, signal.SIGKILL)
+            try:
+                mount.process.wait(timeout=watchdog.STUCK_AFTER + STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(
+                    f"the killed daemon could not end; log:\n{mount.log()}"
+                ) from None
+            stop.touch()
+            for reader in readers:
+                reader.communicate(timeout=60)  # ended, whatever it read
+            assert "aborted its FUSE connection" in mount.log(), mount.log()
+            with pytest.raises(OSError) as dead:
+                os.statvfs(mount.path)
+            assert dead.value.errno == errno.ENOTCONN
+            # The watchdog ends with the daemon.
+            wait_until(
+                lambda: not any(not procutil.main_thread_exited(w) for w in watchdogs),
+                10,
+                "the watchdog to end",
+            )
+        connection = None  # ended: nothing left to abort
+    finally:
+        _end_stored_ahead(stop, connection, readers)
+
+
+def test_a_standalone_daemons_watchdog_ends_with_it(tmp_path: Path) -> None:
+    store = BackingStore("embedded", tmp_path / "store")
+    store.import_paths([make_tree(tmp_path / "src" / "tree", files=2, size=10)])
+    with mounted(store.addrs, tmp_path / "mnt") as mount:
+        watchdogs = _children(mount.process.pid)
+        assert len(watchdogs) == 1, watchdogs
+        assert b"tvix_mountd.workers.watchdog" in _cmdline(watchdogs[0])
+        # Not holding the mount: it runs elsewhere, without the FUSE device.
+        assert os.readlink(f"/proc/{watchdogs[0]}/cwd") == "/"
+        assert not any(
+            os.readlink(f"/proc/{watchdogs[0]}/fd/{fd}") == "/dev/fuse"
+            for fd in os.listdir(f"/proc/{watchdogs[0]}/fd")
+        )
+    wait_until(partial(procutil.main_thread_exited, watchdogs[0]), 10, "the watchdog to end")
+
+
+def _children(pid: int) -> list[int]:
+    """The processes `pid` started (each of its threads may have some)."""
+    children = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += [int(c) for c in f.read().split()]
+    return children
+
+
+def _cmdline(pid: int) -> bytes:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read()
 
 
 def test_a_stop_while_files_are_stored_ahead_ends_the_daemon(tmp_path: Path) -> None:

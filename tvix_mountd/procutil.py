@@ -1,4 +1,5 @@
-"""What every child process of the supervisor does first."""
+"""What every child process of the supervisor does first, and what a
+process can tell of another from /proc."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
-import multiprocessing
 import os
 import resource
 import signal
@@ -41,6 +41,8 @@ def prepare_child(
         signal.set_wakeup_fd(-1)
     set_parent_death_signal(parent_death_signal)
     if parent_pid is None:
+        import multiprocessing  # not for the processes that only look at others
+
         parent = multiprocessing.parent_process()
         parent_pid = parent.pid if parent is not None else None
     if parent_pid is not None and os.getppid() != parent_pid:
@@ -63,3 +65,21 @@ def raise_open_file_limit(wanted: int = 65536) -> None:
     if soft != resource.RLIM_INFINITY and soft < target:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def main_thread_exited(pid: int) -> bool:
+    """Whether process `pid`'s main thread has ended (or the process is gone).
+
+    Its other threads may live on: one waiting in the kernel, uninterruptibly,
+    keeps the process (and what it holds) from ending. A pidfd cannot tell
+    this: even one of the main thread alone (PIDFD_THREAD) becomes readable
+    only once the process is reaped."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        # Gone before the open, or between the open and the read (ESRCH).
+        return True
+    # The state follows the command name, which may hold anything but ends
+    # at the last ")".
+    return stat.rpartition(b")")[2].split()[0] in (b"Z", b"X")

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 import pyfuse3
 import trio
 
+from tvix_mountd import procutil
 from tvix_mountd.config import MountConfig, StoreConfig
 from tvix_mountd.metrics import count_handover, count_restart, set_mount_up
 from tvix_mountd.supervisor.spawner import SpawnError
@@ -114,10 +115,9 @@ async def wait_gone(child: Child, poll: float) -> None:
     notify_store waits for a page that a reader's READ to this mount has
     locked, and after a SIGKILL only the next worker can answer that READ.
     Waiting for the whole process would keep every reader of the mount
-    waiting for good. (A pidfd cannot tell: even one of the main thread
-    alone, PIDFD_THREAD, is readable only once the process is reaped.)"""
+    waiting for good."""
     while not child.exited.is_set():
-        if _main_thread_exited(child.pid):
+        if procutil.main_thread_exited(child.pid):
             # Normally the whole process follows at once, and its exit
             # status tells a handback from a crash.
             with trio.move_on_after(REAP_GRACE):
@@ -125,18 +125,6 @@ async def wait_gone(child: Child, poll: float) -> None:
             return
         with trio.move_on_after(poll):
             await child.exited.wait()
-
-
-def _main_thread_exited(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        # Gone before the open, or between the open and the read (ESRCH).
-        return True
-    # The state follows the command name, which may hold anything but ends
-    # at the last ")".
-    return stat.rpartition(b")")[2].split()[0] in (b"Z", b"X")
 
 
 def kill(child: Child, signum: int = signal.SIGKILL) -> None:

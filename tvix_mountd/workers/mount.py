@@ -195,6 +195,7 @@ async def serve(
         raise MountError(f"cannot mount {mountpoint}: {e}") from None
     try:
         log.info("mounted %s", mountpoint)
+        _start_watchdog(mountpoint)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_after_init, mountpoint, options.read_ahead_kb)
             await _serve_session(fs, task_status)
@@ -204,6 +205,21 @@ async def serve(
             await fs.close()
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)
+
+
+def _start_watchdog(mountpoint: str) -> None:
+    """Have a process abort this mount's connection if this one dies stuck
+    (watchdog.py). It ends by itself once this process has ended."""
+    from tvix_mountd.workers import watchdog
+
+    found = find_mount(mountpoint)
+    if found is None:  # unmounted already: nothing to watch
+        return
+    connection = int(found.device.partition(":")[2])
+    try:
+        watchdog.start(os.getpid(), connection, mountpoint)
+    except OSError as e:
+        log.warning("%s: no watchdog for the mount: %s", mountpoint, e)
 
 
 @dataclass(frozen=True)
