@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Final
@@ -33,7 +34,15 @@ import pytest
 
 from tests.grpc_server import GrpcStoreServer
 from tests.loads import Load, LoadResult, loads, wait_progress
-from tests.mounting import STOP_TIMEOUT, BackingStore, StoreAddrs, is_mounted, mounted, wait_until
+from tests.mounting import (
+    STOP_TIMEOUT,
+    BackingStore,
+    Mount,
+    StoreAddrs,
+    is_mounted,
+    mounted,
+    wait_until,
+)
 from tests.supervising import (
     Reader,
     ReaderResult,
@@ -746,6 +755,45 @@ def test_kills_while_files_are_stored_ahead_fail_no_read(tmp_path: Path) -> None
         _end_stored_ahead(stop, connection, readers)
 
 
+@dataclass
+class _CaughtStandalone:
+    mount: Mount
+    readers: list[subprocess.Popen[str]]
+    stop: Path  # the readers stop once it exists
+
+
+@contextlib.contextmanager
+def _standalone_caught_in_a_store(tmp_path: Path) -> Iterator[_CaughtStandalone]:
+    """A standalone mount of a stored-ahead tree with 4 name-order readers,
+    its daemon stopped (SIGSTOP) while a thread of it stores pages that a
+    READ holds. The readers are stopped afterwards; the connection aborted
+    unless the body ended normally (so nothing waits on it for good)."""
+    source, expected_file = _stored_ahead_tree(tmp_path, subdirs=60)
+    store = BackingStore("embedded", tmp_path / "store")
+    (info,) = store.import_paths([source])
+    caught: _CaughtStandalone | None = None
+    connection: int | None = None
+    try:
+        with mounted(store.addrs, tmp_path / "mnt") as mount:
+            connection = os.minor(os.stat(mount.path).st_dev)
+            caught = _CaughtStandalone(mount, [], tmp_path / "stop")
+            caught.readers = _start_name_order_readers(
+                mount.path / info.store_path.basename,
+                expected_file,
+                [tmp_path / f"progress{i}" for i in range(4)],
+                caught.stop,
+                tmp_path / "store",
+                apart=15,
+            )
+            pid = mount.process.pid
+            wait_until(partial(_caught_in_a_store, pid), 30, "a store to meet a READ")
+            yield caught
+        connection = None  # ended: nothing left to abort
+    finally:
+        if caught is not None:
+            _end_stored_ahead(caught.stop, connection, caught.readers)
+
+
 def test_a_standalone_daemon_killed_in_a_store_leaves_a_dead_mount_not_a_hung_one(
     tmp_path: Path,
 ) -> None:
@@ -753,50 +801,28 @@ def test_a_standalone_daemon_killed_in_a_store_leaves_a_dead_mount_not_a_hung_on
     # daemon cannot end: only it could answer that READ. Its watchdog aborts
     # the connection, so the daemon ends, its readers fail instead of
     # waiting for good, and the mount is left dead, for the next to clear.
-    source, expected_file = _stored_ahead_tree(tmp_path, subdirs=60)
-    store = BackingStore("embedded", tmp_path / "store")
-    (info,) = store.import_paths([source])
-    stop = tmp_path / "stop"
-    readers: list[subprocess.Popen[str]] = []
-    connection: int | None = None
-    try:
-        with mounted(store.addrs, tmp_path / "mnt") as mount:
-            connection = os.minor(os.stat(mount.path).st_dev)
-            readers = _start_name_order_readers(
-                mount.path / info.store_path.basename,
-                expected_file,
-                [tmp_path / f"progress{i}" for i in range(4)],
-                stop,
-                tmp_path / "store",
-                apart=15,
-            )
-            pid = mount.process.pid
-            watchdogs = _children(pid)
-            wait_until(partial(_caught_in_a_store, pid), 30, "a store to meet a READ")
-            mount.killed = True
-            os.kill(pid, signal.SIGKILL)
-            try:
-                mount.process.wait(timeout=watchdog.STUCK_AFTER + STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                raise AssertionError(
-                    f"the killed daemon could not end; log:\n{mount.log()}"
-                ) from None
-            stop.touch()
-            for reader in readers:
-                reader.communicate(timeout=60)  # ended, whatever it read
-            assert "aborted its FUSE connection" in mount.log(), mount.log()
-            with pytest.raises(OSError) as dead:
-                os.statvfs(mount.path)
-            assert dead.value.errno == errno.ENOTCONN
-            # The watchdog ends with the daemon.
-            wait_until(
-                lambda: not any(not procutil.main_thread_exited(w) for w in watchdogs),
-                10,
-                "the watchdog to end",
-            )
-        connection = None  # ended: nothing left to abort
-    finally:
-        _end_stored_ahead(stop, connection, readers)
+    with _standalone_caught_in_a_store(tmp_path) as caught:
+        mount = caught.mount
+        watchdogs = _children(mount.process.pid)
+        mount.killed = True
+        mount.process.kill()
+        try:
+            mount.process.wait(timeout=watchdog.STUCK_AFTER + STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the killed daemon could not end; log:\n{mount.log()}") from None
+        caught.stop.touch()
+        for reader in caught.readers:
+            reader.communicate(timeout=60)  # ended, whatever it read
+        assert "aborted its FUSE connection" in mount.log(), mount.log()
+        with pytest.raises(OSError) as dead:
+            os.statvfs(mount.path)
+        assert dead.value.errno == errno.ENOTCONN
+        # The watchdog ends with the daemon.
+        wait_until(
+            lambda: all(procutil.main_thread_exited(w) for w in watchdogs),
+            10,
+            "the watchdog to end",
+        )
 
 
 def test_a_standalone_daemons_watchdog_ends_with_it(tmp_path: Path) -> None:
@@ -833,34 +859,14 @@ def test_a_stop_while_files_are_stored_ahead_ends_the_daemon(tmp_path: Path) -> 
     # A stop (SIGTERM) that found a store waiting for a page a READ holds:
     # the session must answer that READ before it stops reading requests,
     # or the daemon could never end, nor the mount with it.
-    source, expected_file = _stored_ahead_tree(tmp_path, subdirs=60)
-    store = BackingStore("embedded", tmp_path / "store")
-    (info,) = store.import_paths([source])
-    stop = tmp_path / "stop"
-    readers: list[subprocess.Popen[str]] = []
-    connection: int | None = None
-    try:
-        with mounted(store.addrs, tmp_path / "mnt") as mount:
-            connection = os.minor(os.stat(mount.path).st_dev)
-            readers = _start_name_order_readers(
-                mount.path / info.store_path.basename,
-                expected_file,
-                [tmp_path / f"progress{i}" for i in range(4)],
-                stop,
-                tmp_path / "store",
-                apart=15,
-            )
-            pid = mount.process.pid
-            wait_until(partial(_caught_in_a_store, pid), 30, "a store to meet a READ")
-            mount.stopped = True
-            os.kill(pid, signal.SIGTERM)  # delivered once it goes on
-            os.kill(pid, signal.SIGCONT)
-            try:
-                status = mount.process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                raise AssertionError(f"the daemon did not end; log:\n{mount.log()}") from None
-            assert status == 0, mount.log()
-            assert not is_mounted(mount.path)
-        connection = None  # ended cleanly: nothing left to abort
-    finally:
-        _end_stored_ahead(stop, connection, readers)
+    with _standalone_caught_in_a_store(tmp_path) as caught:
+        mount = caught.mount
+        mount.stopped = True
+        os.kill(mount.process.pid, signal.SIGTERM)  # delivered once it goes on
+        os.kill(mount.process.pid, signal.SIGCONT)
+        try:
+            status = mount.process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the daemon did not end; log:\n{mount.log()}") from None
+        assert status == 0, mount.log()
+        assert not is_mounted(mount.path)
