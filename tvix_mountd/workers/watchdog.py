@@ -61,6 +61,9 @@ def watch(daemon_pid: int, connection: int, mountpoint: str) -> None:
         pidfd = os.pidfd_open(daemon_pid)
     except ProcessLookupError:
         return  # ended already
+    except OSError as e:  # no pidfds (Linux < 5.3): nothing safe to watch with
+        log.error("cannot watch tvix-mountd %d (%s): %s", daemon_pid, mountpoint, e)
+        return
     try:
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
