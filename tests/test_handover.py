@@ -762,36 +762,59 @@ class _CaughtStandalone:
     stop: Path  # the readers stop once it exists
 
 
+# A daemon reads ahead each directory once: its readers' first pass is where
+# stores meet READs. A mount that went this long without one is replaced.
+CATCH_TIMEOUT: Final = 20.0
+CATCH_ATTEMPTS: Final = 3
+
+
 @contextlib.contextmanager
 def _standalone_caught_in_a_store(tmp_path: Path) -> Iterator[_CaughtStandalone]:
     """A standalone mount of a stored-ahead tree with 4 name-order readers,
     its daemon stopped (SIGSTOP) while a thread of it stores pages that a
-    READ holds. The readers are stopped afterwards; the connection aborted
-    unless the body ended normally (so nothing waits on it for good)."""
+    READ holds (a new mount, up to CATCH_ATTEMPTS, until one is caught so).
+    The readers are stopped afterwards; the connection aborted unless the
+    body ended normally (so nothing waits on it for good)."""
     source, expected_file = _stored_ahead_tree(tmp_path, subdirs=60)
     store = BackingStore("embedded", tmp_path / "store")
     (info,) = store.import_paths([source])
-    caught: _CaughtStandalone | None = None
-    connection: int | None = None
-    try:
-        with mounted(store.addrs, tmp_path / "mnt") as mount:
-            connection = os.minor(os.stat(mount.path).st_dev)
-            caught = _CaughtStandalone(mount, [], tmp_path / "stop")
-            caught.readers = _start_name_order_readers(
-                mount.path / info.store_path.basename,
-                expected_file,
-                [tmp_path / f"progress{i}" for i in range(4)],
-                caught.stop,
-                tmp_path / "store",
-                apart=15,
-            )
-            pid = mount.process.pid
-            wait_until(partial(_caught_in_a_store, pid), 30, "a store to meet a READ")
-            yield caught
-        connection = None  # ended: nothing left to abort
-    finally:
-        if caught is not None:
-            _end_stored_ahead(caught.stop, connection, caught.readers)
+    for attempt in range(CATCH_ATTEMPTS):
+        base = tmp_path / f"attempt{attempt}"
+        base.mkdir()
+        caught: _CaughtStandalone | None = None
+        connection: int | None = None
+        try:
+            with mounted(store.addrs, base) as mount:
+                connection = os.minor(os.stat(mount.path).st_dev)
+                caught = _CaughtStandalone(mount, [], base / "stop")
+                caught.readers = _start_name_order_readers(
+                    mount.path / info.store_path.basename,
+                    expected_file,
+                    [base / f"progress{i}" for i in range(4)],
+                    caught.stop,
+                    tmp_path / "store",
+                    apart=15,
+                )
+                try:
+                    wait_until(
+                        partial(_caught_in_a_store, mount.process.pid),
+                        CATCH_TIMEOUT,
+                        "a store to meet a READ",
+                    )
+                except AssertionError:
+                    # Not this time: readers stopped, the mount unmounted, anew.
+                    _end_stored_ahead(caught.stop, None, caught.readers)
+                    caught = None
+                    continue
+                yield caught
+            connection = None  # ended: nothing left to abort
+            return
+        finally:
+            if caught is not None:
+                _end_stored_ahead(caught.stop, connection, caught.readers)
+    raise AssertionError(
+        f"no store met a READ in {CATCH_ATTEMPTS} mounts of {CATCH_TIMEOUT:g} s each"
+    )
 
 
 def test_a_standalone_daemon_killed_in_a_store_leaves_a_dead_mount_not_a_hung_one(
