@@ -251,7 +251,27 @@ def _check(state_fd: int, model_path: Path) -> None:
     counts = {node: count for _, node, count in live}
     for index, count in _held(model_path).items():
         if count > 0:
-            assert counts.get(_node_of(index), 0) >= count, (index, count)
+            node = _node_of(index)
+            assert counts.get(node, 0) >= count, (
+                f"node {index} ({node[:20]!r}): the model holds {count}, the table"
+                f" {[(ino, n) for ino, slot_node, n in live if slot_node == node]} (number,"
+                f" count); its last model records: {_history(model_path, index)}"
+            )
+
+
+def _history(model_path: Path, index: int, last: int = 12) -> str:
+    """The last `last` model records of node `index`, for a failure's message
+    (a count lost once in a full run: what led there is what to look at)."""
+    data = model_path.read_bytes()
+    ops = [
+        op.decode()
+        for op, i in (
+            _MODEL.unpack_from(data, at)
+            for at in range(0, len(data) - len(data) % _MODEL.size, _MODEL.size)
+        )
+        if i == index
+    ]
+    return "".join(ops[-last:]) + f" ({len(ops)} in all)"
 
 
 # -- killed at every line ----------------------------------------------------------------------
