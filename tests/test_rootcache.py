@@ -30,6 +30,7 @@ import grpc
 import pytest
 import trio
 
+from tvix_mountd import procutil
 from tvix_mountd.castore.errors import (
     BackendUnavailable,
     IntegrityError,
@@ -251,16 +252,6 @@ def store_db() -> Iterator[str]:
     shutil.rmtree(directory)
 
 
-def is_gone(pid: int) -> bool:
-    """Exited: no such process, or a zombie nobody reaped yet."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except (FileNotFoundError, ProcessLookupError):  # gone before or during the read
-        return True
-    return state in ("Z", "X")
-
-
 def process_exit_waiter(pid: int) -> Callable[[], Awaitable[None]]:
     """`await waiter()` returns once `pid` (not necessarily our child) exits.
     Take it while the process runs: a pidfd names that process, never a
@@ -304,7 +295,7 @@ class Processes:
                 os.kill(process.pid, signal.SIGKILL)
             process.join(5)
         for pid in self.pids:
-            if not is_gone(pid):
+            if not procutil.main_thread_exited(pid):
                 os.kill(pid, signal.SIGKILL)
             with suppress(ChildProcessError):  # reap it if it was adopted by us
                 os.waitpid(pid, 0)
@@ -597,7 +588,7 @@ async def _outlive_thread_then_die_with_parent(
         # Misses go through the trio loop that handled the signal.
         for n in range(2, 5):
             assert await client.get_by_basename(basename(n)) == node(n)
-    assert not is_gone(pid)
+    assert not procutil.main_thread_exited(pid)
 
     assert intermediate.pid is not None
     os.kill(intermediate.pid, signal.SIGKILL)

@@ -11,25 +11,17 @@ may) and unmounted again, leaving the system as it was.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import logging
 import os
 from pathlib import Path
 from typing import Final
 
+from tvix_mountd.workers.mounttable import find_mount_id, libc
+
 log = logging.getLogger(__name__)
 
 FUSECTL: Final = Path("/sys/fs/fuse/connections")
-
-
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
-def _is_mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
 
 
 def abort_connection(connection: int) -> bool:
@@ -37,8 +29,8 @@ def abort_connection(connection: int) -> bool:
     device); whether it was there to abort. OSError if fusectl cannot be
     reached (not mounted, and not mountable by this process)."""
     mounted_here = False
-    if not _is_mounted(FUSECTL):
-        if _libc().mount(b"fusectl", bytes(FUSECTL), b"fusectl", 0, None) != 0:
+    if find_mount_id(str(FUSECTL)) is None:
+        if libc().mount(b"fusectl", bytes(FUSECTL), b"fusectl", 0, None) != 0:
             err = ctypes.get_errno()
             if err != errno.EBUSY:  # someone else mounted it meanwhile
                 raise OSError(err, f"mounting fusectl on {FUSECTL}: {os.strerror(err)}")
@@ -51,7 +43,7 @@ def abort_connection(connection: int) -> bool:
             return False
         return True
     finally:
-        if mounted_here and _libc().umount2(bytes(FUSECTL), 0) != 0:
+        if mounted_here and libc().umount2(bytes(FUSECTL), 0) != 0:
             log.warning(
                 "could not unmount fusectl from %s: %s", FUSECTL, os.strerror(ctypes.get_errno())
             )

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import gc
 import logging
@@ -13,7 +11,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Final, NamedTuple
+from typing import Final
 
 import pyfuse3
 import trio
@@ -25,13 +23,13 @@ from tvix_mountd.workers.filesystem import (
     StoreFilesystem,
 )
 from tvix_mountd.workers.inodes import ROOT_INODE
+from tvix_mountd.workers.mounttable import MountEntry, detach, find_mount, find_mount_id
 
 log = logging.getLogger(__name__)
 
 # A larger readahead window lets the kernel send 1 MiB reads instead of
 # 128 KiB ones for sequential reads: fewer requests, the main cost here.
 DEFAULT_READ_AHEAD_KB = 1024
-MNT_DETACH = 2
 # Whether pyfuse3 reads requests the device already holds without waiting
 # first (third_party/pyfuse3/05-read-queued-requests.patch; its version
 # says so, it adds no name). It makes the descriptor non-blocking.
@@ -60,54 +58,6 @@ class MountOptions:
         if self.allow_other:
             options.add("allow_other")
         return options
-
-
-def _mountinfo() -> list[list[str]]:
-    with open("/proc/self/mountinfo") as f:
-        return [line.split() for line in f]
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as octal.
-    return field.encode().decode("unicode_escape")
-
-
-class MountEntry(NamedTuple):
-    device: str  # major:minor
-    fstype: str  # fuse.tvix for ours
-    source: str  # tvix-mountd:NAME for ours
-
-
-def find_mount_id(mountpoint: str) -> int | None:
-    """The mount ID of what is mounted at `mountpoint` (the topmost), if anything.
-
-    IDs are not reused while a mount lives, so an ID still at the mountpoint
-    is the same mount.
-    """
-    found = None
-    for fields in _mountinfo():
-        if _unescape(fields[4]) == mountpoint:
-            found = int(fields[0])
-    return found
-
-
-def find_mount(mountpoint: str) -> MountEntry | None:
-    """What is mounted at `mountpoint` (the topmost), if anything."""
-    found = None
-    for fields in _mountinfo():
-        if _unescape(fields[4]) == mountpoint:
-            sep = fields.index("-")
-            found = MountEntry(fields[2], fields[sep + 1], _unescape(fields[sep + 2]))
-    return found
-
-
-def detach(mountpoint: str) -> None:
-    """Lazily unmount whatever is at `mountpoint` (umount2 MNT_DETACH)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.umount2(os.fsencode(mountpoint), MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more)
-            raise OSError(err, f"unmounting {mountpoint}: {os.strerror(err)}")
 
 
 def is_dead_mount(mountpoint: str) -> bool:
