@@ -29,7 +29,7 @@ from tvix_mountd.castore.blobs import BlobService, localdir
 from tvix_mountd.castore.blobs.localdir import STALE_TEMP_AGE
 from tvix_mountd.castore.blobs.memory import MemoryBlobService
 from tvix_mountd.castore.blobs.objectstore import ObjectStoreBlobService
-from tvix_mountd.castore.blobs.packs import MAX_PACKED
+from tvix_mountd.castore.blobs.packs import MAX_PACKED, PLACES, PackedBlobs
 from tvix_mountd.castore.blobs.raw import RawFileBlobService
 from tvix_mountd.castore.digests import EMPTY_BLOB_DIGEST, B3Digest
 from tvix_mountd.castore.directories import DirectoryService
@@ -538,6 +538,47 @@ async def test_raw_small_blobs_of_a_batch_are_packed_in_their_order(
     # Stored already: a batch again appends nothing.
     await raw_blobs.put_batch(batch)
     assert [read(p) for p in packs_of(raw_blobs)] == [b"".join(small)]
+
+
+async def test_raw_batch_asks_the_pack_index_once_which_are_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = str(tmp_path / "blobs")
+    # More than a service keeps places of (PLACES), so that some of those
+    # packed already are at hand and some are not.
+    packed_before = [blob_bytes(200 + n, seed=n) for n in range(PLACES + 40)]
+    as_files = [blob_bytes(300 + n, seed=1000 + n) for n in range(3)]
+    new = [blob_bytes(400 + n, seed=2000 + n) for n in range(50)]
+    first = RawFileBlobService(root)
+    await first.put_batch([(B3Digest.of(d), d) for d in packed_before])
+    await first.aclose()
+    for data in as_files:  # stored loose, as a store before packs did
+        path = trio.Path(first.blob_path(B3Digest.of(data)))
+        await path.parent.mkdir(parents=True, exist_ok=True)
+        await path.write_bytes(data)
+    service = RawFileBlobService(root)
+    try:
+        service.locate([B3Digest.of(d) for d in packed_before[:10]])  # some at hand
+        queries: list[str] = []
+        query = PackedBlobs._query
+
+        def counted(self: PackedBlobs, sql: str, params: Any) -> Any:
+            queries.append(sql)
+            return query(self, sql, params)
+
+        monkeypatch.setattr(PackedBlobs, "_query", counted)
+        everything = packed_before + as_files + new + new[:5]
+        await service.put_batch([(B3Digest.of(d), d) for d in everything])
+        # One lookup of the index for the whole batch, not one a blob.
+        assert len(queries) == 1
+        # Only the new ones were packed, each once, in their order.
+        packs = packs_of(service)
+        assert sum(p.stat().st_size for p in packs) == sum(map(len, packed_before + new))
+        assert any(read(pack).endswith(b"".join(new)) for pack in packs)
+        for data in everything:
+            assert await service.read_all(B3Digest.of(data)) == data
+    finally:
+        await service.aclose()
 
 
 async def test_raw_locate_looks_up_packed_blobs_and_creates_nothing(tmp_path: Path) -> None:

@@ -70,6 +70,16 @@ _SCHEMA: Final = (
 )
 
 
+def _whole(place: tuple[int, int, int], size: int | None) -> bool:
+    """Whether a blob's place in its pack holds it whole (of `size` bytes, if
+    given): a pack cut short (a crash before its data reached the disk)
+    does not."""
+    fd, offset, packed_size = place
+    if size is not None and packed_size != size:
+        return False
+    return offset + packed_size <= os.fstat(fd).st_size
+
+
 class PackedBlobs:
     """The packs of one store root: lookups from any thread, appends from
     the store's writer threads."""
@@ -158,12 +168,17 @@ class PackedBlobs:
     def has(self, digest: B3Digest, size: int | None = None) -> bool:
         """Whether the blob is packed whole (and is `size` bytes, if given)."""
         place = self.find(digest)
-        if place is None:
-            return False
-        fd, offset, packed_size = place
-        if size is not None and packed_size != size:
-            return False
-        return offset + packed_size <= os.fstat(fd).st_size
+        return place is not None and _whole(place, size)
+
+    def packed_whole(self, sized: Sequence[tuple[B3Digest, int]]) -> set[bytes]:
+        """Those of the (digest, size) pairs packed whole at that size: `has`
+        for a batch, in one query of the index (a store's dedup check)."""
+        with self._lock:
+            places: dict[bytes, tuple[int, int, int]] = {
+                d: place for d, _ in sized if (place := self._places.get(d))
+            }
+        places.update(self.find_many([digest for digest, _ in sized]))
+        return {d for d, size in sized if (place := places.get(d)) and _whole(place, size)}
 
     def read(self, digest: B3Digest) -> bytes | None:
         """A packed blob's bytes as stored (unchecked), or None if not packed."""

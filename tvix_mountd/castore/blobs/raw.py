@@ -280,18 +280,22 @@ class RawFileBlobService(BlobService):
         """The small blobs into a pack, in their order; the others as files.
         A blob stored already (packed or as a file, of its size) is left."""
         small: list[tuple[B3Digest, bytes]] = []
-        packing: set[B3Digest] = set()
+        # Which are packed already: one query for the batch, not one a blob.
+        packed = self.packs.packed_whole(
+            [(digest, len(data)) for digest, data in blobs if len(data) <= MAX_PACKED]
+        )
         for digest, data in blobs:
             if len(data) > MAX_PACKED:
                 self._store_sync(digest, data)
-            elif digest not in packing and not self._stored(digest, len(data)):
-                packing.add(digest)
+            elif digest not in packed and not self._stored_as_file(digest, len(data)):
+                packed.add(digest)  # once, should the batch hold it twice
                 small.append((digest, data))
         self.packs.append(small)
 
     def _stored(self, digest: B3Digest, size: int) -> bool:
-        if self.packs.has(digest, size):
-            return True
+        return self.packs.has(digest, size) or self._stored_as_file(digest, size)
+
+    def _stored_as_file(self, digest: B3Digest, size: int) -> bool:
         try:
             return os.stat(self.blob_path(digest)).st_size == size
         except FileNotFoundError:
