@@ -291,6 +291,16 @@ def render(
         for op, n in sorted(counts["calls"].items(), key=lambda kv: -kv[1]):
             s = counts["handler_seconds"].get(op, 0.0)
             lines.append(f"| {op} | {n:,} | {s:.3f} s | {1e6 * s / n:.1f} |")
+        buckets = counts.get("duration_buckets", {})
+        if buckets:
+            lines += [
+                "",
+                "handler times (calls in each range, us):",
+                "",
+            ]
+            for op, by_bucket in sorted(buckets.items(), key=lambda kv: -counts["calls"][kv[0]]):
+                ranges = sorted((int(b), n) for b, n in by_bucket.items())
+                lines.append(f"- {op}: " + ", ".join(f"<{1 << b}: {n:,}" for b, n in ranges))
         sizes = counts["read_sizes"]
         if sizes:
             lines += [

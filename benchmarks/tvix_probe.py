@@ -50,6 +50,12 @@ seconds: collections.defaultdict[str, float] = collections.defaultdict(float)
 read_sizes: collections.Counter[int] = collections.Counter()
 forgotten = 0
 readdir_entries = 0
+# Handler times in buckets of powers of two microseconds (bucket b holds
+# calls of [2**(b-1), 2**b) us): whether a few slow calls (a cold disk)
+# or every call make an op's total.
+durations: collections.defaultdict[str, collections.Counter[int]] = collections.defaultdict(
+    collections.Counter
+)
 
 
 def _wrap(name: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -66,8 +72,10 @@ def _wrap(name: str, fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitab
         try:
             return await fn(*args)
         finally:
-            seconds[name] += perf_counter() - started
+            took = perf_counter() - started
+            seconds[name] += took
             calls[name] += 1
+            durations[name][int(took * 1e6).bit_length()] += 1
 
     return wrapper
 
@@ -97,6 +105,7 @@ def _snapshot() -> dict[str, Any]:
         "read_sizes": {str(k): v for k, v in sorted(read_sizes.items())},
         "forgotten_inodes": forgotten,
         "readdir_entries": readdir_entries,
+        "duration_buckets": {op: dict(sorted(c.items())) for op, c in durations.items()},
         "cpu_seconds": time.process_time() - _cpu_at_reset,
     }
 
@@ -113,6 +122,7 @@ def _reset() -> None:
     calls.clear()
     seconds.clear()
     read_sizes.clear()
+    durations.clear()
     forgotten = readdir_entries = 0
     _cpu_at_reset = time.process_time()
 
