@@ -77,6 +77,10 @@ Patches:
               decompressed a block per call, in the worker thread of the
               ingest's call, instead of by a thread of its own that keeps
               two blocks ready.
+  nowalkahead the reverse of a shipped change: a directory listed during a
+              walk that reads every file is not read ahead from its listing
+              (workers/prefetch.py, `BlobPrefetcher.listed`), only after
+              its first two READs.
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -107,6 +111,7 @@ PATCHES: Final = (
     "shortswitch",
     "stdlibreaders",
     "blockbyblock",
+    "nowalkahead",
     "readahead",
 )
 HARNESS_ONLY: Final = frozenset({"readahead"})
@@ -272,6 +277,12 @@ def _shortswitch() -> None:
     sys.setswitchinterval(0.0005)
 
 
+def _nowalkahead() -> None:
+    from tvix_mountd.workers import prefetch
+
+    prefetch.BlobPrefetcher.listed = lambda self, directory, nodes: None  # type: ignore[method-assign]
+
+
 def _stdlibreaders() -> None:
     import bz2
     import lzma
@@ -373,6 +384,7 @@ _APPLY: Final[dict[str, Callable[[], None]]] = {
     "shortswitch": _shortswitch,
     "stdlibreaders": _stdlibreaders,
     "blockbyblock": _blockbyblock,
+    "nowalkahead": _nowalkahead,
 }
 
 

@@ -20,7 +20,7 @@ from tvix_mountd.castore.blobs.grpc import GrpcBlobService
 from tvix_mountd.castore.blobs.raw import RawFileBlobService
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories.memory import MemoryDirectoryService
-from tvix_mountd.castore.nodes import Directory, FileNode, pack_node
+from tvix_mountd.castore.nodes import Directory, FileNode, Node, SymlinkNode, pack_node
 from tvix_mountd.castore.storepath import StorePath
 from tvix_mountd.workers import prefetch
 from tvix_mountd.workers.filesystem import StoreFilesystem
@@ -342,3 +342,119 @@ async def test_files_on_a_remote_store_are_fetched_ahead_all_at_once(
     assert len(server.calls.reads) == reads
     with pytest.raises(pyfuse3.FUSEError):
         await _cat(fs, root.st_ino, b"f005")
+
+
+# -- a walk that reads every file it lists ------------------------------------------------------
+
+WALK_DIRS = 6
+WALK_FILES = 12
+
+
+class _Plus:
+    """A readdirplus token for `StoreFilesystem.readdir` called directly."""
+
+    plus = True
+
+
+async def _walk_store(
+    tmp_path: Path,
+) -> tuple[StoreFilesystem, dict[bytes, dict[bytes, bytes]]]:
+    """A store path of WALK_DIRS directories of WALK_FILES small files and
+    a symlink each (after the files: the last file is not the last entry)."""
+    blobs = CountingBlobs(str(tmp_path / "blobs"))
+    directories = MemoryDirectoryService()
+    contents: dict[bytes, dict[bytes, bytes]] = {}
+    subdirs = []
+    for d in range(WALK_DIRS):
+        name = f"d{d}".encode()
+        files = {f"f{i:02d}".encode(): f"{d}/{i}\n".encode() * (i + 2) for i in range(WALK_FILES)}
+        entries: list[tuple[bytes, Node]] = [
+            (n, FileNode(await blobs.put(data), len(data))) for n, data in files.items()
+        ]
+        entries.append((b"link", SymlinkNode(b"f00")))
+        directory = Directory(entries)
+        await directories.put(directory)
+        subdirs.append((name, directory.as_node()))
+        contents[name] = files
+    top = Directory(subdirs)
+    await directories.put(top)
+    root_nodes = StaticRootNodes({NAME: top.as_node()})
+    return StoreFilesystem(blobs, directories, root_nodes, store_pages=True), contents
+
+
+async def test_a_walk_that_reads_every_file_has_the_next_directories_read_ahead_from_their_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a directory was read to its end in name order, the next one
+    listed has its files stored before any READ of it (but the last small
+    one, kept for its READ: the sign that the walk reads on); a directory
+    listed before that READ came ends it. A walk that reads nothing never
+    starts it."""
+    stored: dict[int, bytes] = {}
+
+    def notify_store(ino: int, offset: int, data: bytes) -> None:
+        stored[ino] = bytes(data)
+
+    monkeypatch.setattr(pyfuse3, "notify_store", notify_store)
+    monkeypatch.setattr(pyfuse3, "readdir_reply", lambda token, name, attr, offset: True)
+    fs, contents = await _walk_store(tmp_path)
+    prefetcher = fs.prefetcher
+    assert prefetcher is not None
+
+    async def listed(directory: int) -> dict[bytes, int]:
+        """readdirplus of `directory` from its start: its files' numbers."""
+        fh = await fs.open_directory(directory)
+        await fs.readdir(fh, 0, _Plus())  # type: ignore[arg-type]
+        return {name: node_ino for name, node_ino in await _numbers(fs, directory)}
+
+    def asked(directory: int) -> int:
+        node = fs.inodes.node(directory)
+        assert node is not None
+        return prefetcher.asked_upto(node)
+
+    async def stored_of(numbers: dict[bytes, int], names: set[bytes]) -> dict[int, bytes]:
+        """Once the files `names` (of `numbers`) are stored: what was."""
+        wanted = {numbers[n] for n in names}
+        with trio.fail_after(WAIT):
+            while not wanted <= stored.keys():
+                await prefetcher.wait_batch()
+        return {ino: data for ino, data in stored.items() if ino in numbers.values()}
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.run_background)
+        top = (await fs.lookup(ROOT_INODE, NAME, CTX)).st_ino
+        subdirs = await listed(top)
+        # A stat walk: every directory listed, nothing read: nothing ahead.
+        for d in (b"d0", b"d1"):
+            await listed(subdirs[d])
+            assert asked(subdirs[d]) == 0
+        # d0 read in name order to its end.
+        numbers = await listed(subdirs[b"d0"])
+        for name, data in contents[b"d0"].items():
+            assert await fs.read(numbers[name], 0, 1 << 16) == data
+        # d1 listed: its files stored from the listing, before any READ of
+        # them, but its last file, kept for its READ.
+        numbers = await listed(subdirs[b"d1"])
+        files = contents[b"d1"]
+        last = max(files)
+        ahead = {n for n in files if n != last}
+        assert await stored_of(numbers, ahead) == {numbers[n]: files[n] for n in ahead}
+        sentinel = pack_node(FileNode(B3Digest.of(files[last]), len(files[last])))
+        await _wait_kept(fs, [sentinel])
+        assert await fs.read(numbers[last], 0, 1 << 16) == files[last]  # the walk reads on
+        # d2 the same; but its last file is not read before d3 is listed: d3
+        # and what comes after it are left to their READs.
+        numbers = await listed(subdirs[b"d2"])
+        await stored_of(numbers, set(contents[b"d2"]) - {max(contents[b"d2"])})
+        for d in (b"d3", b"d4"):
+            await listed(subdirs[d])
+            assert asked(subdirs[d]) == 0
+        nursery.cancel_scope.cancel()
+
+
+async def _numbers(fs: StoreFilesystem, directory: int) -> list[tuple[bytes, int]]:
+    """The live inode numbers of `directory`'s entries (as its listing gave them)."""
+    children = fs.inodes.children(directory)
+    assert children is not None
+    names, nodes = children
+    return [(name, fs.inodes.number_of(node)) for name, node in zip(names, nodes, strict=True)]

@@ -633,6 +633,8 @@ class StoreFilesystem(pyfuse3.Operations):
                 self.runs.listed(
                     fh, directory, start, numbers, nodes if self._places_of_listed else None
                 )
+            if directory is not None and self.prefetcher is not None and plus and start == 0:
+                self.prefetcher.listed(directory, nodes)
 
     def _reply_entries(
         self,
@@ -869,13 +871,13 @@ class StoreFilesystem(pyfuse3.Operations):
         """File `ino` (`node`) is being read from its start: if that goes on
         a run in name order, have the files after it read ahead."""
         assert self.prefetcher is not None
-        place = self.runs.first_use(ino)
+        place, on_run = self.runs.first_use_place(ino)
         if place is None:
             return
         directory_ino, directory, index = place
         nodes = self.inodes.entries_around(directory_ino, directory, index, node)
         if nodes is not None:
-            self.prefetcher.read_ahead_after(directory, index, nodes)
+            self.prefetcher.read_ahead_after(directory, index, nodes, on_run)
 
     @_request("read")
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -28,6 +28,17 @@ Reads, not lookups, start it: a stat walk, or an interpreter probing for
 modules, looks up many files and reads few or none, and reading ahead for
 every lookup made those slower (RESULTS.md, the `noprefetch` what-if).
 
+Except in a walk that reads every file it lists (a copy, `os.walk` reading
+each file, a first full read of a store path): once a run of reads in name
+order has reached the last file of a directory, the next directory listed
+(a readdirplus from its first entry) has its files read ahead at once, from
+the listing, instead of after its first two READs, which the reader would
+otherwise overtake in every directory. The walk has to show that it goes on
+reading: the last small file of each directory read ahead so is kept in
+memory rather than stored, so that its READ comes; a directory listed
+before that READ came ends the mode until a run reaches a directory's end
+again. A wrong guess costs one directory's window.
+
 Bounded: a window of files ahead per directory, small files only, a few
 threads, a queue that drops rather than grows; where files sit and which
 runs go on is runs.py's bounded memory.
@@ -59,6 +70,9 @@ BATCH: Final = 16  # files per thread call
 THREADS: Final = 4
 MAX_FILE: Final = 1 << 20  # larger files have the kernel's own readahead
 SMALL: Final = 64 << 10  # files this small are read whole and kept
+# Entries after a file that are looked at to tell that it is its directory's
+# last: a run that reaches it has read the directory to its end.
+LAST_LOOK: Final = 8
 KEPT: Final = 16 << 20  # bytes kept at most (the oldest go first)
 QUEUE: Final = 256
 
@@ -89,6 +103,16 @@ class KernelPages(Protocol):
         ...
 
 
+def _is_last_file(nodes: Sequence[PackedNode], index: int) -> bool:
+    """Whether no regular file comes after entry `index` of `nodes` (looking
+    at LAST_LOOK entries at most: a directory with more after it is not at
+    its end)."""
+    after = nodes[index + 1 : index + 1 + LAST_LOOK]
+    return len(after) < LAST_LOOK and not any(
+        node[0] in (PACKED_FILE, PACKED_EXECUTABLE) for node in after
+    )
+
+
 class BlobPrefetcher:
     def __init__(self, blobs: BlobService, pages: KernelPages | None = None) -> None:
         self._blobs = blobs
@@ -115,12 +139,43 @@ class BlobPrefetcher:
         self._slots = trio.Semaphore(THREADS)
         # Cleared before the session stops answering requests (`settle`).
         self._storing = True
+        # A walk reads every file it lists (see the module's doc); the file
+        # whose READ would show that it still does, until that READ comes.
+        self._reading_walk = False
+        self._sentinel: PackedNode | None = None
 
     def read_ahead_after(
-        self, directory: PackedNode, index: int, nodes: Sequence[PackedNode]
+        self, directory: PackedNode, index: int, nodes: Sequence[PackedNode], on_run: bool = True
     ) -> None:
-        """Read ahead the files after entry `index` of `directory`, whose
-        entries are `nodes` (in name order)."""
+        """Entry `index` of `directory`, whose entries are `nodes` (in name
+        order), is being read from its start: if that continues a run of
+        reads in name order (`on_run`), read ahead the files after it."""
+        if _is_last_file(nodes, index) and self._windows.asked_upto(directory) >= len(nodes):
+            # A directory read ahead to its end, and read to its end.
+            self._reading_walk = True
+        if on_run:
+            self._read_ahead(directory, index, nodes)
+
+    def listed(self, directory: PackedNode, nodes: Sequence[PackedNode]) -> None:
+        """`directory`'s entries `nodes` were just handed to the kernel with
+        their inodes, from the first one on (a readdirplus from offset 0): in
+        a walk that reads every file, read its first files ahead now."""
+        if not self._reading_walk:
+            return
+        if self._sentinel is not None:
+            # The last directory read ahead so was not read to its end.
+            self._reading_walk = False
+            self._sentinel = None
+            return
+        self._read_ahead(directory, -1, nodes, from_listing=True)
+
+    def _read_ahead(
+        self,
+        directory: PackedNode,
+        index: int,
+        nodes: Sequence[PackedNode],
+        from_listing: bool = False,
+    ) -> None:
         window = self._windows.next(directory, index, len(nodes))
         files = [
             node
@@ -128,12 +183,20 @@ class BlobPrefetcher:
             if node[0] in (PACKED_FILE, PACKED_EXECUTABLE) and 0 < _size_field(node)[0] <= MAX_FILE
         ]
         small = {node for node in files if _size_field(node)[0] <= SMALL}
+        if from_listing and small:
+            # Kept, not stored (no pin): its READ will come, if the walk reads on.
+            self._sentinel = next(node for node in reversed(files) if node in small)
         with self._lock:
             self._wanted |= small
         pin = self._pages.pin if self._pages is not None else None
         for i in range(0, len(files), BATCH):
             batch = [
-                (node, pin(node) if pin is not None and node in small else 0)
+                (
+                    node,
+                    pin(node)
+                    if pin is not None and node in small and node != self._sentinel
+                    else 0,
+                )
                 for node in files[i : i + BATCH]
             ]
             try:
@@ -167,6 +230,8 @@ class BlobPrefetcher:
         """`size` bytes from `offset` of file node `node`, if its contents were
         read ahead (and checked); they are let go once read to the end (the
         kernel keeps the pages, it will not ask again soon)."""
+        if node == self._sentinel:
+            self._sentinel = None  # the walk reads on
         with self._lock:
             data = self._kept.get(node)
             if data is None:

@@ -108,6 +108,12 @@ class NameOrderRuns:
         """Inode `ino` is being used for the first time (a file read from its
         start, a directory opened). Its place, if that continues a run of
         first uses in name order in its directory."""
+        place, on_run = self.first_use_place(ino)
+        return place if on_run else None
+
+    def first_use_place(self, ino: int) -> tuple[Place | None, bool]:
+        """`first_use`, telling apart an entry whose place is not known (None)
+        and one off a run: (its place, whether it continues a run)."""
         place = (
             self._places.pop(ino, None)
             or self._file_places.pop(ino, None)
@@ -115,13 +121,11 @@ class NameOrderRuns:
             or self._listed_place(ino)
         )
         if place is None:
-            return None
+            return None, False
         _, directory, index = place
         last = self._last_used.get(directory)
         remember(self._last_used, directory, index, DIRECTORIES)
-        if last is None or not last < index <= last + GAP:
-            return None
-        return place
+        return place, last is not None and last < index <= last + GAP
 
 
 class AheadWindows:
