@@ -63,6 +63,9 @@ INDEX_CACHE_KIB: Final = 64
 # is then not asked of SQLite again. Only what was found is remembered: a
 # blob packed by another process later is found the next time it is asked.
 PLACES: Final = 256
+# Index rows written per INSERT statement (4 parameters each; SQLite allows
+# 32,766 parameters a statement since 3.32, 999 before).
+_ROWS_PER_INSERT: Final = 249
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS packed ("
     " digest BLOB PRIMARY KEY, pack TEXT NOT NULL, offset INTEGER NOT NULL,"
@@ -214,11 +217,16 @@ class PackedBlobs:
             db = self._index.acquire()
             try:
                 db.execute("BEGIN IMMEDIATE")
-                db.executemany(
-                    "INSERT OR REPLACE INTO packed (digest, pack, offset, size)"
-                    " VALUES (?, ?, ?, ?)",
-                    rows,
-                )
+                # A statement of many rows, not executemany's one a row:
+                # each statement lets go of the GIL and takes it back, and
+                # while the loop's thread runs Python that take waits.
+                for start in range(0, len(rows), _ROWS_PER_INSERT):
+                    chunk = rows[start : start + _ROWS_PER_INSERT]
+                    db.execute(
+                        "INSERT OR REPLACE INTO packed (digest, pack, offset, size) VALUES "
+                        + ",".join(["(?, ?, ?, ?)"] * len(chunk)),
+                        [field for row in chunk for field in row],
+                    )
                 db.execute("COMMIT")
             except sqlite3.Error as e:
                 raise StoreError(f"pack index {self._index_path}: {e}") from e
