@@ -284,10 +284,20 @@ class RawFileBlobService(BlobService):
         packed = self.packs.packed_whole(
             [(digest, len(data)) for digest, data in blobs if len(data) <= MAX_PACKED]
         )
+        # A small blob may also be a file of its own (stored before packs, or
+        # by another process's put): looked for only under the prefix
+        # directories there are, one listing rather than a stat a blob (each
+        # syscall lets go of the GIL, and taking it back waits for the loop).
+        try:
+            prefixes = set(os.listdir(self._blob_dir))
+        except FileNotFoundError:
+            prefixes = set()
         for digest, data in blobs:
             if len(data) > MAX_PACKED:
                 self._store_sync(digest, data)
-            elif digest not in packed and not self._stored_as_file(digest, len(data)):
+            elif digest not in packed and not (
+                digest.hex()[:2] in prefixes and self._stored_as_file(digest, len(data))
+            ):
                 packed.add(digest)  # once, should the batch hold it twice
                 small.append((digest, data))
         self.packs.append(small)
