@@ -81,6 +81,11 @@ Patches:
               walk that reads every file is not read ahead from its listing
               (workers/prefetch.py, `BlobPrefetcher.listed`), only after
               its first two READs.
+  parserhashes
+              the reverse of a shipped change: a binary cache's zstd or
+              uncompressed NAR is hashed (sha256) by the ingest on the
+              loop's thread, not by the thread that reads it
+              (castore/pathinfos/nixcache.py, HASHED_BY_THREAD).
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -112,6 +117,7 @@ PATCHES: Final = (
     "stdlibreaders",
     "blockbyblock",
     "nowalkahead",
+    "parserhashes",
     "readahead",
 )
 HARNESS_ONLY: Final = frozenset({"readahead"})
@@ -283,6 +289,12 @@ def _nowalkahead() -> None:
     prefetch.BlobPrefetcher.listed = lambda self, directory, nodes: None  # type: ignore[method-assign]
 
 
+def _parserhashes() -> None:
+    from tvix_mountd.castore.pathinfos import nixcache
+
+    setattr(nixcache, "HASHED_BY_THREAD", frozenset())  # noqa: B010
+
+
 def _stdlibreaders() -> None:
     import bz2
     import lzma
@@ -385,6 +397,7 @@ _APPLY: Final[dict[str, Callable[[], None]]] = {
     "stdlibreaders": _stdlibreaders,
     "blockbyblock": _blockbyblock,
     "nowalkahead": _nowalkahead,
+    "parserhashes": _parserhashes,
 }
 
 

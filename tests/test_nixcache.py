@@ -325,6 +325,9 @@ def _recorded(local: Path) -> list[bytes]:
         ("NAR cut short", "nar", Fault(cut_after=30_000), "IncompleteRead"),
         ("truncated NAR file", "nar", "truncate", "cannot decompress.*ended before"),
         ("truncated uncompressed NAR", "nar-none", "truncate", "NAR ends early"),
+        # Well formed, but not the NAR its NarHash names (hashed by the
+        # download's thread: an uncompressed NAR).
+        ("a file changed in an uncompressed NAR", "nar-none", "content", "sha256"),
         ("reset mid-body", "nar", Fault(reset_after=30_000), "reset|aborted|Connection"),
         ("HTTP 500 for the NAR", "nar", Fault(status=500), "HTTP 500"),
         ("HTTP 500 for the narinfo", "narinfo", Fault(status=500), "HTTP 500"),
@@ -359,6 +362,10 @@ async def test_failures_are_errors_nothing_is_recorded_and_a_later_lookup_works(
         fault = Fault(body=bytes(data))
     elif fault == "truncate":
         fault = Fault(body=bytes(data[: len(data) // 2]))
+    elif fault == "content":
+        at = data.index(b"documentation ")
+        data[at] = ord("D")
+        fault = Fault(body=bytes(data))
     assert isinstance(fault, Fault)
     server.fault(suffix, fault)
     local = tmp_path / "local"

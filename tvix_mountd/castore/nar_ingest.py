@@ -111,12 +111,16 @@ class _Prefetch:
 class _Reader:
     """The NAR's bytes, in blocks from `next_block`; hashes and counts every byte."""
 
-    def __init__(self, next_block: Callable[[], Awaitable[bytes]], max_size: int | None) -> None:
+    def __init__(
+        self, next_block: Callable[[], Awaitable[bytes]], max_size: int | None, hashed: bool
+    ) -> None:
+        """`hashed`: the source hashes the blocks itself (`sha256` stays unused)."""
         self._next_block = next_block
         self._max_size = max_size
         self._buf = b""
         self._pos = 0
         self.sha256 = hashlib.sha256()
+        self._hashed = hashed
         self.size = 0
 
     async def _fill(self) -> bool:
@@ -124,7 +128,8 @@ class _Reader:
         block = await self._next_block()
         if not block:
             return False
-        self.sha256.update(block)
+        if not self._hashed:
+            self.sha256.update(block)
         self.size += len(block)
         if self._max_size is not None and self.size > self._max_size:
             raise NarError(f"NAR is longer than the expected {self._max_size} bytes")
@@ -303,9 +308,14 @@ async def ingest_nar(
     *,
     expected_size: int | None = None,
     expected_sha256: bytes | None = None,
+    source_sha256: Callable[[], bytes] | None = None,
 ) -> IngestedNar:
     """Read a NAR from `next_block` (successive pieces, b"" at the end) into the
     services; returns its root node, size and sha256.
+
+    `source_sha256`: the sha256 of every byte `next_block` gave, once it gave
+    b"", from a source that hashes as it produces (off the loop's thread);
+    without it the NAR is hashed here.
 
     NarError if the stream is not a NAR, has anything after it, or does not
     match `expected_size` / `expected_sha256` (checked before any Directory is
@@ -313,7 +323,11 @@ async def ingest_nar(
     """
     try:
         async with trio.open_nursery() as nursery:
-            reader = _Reader(_Prefetch(next_block, nursery).next_block, expected_size)
+            reader = _Reader(
+                _Prefetch(next_block, nursery).next_block,
+                expected_size,
+                hashed=source_sha256 is not None,
+            )
             ingest = _Ingest(blobs, reader, nursery)
             node = await ingest.run()
             if not await reader.at_end():
@@ -321,7 +335,7 @@ async def ingest_nar(
             await ingest.small_files.flush()
     except BaseExceptionGroup as group:
         raise first_error(group) from None
-    sha256 = reader.sha256.digest()
+    sha256 = reader.sha256.digest() if source_sha256 is None else source_sha256()
     if expected_size is not None and reader.size != expected_size:
         raise NarError(f"NAR has {reader.size} bytes, expected {expected_size}")
     if expected_sha256 is not None and sha256 != expected_sha256:

@@ -44,11 +44,12 @@ may then download its whole closure.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, ClassVar, Final
 
 import trio
@@ -93,6 +94,9 @@ BLOCKS_AHEAD: Final = 2
 # and how long closing waits for it to end (a block's decompression, a poll):
 # not for a stalled network read, which ends at its socket's timeout.
 CLOSE_POLL: Final = 0.1
+# Compressions whose decompression keeps well ahead of the ingest: their
+# download thread hashes the NAR too (see _Download).
+HASHED_BY_THREAD: Final = frozenset({"none", "zstd"})
 CLOSE_JOIN: Final = 0.5
 # References waiting to be prefetched; beyond this, new ones are dropped (and
 # fetched when something looks them up). A closure is a few thousand paths.
@@ -127,7 +131,15 @@ class _Download:
     block at a time by a trio task instead, decompression stood idle
     between blocks until the loop's thread, busy parsing the last one, got
     round to asking: ~15% of an xz NAR's ingest (RESULTS.md, eleventh
-    session)."""
+    session).
+
+    After a quick decompressor (zstd, or none) the thread also takes the
+    NAR's sha256 of the blocks it hands over (`nar_sha256`): the ingest,
+    on the loop's thread, is then the slower side, and hashing there each
+    block let go of the GIL and waited to take it back (zstd ingest ~9%
+    slower). After xz or bzip2 the thread is the slower side (liblzma
+    alone is most of an xz ingest), and the ingest hashes (RESULTS.md,
+    twelfth session)."""
 
     def __init__(self, raw: ByteSource, narinfo: NarInfo, deadline: ProgressDeadline) -> None:
         self.narinfo = narinfo
@@ -139,6 +151,7 @@ class _Download:
         self._closing = threading.Event()
         self._started = False
         self._ended = threading.Event()
+        self._nar_sha256 = hashlib.sha256() if narinfo.compression in HASHED_BY_THREAD else None
 
     def read(self) -> bytes:
         """The next block, b"" at the end (blocking; one caller at a time)."""
@@ -165,6 +178,8 @@ class _Download:
                 item = IntegrityError(f"cannot decompress ({self.narinfo.compression}): {e}")
             except Exception as e:  # a failed download (StoreError), say: the ingest's to see
                 item = e
+            if self._nar_sha256 is not None and isinstance(item, bytes):
+                self._nar_sha256.update(item)
             while not self._closing.is_set():
                 try:
                     self._ready.put(item, timeout=CLOSE_POLL)
@@ -173,6 +188,20 @@ class _Download:
                     continue
             if self._closing.is_set() or isinstance(item, Exception) or not item:
                 return
+
+    @property
+    def nar_sha256(self) -> Callable[[], bytes] | None:
+        """For `ingest_nar`: the sha256 of the blocks `read` gave, once it
+        gave the end (b""), if this thread takes it; else None."""
+        hasher = self._nar_sha256
+        if hasher is None:
+            return None
+
+        def digest() -> bytes:
+            assert self._last == b"", "the NAR's hash before its end"
+            return hasher.digest()
+
+        return digest
 
     def finish(self) -> None:
         """After the NAR's end: the compressed file must end too, and match."""
@@ -439,6 +468,7 @@ class NixCachePathInfoService(PathInfoService):
                 lambda: deadline.run(download.read),
                 expected_size=narinfo.nar_size,
                 expected_sha256=narinfo.nar_sha256,
+                source_sha256=download.nar_sha256,
             )
             await deadline.run(download.finish)
             return ingested
