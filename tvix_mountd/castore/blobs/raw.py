@@ -288,15 +288,19 @@ class RawFileBlobService(BlobService):
         # by another process's put): looked for only under the prefix
         # directories there are, one listing rather than a stat a blob (each
         # syscall lets go of the GIL, and taking it back waits for the loop).
+        prefixes: set[str] | None
         try:
             prefixes = set(os.listdir(self._blob_dir))
         except FileNotFoundError:
             prefixes = set()
+        except OSError:
+            prefixes = None  # unlistable: look for each (its stat will say why)
         for digest, data in blobs:
             if len(data) > MAX_PACKED:
                 self._store_sync(digest, data)
             elif digest not in packed and not (
-                digest.hex()[:2] in prefixes and self._stored_as_file(digest, len(data))
+                (prefixes is None or digest.hex()[:2] in prefixes)
+                and self._stored_as_file(digest, len(data))
             ):
                 packed.add(digest)  # once, should the batch hold it twice
                 small.append((digest, data))
