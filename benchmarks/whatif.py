@@ -86,6 +86,10 @@ Patches:
               uncompressed NAR is hashed (sha256) by the ingest on the
               loop's thread, not by the thread that reads it
               (castore/pathinfos/nixcache.py, HASHED_BY_THREAD).
+  consecutivebatches
+              the reverse of a shipped change: the files of a window read
+              ahead go to the threads in batches of BATCH consecutive files,
+              not interleaved (workers/prefetch.py, `_split`).
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -118,6 +122,7 @@ PATCHES: Final = (
     "blockbyblock",
     "nowalkahead",
     "parserhashes",
+    "consecutivebatches",
     "readahead",
 )
 HARNESS_ONLY: Final = frozenset({"readahead"})
@@ -295,6 +300,15 @@ def _parserhashes() -> None:
     setattr(nixcache, "HASHED_BY_THREAD", frozenset())  # noqa: B010
 
 
+def _consecutivebatches() -> None:
+    from tvix_mountd.workers import prefetch
+
+    def split(files: list[Any]) -> list[list[Any]]:
+        return [files[i : i + prefetch.BATCH] for i in range(0, len(files), prefetch.BATCH)]
+
+    setattr(prefetch, "_split", split)  # noqa: B010
+
+
 def _stdlibreaders() -> None:
     import bz2
     import lzma
@@ -398,6 +412,7 @@ _APPLY: Final[dict[str, Callable[[], None]]] = {
     "blockbyblock": _blockbyblock,
     "nowalkahead": _nowalkahead,
     "parserhashes": _parserhashes,
+    "consecutivebatches": _consecutivebatches,
 }
 
 

@@ -103,6 +103,16 @@ class KernelPages(Protocol):
         ...
 
 
+def _split(files: list[PackedNode]) -> list[list[PackedNode]]:
+    """`files` (in name order) in batches to read ahead: interleaved (file i
+    in batch i % n), one a thread at least, so that the threads finish them
+    about in the order a reader comes to them. A batch each of consecutive
+    files had the reader wait on the first thread while the others read
+    what it needs later."""
+    count = max(-(-len(files) // BATCH), min(THREADS, len(files)))
+    return [files[k::count] for k in range(count)]
+
+
 def _is_last_file(nodes: Sequence[PackedNode], index: int) -> bool:
     """Whether no regular file comes after entry `index` of `nodes` (looking
     at LAST_LOOK entries at most: a directory with more after it is not at
@@ -189,7 +199,8 @@ class BlobPrefetcher:
         with self._lock:
             self._wanted |= small
         pin = self._pages.pin if self._pages is not None else None
-        for i in range(0, len(files), BATCH):
+        batches = _split(files)
+        for k, nodes_of_batch in enumerate(batches):
             batch = [
                 (
                     node,
@@ -197,7 +208,7 @@ class BlobPrefetcher:
                     if pin is not None and node in small and node != self._sentinel
                     else 0,
                 )
-                for node in files[i : i + BATCH]
+                for node in nodes_of_batch
             ]
             try:
                 self._send.send_nowait(batch)
@@ -205,7 +216,8 @@ class BlobPrefetcher:
                 # The disk is behind already: drop the rest.
                 self._unpin(batch)
                 with self._lock:
-                    self._wanted.difference_update(files[i:])
+                    for rest in batches[k:]:
+                        self._wanted.difference_update(rest)
                 return
 
     def _unpin(self, batch: Sequence[Ahead]) -> None:
