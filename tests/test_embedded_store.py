@@ -46,7 +46,13 @@ from tvix_mountd.castore.pathinfo import PathInfo
 from tvix_mountd.castore.pathinfos import PathInfoService
 from tvix_mountd.castore.pathinfos.memory import MemoryPathInfoService
 from tvix_mountd.castore.pathinfos.sqlite import LIST_PAGE_SIZE, SqlitePathInfoService
-from tvix_mountd.castore.sqlite_db import ConnectionPool, SqliteTable, WholeFileReadAhead
+from tvix_mountd.castore.sqlite_db import (
+    ConnectionPool,
+    SqliteTable,
+    WholeFileReadAhead,
+    in_list,
+    power_of_two_pieces,
+)
 from tvix_mountd.castore.storepath import StorePath
 
 TIMEOUT = 10.0
@@ -579,6 +585,31 @@ async def test_raw_batch_asks_the_pack_index_once_which_are_stored(
             assert await service.read_all(B3Digest.of(data)) == data
     finally:
         await service.aclose()
+
+
+def test_statements_of_many_rows_or_keys_come_in_a_few_shapes() -> None:
+    # Each statement text is compiled and cached per connection: a shape for
+    # every batch length grew a pack-writing process by ~10 MB.
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE t (k INTEGER PRIMARY KEY)")
+    db.executemany("INSERT INTO t VALUES (?)", [(k,) for k in range(0, 2000, 2)])
+    piece_shapes: set[int] = set()
+    in_shapes: set[int] = set()
+    for n in range(1, 1100):
+        items = list(range(n))
+        pieces = list(power_of_two_pieces(items, 128))
+        assert [x for piece in pieces for x in piece] == items
+        for piece in pieces:
+            assert len(piece) <= 128 and len(piece) & (len(piece) - 1) == 0
+            piece_shapes.add(len(piece))
+        marks, params = in_list(items)
+        assert marks.count("?") == len(params) and n <= len(params) < 2 * n
+        assert params[:n] == items and set(params) == set(items)
+        in_shapes.add(len(params))
+        # The padding does not repeat answers.
+        found = db.execute(f"SELECT k FROM t WHERE k IN ({marks})", params).fetchall()
+        assert sorted(k for (k,) in found) == list(range(0, n, 2))
+    assert len(piece_shapes) == 8 and len(in_shapes) == 12
 
 
 async def test_raw_locate_looks_up_packed_blobs_and_creates_nothing(tmp_path: Path) -> None:

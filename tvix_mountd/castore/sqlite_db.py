@@ -22,7 +22,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final, TypeVar
 
 import trio
@@ -183,6 +183,31 @@ class ConnectionPool:
             conn.close()
 
 
+def power_of_two_pieces(items: Sequence[T], cap: int) -> Iterator[Sequence[T]]:
+    """`items` in consecutive pieces of power-of-two lengths, at most `cap`
+    (a power of two) each, for statements of many rows.
+
+    Each distinct statement text is compiled and kept in the connection's
+    statement cache (Python's sqlite3 keeps 128), and one of hundreds of
+    rows takes tens of KiB there: pieces of any length grew a pack-writing
+    process by ~10 MB. Powers of two keep a connection at a few shapes."""
+    start = 0
+    while start < len(items):
+        size = min(cap, 1 << ((len(items) - start).bit_length() - 1))
+        yield items[start : start + size]
+        start += size
+
+
+def in_list(keys: Sequence[object]) -> tuple[str, list[object]]:
+    """The placeholders of `IN (...)` for `keys` (at least one) and their
+    parameters, padded to a power of two by repeating the last key (an IN
+    list takes no notice): a statement a length, as in `power_of_two_pieces`,
+    without splitting a lookup into several."""
+    params = list(keys)
+    params += params[-1:] * ((1 << (len(params) - 1).bit_length()) - len(params))
+    return ",".join("?" * len(params)), params
+
+
 def _is_busy(e: sqlite3.Error) -> bool:
     code = getattr(e, "sqlite_errorcode", None)
     return code is not None and code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
@@ -299,19 +324,19 @@ class SqliteTable:
         are there, by key: one query, and the conversion in the same worker
         thread (for reading ahead: the loop's thread is not kept waiting)."""
         wanted = [bytes(key) for key in keys]
-        marks = ",".join("?" * len(wanted))
+        if not wanted:
+            return {}
+        marks, params = in_list(wanted)
         sql = f"SELECT digest, data FROM {self._name} WHERE digest IN ({marks})"
         what = f"reading {len(wanted)} {self._name} rows"
 
         def query(conn: sqlite3.Connection) -> dict[bytes, T]:
             found: dict[bytes, T] = {}
-            for key, data in conn.execute(sql, wanted).fetchall():
+            for key, data in conn.execute(sql, params).fetchall():
                 key = _blob(key, self.path, what)
                 found[key] = convert(key, _blob(data, self.path, what))
             return found
 
-        if not wanted:
-            return {}
         return await self._run(query, what, ahead=True)
 
     def _row_what(self, key: bytes) -> str:

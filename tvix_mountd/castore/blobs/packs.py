@@ -44,7 +44,12 @@ from typing import Final
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.errors import StoreError
 from tvix_mountd.castore.localfs import make_dirs
-from tvix_mountd.castore.sqlite_db import ConnectionPool, WholeFileReadAhead
+from tvix_mountd.castore.sqlite_db import (
+    ConnectionPool,
+    WholeFileReadAhead,
+    in_list,
+    power_of_two_pieces,
+)
 
 # Blobs this small are packed (the read-ahead's whole-file size, so a packed
 # file is one pread).
@@ -63,9 +68,9 @@ INDEX_CACHE_KIB: Final = 64
 # is then not asked of SQLite again. Only what was found is remembered: a
 # blob packed by another process later is found the next time it is asked.
 PLACES: Final = 256
-# Index rows written per INSERT statement (4 parameters each; SQLite allows
-# 32,766 parameters a statement since 3.32, 999 before).
-_ROWS_PER_INSERT: Final = 249
+# Index rows written per INSERT statement at most (4 parameters each;
+# SQLite allows 32,766 parameters a statement since 3.32, 999 before).
+_ROWS_PER_INSERT: Final = 128
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS packed ("
     " digest BLOB PRIMARY KEY, pack TEXT NOT NULL, offset INTEGER NOT NULL,"
@@ -130,9 +135,9 @@ class PackedBlobs:
             wanted = [d for d in digests if d not in self._places]
         if not wanted or not self._index_exists():
             return found
-        marks = ",".join("?" * len(wanted))
+        marks, params = in_list(wanted)
         rows = self._query(
-            f"SELECT digest, pack, offset, size FROM packed WHERE digest IN ({marks})", wanted
+            f"SELECT digest, pack, offset, size FROM packed WHERE digest IN ({marks})", params
         )
         for digest, pack, offset, size in rows:
             if not (
@@ -220,8 +225,7 @@ class PackedBlobs:
                 # A statement of many rows, not executemany's one a row:
                 # each statement lets go of the GIL and takes it back, and
                 # while the loop's thread runs Python that take waits.
-                for start in range(0, len(rows), _ROWS_PER_INSERT):
-                    chunk = rows[start : start + _ROWS_PER_INSERT]
+                for chunk in power_of_two_pieces(rows, _ROWS_PER_INSERT):
                     db.execute(
                         "INSERT OR REPLACE INTO packed (digest, pack, offset, size) VALUES "
                         + ",".join(["(?, ?, ?, ?)"] * len(chunk)),
