@@ -90,6 +90,9 @@ Patches:
               the reverse of a shipped change: the files of a window read
               ahead go to the threads in batches of BATCH consecutive files,
               not interleaved (workers/prefetch.py, `_split`).
+  smallkept   files read ahead and kept in memory for their READ bounded at
+              4 MiB instead of KEPT's 16 MiB (workers/prefetch.py): what
+              the kept contents add to the daemon's RSS in `cat`.
   readahead   not a daemon patch: the harness writes 1024 to the mount's bdi
               read_ahead_kb after the FUSE INIT (what mount.py means to do).
 """
@@ -123,6 +126,7 @@ PATCHES: Final = (
     "nowalkahead",
     "parserhashes",
     "consecutivebatches",
+    "smallkept",
     "readahead",
 )
 HARNESS_ONLY: Final = frozenset({"readahead"})
@@ -294,6 +298,12 @@ def _nowalkahead() -> None:
     prefetch.BlobPrefetcher.listed = lambda self, directory, nodes: None  # type: ignore[method-assign]
 
 
+def _smallkept() -> None:
+    from tvix_mountd.workers import prefetch
+
+    prefetch.KEPT = 4 << 20  # type: ignore[misc]
+
+
 def _parserhashes() -> None:
     from tvix_mountd.castore.pathinfos import nixcache
 
@@ -413,6 +423,7 @@ _APPLY: Final[dict[str, Callable[[], None]]] = {
     "nowalkahead": _nowalkahead,
     "parserhashes": _parserhashes,
     "consecutivebatches": _consecutivebatches,
+    "smallkept": _smallkept,
 }
 
 
