@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ from tvix_mountd.castore.blobs.grpc import GrpcBlobService
 from tvix_mountd.castore.blobs.raw import RawFileBlobService
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories.memory import MemoryDirectoryService
+from tvix_mountd.castore.directories.sqlite import SqliteDirectoryService
 from tvix_mountd.castore.nodes import Directory, FileNode, Node, SymlinkNode, pack_node
 from tvix_mountd.castore.storepath import StorePath
-from tvix_mountd.workers import prefetch
+from tvix_mountd.workers import prefetch, runs
 from tvix_mountd.workers.filesystem import StoreFilesystem
 from tvix_mountd.workers.inodes import ROOT_INODE, InodeTable
 from tvix_mountd.workers.rootnodes import StaticRootNodes
@@ -472,3 +474,124 @@ def test_a_window_is_split_so_that_the_threads_take_its_first_files_first(files:
     firsts = nodes[: min(files, prefetch.THREADS)]
     assert len({i for i, batch in enumerate(batches) for n in batch if n in firsts}) == len(firsts)
     assert [batch[0] for batch in batches[: len(firsts)]] == firsts
+
+
+# -- a million entries ---------------------------------------------------------------------------
+
+BIG_DIRS = 2_000
+BIG_ENTRIES = 500  # a directory: 1,000,000 entries in all
+BIG_FILES = 10  # of them small files, read; the others symlinks, listed only
+BIG_GROUP = 100  # directories walked before the kernel forgets their parent
+
+
+async def _big_walk_store(tmp_path: Path) -> tuple[StoreFilesystem, list[bytes]]:
+    """BIG_DIRS directories of BIG_ENTRIES distinct entries (no node shared,
+    so every entry takes an inode of its own), in real files: packed blobs
+    and sqlite directories. Directory d's files hold `_big_contents(d)`, in
+    name order."""
+    blobs = RawFileBlobService(str(tmp_path / "blobs"))
+    directories = SqliteDirectoryService(str(tmp_path / "dirs.sqlite"), timeout=WAIT)
+    tree = []
+    for d in range(BIG_DIRS):
+        files = _big_contents(d)
+        await blobs.put_batch([(B3Digest.of(data), data) for data in files])
+        # The files last: a walk that reads a directory to its end goes on
+        # into the next one (see prefetch's doc).
+        entries: list[tuple[bytes, Node]] = [
+            (b"s%03d" % i, SymlinkNode(b"t%d-%d" % (d, i))) for i in range(BIG_ENTRIES - BIG_FILES)
+        ]
+        entries += [
+            (b"u%02d" % i, FileNode(B3Digest.of(data), len(data))) for i, data in enumerate(files)
+        ]
+        tree.append((b"d%04d" % d, Directory(entries)))
+    top = Directory([(name, directory.as_node()) for name, directory in tree])
+    await directories.put_tree([directory for _, directory in tree] + [top])
+    root_nodes = StaticRootNodes({NAME: top.as_node()})
+    fs = StoreFilesystem(blobs, directories, root_nodes, store_pages=True)
+    return fs, [name for name, _ in tree]
+
+
+def _big_contents(d: int) -> list[bytes]:
+    return [b"%d/%d\n" % (d, i) * (i + 20) for i in range(BIG_FILES)]
+
+
+async def test_a_reading_walk_of_a_million_entries_stores_files_ahead_in_bounded_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A walk that lists 1,000,000 entries and reads every file, the files
+    stored into the page cache ahead of it from the listings (notify_store),
+    the kernel forgetting each directory once walked, and every BIG_GROUP
+    directories the store path's directory as well (its listing holds the
+    numbers of all it lists, and theirs of what they list: InodeTable.hold):
+    what the worker allocates stops growing once its bounded tables are full
+    (made small here, so that they fill early), and every inode comes back."""
+    for table in ("DIRECTORIES", "PLACES", "LISTED_PLACES"):
+        monkeypatch.setattr(runs, table, 64)
+    monkeypatch.setattr(prefetch, "KEPT", 64 << 10)
+    stored: set[int] = set()
+
+    def notify_store(ino: int, offset: int, data: bytes) -> None:
+        stored.add(ino)
+
+    monkeypatch.setattr(pyfuse3, "notify_store", notify_store)
+    replied: list[tuple[bytes, int]] = []
+
+    def readdir_reply(token: Any, name: bytes, attr: pyfuse3.EntryAttributes, offset: int) -> bool:
+        replied.append((name, attr.st_ino))
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", readdir_reply)
+    fs, names = await _big_walk_store(tmp_path)
+    prefetcher = fs.prefetcher
+    assert prefetcher is not None
+
+    async def listed(directory: int) -> list[tuple[bytes, int]]:
+        """A readdirplus of `directory` from its start: its entries' numbers."""
+        replied.clear()
+        await fs.readdir(await fs.open_directory(directory), 0, _Plus())  # type: ignore[arg-type]
+        return list(replied)
+
+    def evicted(top: int, subdirs: dict[bytes, int], walked: list[bytes]) -> list[tuple[int, int]]:
+        """What the kernel forgets when it drops `top`: its entries' lookups
+        (those walked are forgotten already), then its own."""
+        return [(ino, 1) for name, ino in subdirs.items() if name not in walked] + [(top, 1)]
+
+    reads = 0
+    # After each directory: the interpreter's allocated blocks (every object
+    # and buffer, whatever its size) and the highest inode number so far.
+    blocks: list[int] = []
+    highest: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fs.run_background)
+        for group in range(0, BIG_DIRS, BIG_GROUP):
+            top = (await fs.lookup(ROOT_INODE, NAME, CTX)).st_ino
+            subdirs = dict(await listed(top))
+            for d in range(group, group + BIG_GROUP):
+                directory = subdirs[names[d]]
+                entries = await listed(directory)
+                files = [ino for entry, ino in entries if entry.startswith(b"u")]
+                if d > 0:  # the walk reads on: all but the last stored ahead
+                    with trio.fail_after(WAIT):
+                        while not stored.issuperset(files[:-1]):
+                            await prefetcher.wait_batch()
+                for ino, data in zip(files, _big_contents(d), strict=True):
+                    if ino not in stored:  # else the kernel has its pages
+                        assert await fs.read(ino, 0, 1 << 16) == data
+                        reads += 1
+                stored.difference_update(files)  # numbers are given again
+                await fs.releasedir(directory)
+                await fs.forget([(ino, 1) for _, ino in entries] + [(directory, 1)])
+                blocks.append(sys.getallocatedblocks())
+                highest.append(max([ino for _, ino in entries] + highest[-1:]))
+            await fs.forget(evicted(top, subdirs, names[group : group + BIG_GROUP]))
+        await prefetcher.settle()
+        nursery.cancel_scope.cancel()
+    assert reads == BIG_FILES + BIG_DIRS - 1  # the first directory, then each one's last
+    assert prefetcher.kept_bytes <= 64 << 10
+    assert len(fs.inodes) == 0
+    # Past the first tenth nothing grows: numbers are given again, and fewer
+    # blocks are allocated than one for every 100 of the 900,000 entries
+    # that came after.
+    settled = BIG_DIRS // 10
+    assert highest[-1] == highest[settled]
+    assert max(blocks) - max(blocks[:settled]) < 9_000, (max(blocks[:settled]), max(blocks))

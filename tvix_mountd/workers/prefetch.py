@@ -77,6 +77,7 @@ KEPT: Final = 16 << 20  # bytes kept at most (the oldest go first)
 QUEUE: Final = 256
 
 _size_field = PACKED_SIZE.unpack_from
+_FILE_KINDS: Final = (PACKED_FILE, PACKED_EXECUTABLE)
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +119,7 @@ def _is_last_file(nodes: Sequence[PackedNode], index: int) -> bool:
     at LAST_LOOK entries at most: a directory with more after it is not at
     its end)."""
     after = nodes[index + 1 : index + 1 + LAST_LOOK]
-    return len(after) < LAST_LOOK and not any(
-        node[0] in (PACKED_FILE, PACKED_EXECUTABLE) for node in after
-    )
+    return len(after) < LAST_LOOK and not any(node[0] in _FILE_KINDS for node in after)
 
 
 class BlobPrefetcher:
@@ -177,7 +176,11 @@ class BlobPrefetcher:
             self._reading_walk = False
             self._sentinel = None
             return
-        self._read_ahead(directory, -1, nodes, from_listing=True)
+        # From its first file on: subdirectories and symlinks named before
+        # it would take the window's places.
+        first = next((i for i, node in enumerate(nodes) if node[0] in _FILE_KINDS), None)
+        if first is not None:
+            self._read_ahead(directory, first - 1, nodes, from_listing=True)
 
     def _read_ahead(
         self,
@@ -190,7 +193,7 @@ class BlobPrefetcher:
         files = [
             node
             for node in nodes[window.start : window.stop]
-            if node[0] in (PACKED_FILE, PACKED_EXECUTABLE) and 0 < _size_field(node)[0] <= MAX_FILE
+            if node[0] in _FILE_KINDS and 0 < _size_field(node)[0] <= MAX_FILE
         ]
         small = {node for node in files if _size_field(node)[0] <= SMALL}
         if from_listing and small:
