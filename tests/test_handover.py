@@ -629,6 +629,19 @@ def _caught_in_a_store(pid: int) -> bool:
     return caught
 
 
+def _catch_in_a_store(pid: int, timeout: float) -> None:
+    """Until `_caught_in_a_store(pid)`, asked every millisecond (a store
+    waits for a READ only as long as that READ's answer takes, a fraction of
+    a millisecond: polled as slowly as `wait_until` does, most went unseen,
+    the more so as the read-ahead's stores come before the READs more
+    often); AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not _caught_in_a_store(pid):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no store met a READ in {timeout:g} s")
+        time.sleep(0.001)
+
+
 def _stored_ahead_tree(tmp_path: Path, subdirs: int) -> tuple[Path, Path]:
     """A tree of `subdirs` directories of 50 files of ~8 KB, and a file
     holding, per directory, the digest of its files' contents in name order
@@ -729,7 +742,7 @@ def test_kills_while_files_are_stored_ahead_fail_no_read(tmp_path: Path) -> None
                 )
                 old = _pid(svc, "a")
                 try:
-                    wait_until(partial(_caught_in_a_store, old), 5, "a store to meet a READ")
+                    _catch_in_a_store(old, 5)
                 except AssertionError:
                     restart = svc.cli("restart", "--config", str(svc.config_path), "a")
                     assert restart.returncode == 0, (restart.stdout, restart.stderr, svc.log())
@@ -796,11 +809,7 @@ def _standalone_caught_in_a_store(tmp_path: Path) -> Iterator[_CaughtStandalone]
                     apart=15,
                 )
                 try:
-                    wait_until(
-                        partial(_caught_in_a_store, mount.process.pid),
-                        CATCH_TIMEOUT,
-                        "a store to meet a READ",
-                    )
+                    _catch_in_a_store(mount.process.pid, CATCH_TIMEOUT)
                 except AssertionError:
                     # Not this time: readers stopped, the mount unmounted, anew.
                     _end_stored_ahead(caught.stop, None, caught.readers)
