@@ -481,7 +481,6 @@ def test_a_window_is_split_so_that_the_threads_take_its_first_files_first(files:
 BIG_DIRS = 2_000
 BIG_ENTRIES = 500  # a directory: 1,000,000 entries in all
 BIG_FILES = 10  # of them small files, read; the others symlinks, listed only
-BIG_GROUP = 100  # directories walked before the kernel forgets their parent
 
 
 async def _big_walk_store(tmp_path: Path) -> tuple[StoreFilesystem, list[bytes]]:
@@ -520,11 +519,11 @@ async def test_a_reading_walk_of_a_million_entries_stores_files_ahead_in_bounded
 ) -> None:
     """A walk that lists 1,000,000 entries and reads every file, the files
     stored into the page cache ahead of it from the listings (notify_store),
-    the kernel forgetting each directory once walked, and every BIG_GROUP
-    directories the store path's directory as well (its listing holds the
-    numbers of all it lists, and theirs of what they list: InodeTable.hold):
-    what the worker allocates stops growing once its bounded tables are full
-    (made small here, so that they fill early), and every inode comes back."""
+    the kernel forgetting each directory once walked but keeping the store
+    path's directory, whose cached listing names them all: what the worker
+    allocates stops growing once its bounded tables are full (made small
+    here, so that they fill early), numbers are given again, and every
+    inode comes back in the end."""
     for table in ("DIRECTORIES", "PLACES", "LISTED_PLACES"):
         monkeypatch.setattr(runs, table, 64)
     monkeypatch.setattr(prefetch, "KEPT", 64 << 10)
@@ -551,11 +550,6 @@ async def test_a_reading_walk_of_a_million_entries_stores_files_ahead_in_bounded
         await fs.readdir(await fs.open_directory(directory), 0, _Plus())  # type: ignore[arg-type]
         return list(replied)
 
-    def evicted(top: int, subdirs: dict[bytes, int], walked: list[bytes]) -> list[tuple[int, int]]:
-        """What the kernel forgets when it drops `top`: its entries' lookups
-        (those walked are forgotten already), then its own."""
-        return [(ino, 1) for name, ino in subdirs.items() if name not in walked] + [(top, 1)]
-
     reads = 0
     # After each directory: the interpreter's allocated blocks (every object
     # and buffer, whatever its size) and the highest inode number so far.
@@ -563,31 +557,30 @@ async def test_a_reading_walk_of_a_million_entries_stores_files_ahead_in_bounded
     highest: list[int] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(fs.run_background)
-        for group in range(0, BIG_DIRS, BIG_GROUP):
-            top = (await fs.lookup(ROOT_INODE, NAME, CTX)).st_ino
-            subdirs = dict(await listed(top))
-            for d in range(group, group + BIG_GROUP):
-                directory = subdirs[names[d]]
-                entries = await listed(directory)
-                files = [ino for entry, ino in entries if entry.startswith(b"u")]
-                if d > 0:  # the walk reads on: all but the last stored ahead
-                    with trio.fail_after(WAIT):
-                        while not stored.issuperset(files[:-1]):
-                            await prefetcher.wait_batch()
-                for ino, data in zip(files, _big_contents(d), strict=True):
-                    if ino not in stored:  # else the kernel has its pages
-                        assert await fs.read(ino, 0, 1 << 16) == data
-                        reads += 1
-                stored.difference_update(files)  # numbers are given again
-                await fs.releasedir(directory)
-                await fs.forget([(ino, 1) for _, ino in entries] + [(directory, 1)])
-                blocks.append(sys.getallocatedblocks())
-                highest.append(max([ino for _, ino in entries] + highest[-1:]))
-            await fs.forget(evicted(top, subdirs, names[group : group + BIG_GROUP]))
+        top = (await fs.lookup(ROOT_INODE, NAME, CTX)).st_ino
+        subdirs = dict(await listed(top))
+        for d, name in enumerate(names):
+            directory = subdirs[name]
+            entries = await listed(directory)
+            files = [ino for entry, ino in entries if entry.startswith(b"u")]
+            if d > 0:  # the walk reads on: all but the last stored ahead
+                with trio.fail_after(WAIT):
+                    while not stored.issuperset(files[:-1]):
+                        await prefetcher.wait_batch()
+            for ino, data in zip(files, _big_contents(d), strict=True):
+                if ino not in stored:  # else the kernel has its pages
+                    assert await fs.read(ino, 0, 1 << 16) == data
+                    reads += 1
+            stored.difference_update(files)  # numbers are given again
+            await fs.releasedir(directory)
+            await fs.forget([(ino, 1) for _, ino in entries] + [(directory, 1)])
+            blocks.append(sys.getallocatedblocks())
+            highest.append(max([ino for _, ino in entries] + highest[-1:]))
         await prefetcher.settle()
         nursery.cancel_scope.cancel()
     assert reads == BIG_FILES + BIG_DIRS - 1  # the first directory, then each one's last
     assert prefetcher.kept_bytes <= 64 << 10
+    await fs.forget([(top, 1)])
     assert len(fs.inodes) == 0
     # Past the first tenth nothing grows: numbers are given again, and fewer
     # blocks are allocated than one for every 100 of the 900,000 entries

@@ -14,7 +14,8 @@ Except from a listing the kernel keeps: a directory's cached listing carries
 each entry's number (getdents' d_ino), and the directory may stay cached after
 the entries' own inodes are forgotten. So the entries of such a listing are
 held (`hold`): one more count each, given back only when the kernel forgets
-the directory itself, and its cached listing with it.
+the directory itself, and its cached listing with it (every lookup of it
+forgotten, even while its own number stays held by its parent's listing).
 
 Numbers, counts, nodes and holds live in a StateFile (statefile.py), so that
 they outlive the worker: the kernel still holds these numbers after a
@@ -73,6 +74,12 @@ class InodeTable:
         self._children: dict[int, Children] = {}
         # Directory -> how many of its first children it holds (mirrors the file).
         self._held: dict[int, int] = {}
+        # By number: how many holds of kept listings its count includes (its
+        # parents' listings'). A directory whose count falls to that has no
+        # lookup of the kernel's left: see `forget`. Known only in this
+        # process: after a handover they start at 0, and a directory held so
+        # keeps what its own listing held until its count reaches 0.
+        self._held_by = array("I", bytes(4 * len(self._nodes)))
         for ino, node, _ in live:
             self._nodes[ino] = node
             # Two live numbers may hold one node (after a kill): the first shares it.
@@ -113,6 +120,7 @@ class InodeTable:
         else:
             ino = len(self._nodes)
             self._nodes.append(None)
+            self._held_by.append(0)
         self.state.fill(ino, node, 1)
         self._nodes[ino] = node
         self._index.insert(ino, slot)
@@ -145,34 +153,61 @@ class InodeTable:
         return ino
 
     def forget(self, ino: int, count: int) -> list[tuple[PackedNode, int]]:
-        """Give back `count` lookups of `ino`. Returns the forgotten
-        directories whose held children must be given back but whose
-        contents are not in this process (read before a handover): (the
-        directory's node, how many of its first children it held), for the
-        caller to fetch and pass to `release_held`."""
+        """Give back `count` lookups of `ino`. Returns the directories whose
+        held children must be given back but whose contents are not in this
+        process (read before a handover): (the directory's node, how many of
+        its first children it held), for the caller to fetch and pass to
+        `release_held`.
+
+        A directory gives back what its listing held when its count reaches
+        0, or earlier, when all that is left of it are the holds of its
+        parents' kept listings: the kernel has forgotten every lookup of it,
+        so it has evicted its inode, and its cached listing with it. Its
+        number stays (a parent's cached listing still names it). Without
+        this, a walk under a directory the kernel keeps would keep every
+        directory below it and the entries of each one's listing."""
+        return self._give_back([(ino, count, False)])
+
+    def release_held(self, held_nodes: tuple[PackedNode, ...]) -> list[tuple[PackedNode, int]]:
+        """Give back one count of each of `held_nodes`, the first children of a
+        directory that held them (see `forget`)."""
+        return self._give_back(self._held_numbers(held_nodes))
+
+    def _give_back(self, stack: list[tuple[int, int, bool]]) -> list[tuple[PackedNode, int]]:
+        """`forget` for each (number, count, whether it is a hold's count)."""
         unresolved: list[tuple[PackedNode, int]] = []
+        state = self.state
+        held_by = self._held_by
         # A stack, not recursion: a dropped directory gives back what it held,
         # which may drop directories below it, as deep as the tree goes.
-        stack = [(ino, count)]
-        state = self.state
         while stack:
-            ino, count = stack.pop()
+            ino, count, of_a_hold = stack.pop()
             node = self.node(ino)
             if node is None:
                 continue
+            if of_a_hold and held_by[ino]:
+                held_by[ino] -= 1
             left = state.count(ino) - count
             if left > 0:
                 state.set_count(ino, left)
-                continue
-            held = self._held.pop(ino, 0)
-            # Freed (hold and all) before its children are given back: a kill
-            # in between leaks their counts, it never lowers them twice.
-            state.free(ino)
-            # Out of the index (if it is the number that shares its node)
-            # while `_nodes` still names its node: the index's key.
-            self._index.remove(ino)
-            self._nodes[ino] = None
-            self._free.append(ino)
+                held = self._held.get(ino, 0)
+                if not held or left != held_by[ino]:
+                    continue
+                # No lookup of the kernel's left: its listing is not cached.
+                # The hold cleared before its children are given back, as below.
+                del self._held[ino]
+                state.set_held(ino, 0)
+            else:
+                held = self._held.pop(ino, 0)
+                # Freed (hold and all) before its children are given back: a
+                # kill in between leaks their counts, it never lowers them twice.
+                state.free(ino)
+                # Out of the index (if it is the number that shares its node)
+                # while `_nodes` still names its node: the index's key.
+                self._index.remove(ino)
+                self._nodes[ino] = None
+                held_by[ino] = 0
+                self._free.append(ino)
             children = self._children.pop(ino, None)
             if not held:
                 continue
@@ -182,17 +217,9 @@ class InodeTable:
                 stack += self._held_numbers(children[1][:held])
         return unresolved
 
-    def release_held(self, held_nodes: tuple[PackedNode, ...]) -> list[tuple[PackedNode, int]]:
-        """Give back one count of each of `held_nodes`, the first children of a
-        forgotten directory that held them (see `forget`)."""
-        unresolved = []
-        for ino, count in self._held_numbers(held_nodes):
-            unresolved += self.forget(ino, count)
-        return unresolved
-
-    def _held_numbers(self, nodes: tuple[PackedNode, ...]) -> list[tuple[int, int]]:
+    def _held_numbers(self, nodes: tuple[PackedNode, ...]) -> list[tuple[int, int, bool]]:
         get = self._index.get
-        return [(ino, 1) for n in nodes if (ino := get(n)) is not None]
+        return [(ino, 1, True) for n in nodes if (ino := get(n)) is not None]
 
     def held(self, ino: int) -> int:
         """How many of directory `ino`'s first children it holds."""
@@ -222,13 +249,16 @@ class InodeTable:
         if held is None or held >= stop:
             return
         # The counts first, then the hold that says to give them back.
+        held_by = self._held_by
         if numbers is None:
             for node in self._children[ino][1][held:stop]:
-                self.ref(node)
-        elif not counted:
+                held_by[self.ref(node)] += 1
+        else:
             state = self.state
             for number in numbers[held - start : stop - start]:
-                state.set_count(number, state.count(number) + 1)
+                if not counted:
+                    state.set_count(number, state.count(number) + 1)
+                held_by[number] += 1
         self._held[ino] = stop
         self.state.set_held(ino, stop)
 
