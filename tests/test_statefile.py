@@ -354,14 +354,21 @@ def _scripted_worker(state_fd: int, model_path: str, kill_at: int) -> None:  # p
     for index in range(6):  # directories, files, symlinks, short and long
         numbers[index] = inodes.ref(_node_of(index))
         replied(index)
-    parent = _node_of(0)
-    children = (PackedNames([b"a", b"b"]), (_node_of(1), _node_of(2)))
-    inodes.set_children(numbers[0], parent, children)
-    inodes.hold(numbers[0], 0, 2)
+    for parent, children in _HELD_CHILDREN.items():
+        names = PackedNames([b"%d" % i for i in range(len(children))])
+        inodes.set_children(numbers[parent], _node_of(parent), (names, children))
+        inodes.hold(numbers[parent], 0, len(children))
     for index in (1, 2, 5):
         forgotten(index)
         inodes.forget(numbers[index], 1)
     numbers[6] = inodes.ref(_node_of(6))  # into a freed number, and the freed target
+    replied(6)
+    for index in (4, 3):  # 3, still held by 0, gives back what it held
+        forgotten(index)
+        inodes.forget(numbers[index], 1)
+    numbers[4] = inodes.ref(_node_of(4))  # looked up again: given back once only
+    replied(4)
+    inodes.ref(_node_of(6))  # (kill points while 0 still holds 3)
     replied(6)
     forgotten(0)
     inodes.forget(numbers[0], 1)  # gives back what it held
@@ -369,8 +376,8 @@ def _scripted_worker(state_fd: int, model_path: str, kill_at: int) -> None:  # p
     os._exit(0)
 
 
-# The children the scripted worker's directory 0 holds (a kept listing).
-_HELD_CHILDREN: Final = (_node_of(1), _node_of(2))
+# The children the scripted worker's directories 0 and 3 hold (kept listings).
+_HELD_CHILDREN: Final = {0: (_node_of(1), _node_of(2), _node_of(3)), 3: (_node_of(4),)}
 
 
 def _drain(state_fd: int, model_path: Path) -> None:
@@ -399,9 +406,12 @@ def _drain(state_fd: int, model_path: Path) -> None:
         count, held[index] = held[index], 0
         if count <= 0:
             continue
-        for node, how_many in inodes.forget(number(index), count):
-            assert node == _node_of(0) and how_many <= len(_HELD_CHILDREN)
-            assert inodes.release_held(_HELD_CHILDREN[:how_many]) == []
+        unresolved = inodes.forget(number(index), count)
+        while unresolved:
+            node, how_many = unresolved.pop()
+            (children,) = [c for p, c in _HELD_CHILDREN.items() if _node_of(p) == node]
+            assert how_many <= len(children)
+            unresolved += inodes.release_held(children[:how_many])
         check_remaining()
 
 
