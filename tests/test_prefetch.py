@@ -351,6 +351,7 @@ async def test_files_on_a_remote_store_are_fetched_ahead_all_at_once(
 
 WALK_DIRS = 6
 WALK_FILES = 12
+WALK_LINKS = 20
 
 
 class _Plus:
@@ -363,7 +364,8 @@ async def _walk_store(
     tmp_path: Path,
 ) -> tuple[StoreFilesystem, dict[bytes, dict[bytes, bytes]]]:
     """A store path of WALK_DIRS directories of WALK_FILES small files and
-    a symlink each (after the files: the last file is not the last entry)."""
+    WALK_LINKS symlinks each (named after the files: a directory's last file
+    is followed by many entries)."""
     blobs = CountingBlobs(str(tmp_path / "blobs"))
     directories = MemoryDirectoryService()
     contents: dict[bytes, dict[bytes, bytes]] = {}
@@ -374,7 +376,7 @@ async def _walk_store(
         entries: list[tuple[bytes, Node]] = [
             (n, FileNode(await blobs.put(data), len(data))) for n, data in files.items()
         ]
-        entries.append((b"link", SymlinkNode(b"f00")))
+        entries += [(b"link%02d" % i, SymlinkNode(b"f00")) for i in range(WALK_LINKS)]
         directory = Directory(entries)
         await directories.put(directory)
         subdirs.append((name, directory.as_node()))

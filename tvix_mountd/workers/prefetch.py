@@ -62,7 +62,7 @@ from tvix_mountd.castore.nodes import (
     PackedNode,
     packed_digest,
 )
-from tvix_mountd.workers.runs import AheadWindows
+from tvix_mountd.workers.runs import DIRECTORIES, AheadWindows, remember
 
 # Files ahead of the one looked up; asked for again once half are read.
 AHEAD: Final = 64
@@ -70,9 +70,6 @@ BATCH: Final = 16  # files per thread call
 THREADS: Final = 4
 MAX_FILE: Final = 1 << 20  # larger files have the kernel's own readahead
 SMALL: Final = 64 << 10  # files this small are read whole and kept
-# Entries after a file that are looked at to tell that it is its directory's
-# last: a run that reaches it has read the directory to its end.
-LAST_LOOK: Final = 8
 KEPT: Final = 16 << 20  # bytes kept at most (the oldest go first)
 QUEUE: Final = 256
 
@@ -114,12 +111,12 @@ def _split(files: list[PackedNode]) -> list[list[PackedNode]]:
     return [files[k::count] for k in range(count)]
 
 
-def _is_last_file(nodes: Sequence[PackedNode], index: int) -> bool:
-    """Whether no regular file comes after entry `index` of `nodes` (looking
-    at LAST_LOOK entries at most: a directory with more after it is not at
-    its end)."""
-    after = nodes[index + 1 : index + 1 + LAST_LOOK]
-    return len(after) < LAST_LOOK and not any(node[0] in _FILE_KINDS for node in after)
+def _last_file(nodes: Sequence[PackedNode]) -> int:
+    """The index of the last regular file among `nodes`, -1 if none."""
+    for index in range(len(nodes) - 1, -1, -1):
+        if nodes[index][0] in _FILE_KINDS:
+            return index
+    return -1
 
 
 class BlobPrefetcher:
@@ -152,6 +149,9 @@ class BlobPrefetcher:
         # whose READ would show that it still does, until that READ comes.
         self._reading_walk = False
         self._sentinel: PackedNode | None = None
+        # Directory -> the index of its last regular file (`_last_file`,
+        # found once: entries after it may be many).
+        self._last_files: OrderedDict[PackedNode, int] = OrderedDict()
 
     def read_ahead_after(
         self, directory: PackedNode, index: int, nodes: Sequence[PackedNode], on_run: bool = True
@@ -159,8 +159,12 @@ class BlobPrefetcher:
         """Entry `index` of `directory`, whose entries are `nodes` (in name
         order), is being read from its start: if that continues a run of
         reads in name order (`on_run`), read ahead the files after it."""
-        if _is_last_file(nodes, index) and self._windows.asked_upto(directory) >= len(nodes):
-            # A directory read ahead to its end, and read to its end.
+        last = self._last_files.get(directory)
+        if last is None:
+            last = _last_file(nodes)
+            remember(self._last_files, directory, last, DIRECTORIES)
+        if index == last and self._windows.asked_upto(directory) > last:
+            # A directory read ahead to its last file, and read to it.
             self._reading_walk = True
         if on_run:
             self._read_ahead(directory, index, nodes)
