@@ -74,12 +74,6 @@ class InodeTable:
         self._children: dict[int, Children] = {}
         # Directory -> how many of its first children it holds (mirrors the file).
         self._held: dict[int, int] = {}
-        # By number: how many holds of kept listings its count includes (its
-        # parents' listings'). A directory whose count falls to that has no
-        # lookup of the kernel's left: see `forget`. Known only in this
-        # process: after a handover they start at 0, and a directory held so
-        # keeps what its own listing held until its count reaches 0.
-        self._held_by = array("I", bytes(4 * len(self._nodes)))
         for ino, node, _ in live:
             self._nodes[ino] = node
             # Two live numbers may hold one node (after a kill): the first shares it.
@@ -120,7 +114,6 @@ class InodeTable:
         else:
             ino = len(self._nodes)
             self._nodes.append(None)
-            self._held_by.append(0)
         self.state.fill(ino, node, 1)
         self._nodes[ino] = node
         self._index.insert(ino, slot)
@@ -165,7 +158,9 @@ class InodeTable:
         so it has evicted its inode, and its cached listing with it. Its
         number stays (a parent's cached listing still names it). Without
         this, a walk under a directory the kernel keeps would keep every
-        directory below it and the entries of each one's listing."""
+        directory below it and the entries of each one's listing. The
+        parents' holds are counted in the state file (`held_by`), raised
+        after the count and lowered before it: never more than there are."""
         return self._give_back([(ino, count, False)])
 
     def release_held(self, held_nodes: tuple[PackedNode, ...]) -> list[tuple[PackedNode, int]]:
@@ -177,7 +172,6 @@ class InodeTable:
         """`forget` for each (number, count, whether it is a hold's count)."""
         unresolved: list[tuple[PackedNode, int]] = []
         state = self.state
-        held_by = self._held_by
         # A stack, not recursion: a dropped directory gives back what it held,
         # which may drop directories below it, as deep as the tree goes.
         while stack:
@@ -185,13 +179,15 @@ class InodeTable:
             node = self.node(ino)
             if node is None:
                 continue
-            if of_a_hold and held_by[ino]:
-                held_by[ino] -= 1
+            holds = state.held_by(ino)
+            if of_a_hold and holds:
+                holds -= 1
+                state.set_held_by(ino, holds)
             left = state.count(ino) - count
             if left > 0:
                 state.set_count(ino, left)
                 held = self._held.get(ino, 0)
-                if not held or left != held_by[ino]:
+                if not held or left != holds:
                     continue
                 # No lookup of the kernel's left: its listing is not cached.
                 # The hold cleared before its children are given back, as below.
@@ -206,7 +202,6 @@ class InodeTable:
                 # while `_nodes` still names its node: the index's key.
                 self._index.remove(ino)
                 self._nodes[ino] = None
-                held_by[ino] = 0
                 self._free.append(ino)
             children = self._children.pop(ino, None)
             if not held:
@@ -249,16 +244,15 @@ class InodeTable:
         if held is None or held >= stop:
             return
         # The counts first, then the hold that says to give them back.
-        held_by = self._held_by
+        state = self.state
         if numbers is None:
-            for node in self._children[ino][1][held:stop]:
-                held_by[self.ref(node)] += 1
-        else:
-            state = self.state
+            numbers = [self.ref(node) for node in self._children[ino][1][held:stop]]
+            start = held
+        elif not counted:
             for number in numbers[held - start : stop - start]:
-                if not counted:
-                    state.set_count(number, state.count(number) + 1)
-                held_by[number] += 1
+                state.set_count(number, state.count(number) + 1)
+        for number in numbers[held - start : stop - start]:
+            state.set_held_by(number, state.held_by(number) + 1)
         self._held[ino] = stop
         self.state.set_held(ino, stop)
 

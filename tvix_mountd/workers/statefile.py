@@ -7,7 +7,8 @@ creates with the mount and keeps open, and that each worker maps in turn.
 It holds three regions:
 
 - inode slots: per inode number, its lookup count, the count of children a
-  kept listing holds (see inodes.py) and the packed node;
+  kept listing holds, how many of its parents' kept listings hold it (see
+  inodes.py) and the packed node;
 - a heap for symlink targets (the only variable-length part of a node);
 - the request journal (journal.py): requests in flight, and the ones that
   were in flight when a worker died;
@@ -63,6 +64,10 @@ _COUNT: Final = 0  # u64 lookup count; 0 = free
 _HELD: Final = 8  # u32: leading children held by a kept listing
 _NODE: Final = 15  # the packed node: kind byte, then 32-byte digest and u64 size
 _NODE_END: Final = _NODE + 41
+# u32: how many of the holds in the count are kept listings' of its parents
+# (inodes.py, `forget`). Zero in a file written before it was kept: fewer
+# holds than there are is the safe side.
+_HELD_BY: Final = _NODE_END
 # A symlink's slot: kind byte at _NODE, then the heap offset and length of
 # its target; or, for a target that fits (INLINE_TARGET), the kind byte
 # _INLINE_SYMLINK, the target's length and the target itself.
@@ -152,6 +157,13 @@ class StateFile:
     def set_held(self, ino: int, held: int) -> None:
         self._held[ino * (SLOT_SIZE // 4) + _HELD // 4] = held
 
+    def held_by(self, ino: int) -> int:
+        value: int = self._held[ino * (SLOT_SIZE // 4) + _HELD_BY // 4]
+        return value
+
+    def set_held_by(self, ino: int, holds: int) -> None:
+        self._held[ino * (SLOT_SIZE // 4) + _HELD_BY // 4] = holds
+
     def fill(self, ino: int, node: PackedNode, count: int) -> None:
         """Make free slot `ino` hold `node` with lookup count `count` (> 0).
 
@@ -163,6 +175,7 @@ class StateFile:
         base = ino * SLOT_SIZE
         slots = self._slots
         slots[base + _HELD : base + _HELD + 4] = b"\0\0\0\0"
+        slots[base + _HELD_BY : base + _HELD_BY + 4] = b"\0\0\0\0"
         if node[0] == PACKED_SYMLINK:
             target = node[1:]
             if len(target) <= INLINE_TARGET:
