@@ -133,6 +133,8 @@ PACKED_DIRECTORY: Final = ord("d")
 PACKED_FILE: Final = ord("f")
 PACKED_EXECUTABLE: Final = ord("x")
 PACKED_SYMLINK: Final = ord("l")
+# The kinds of a regular file, executable or not.
+PACKED_FILE_KINDS: Final = (PACKED_FILE, PACKED_EXECUTABLE)
 _KIND_DIGEST_SIZE: Final = struct.Struct("<c32sQ")
 # The size field alone: `PACKED_SIZE.unpack_from(packed)[0]` reads it in place.
 PACKED_SIZE: Final = struct.Struct("<33xQ")

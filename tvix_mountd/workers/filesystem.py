@@ -36,6 +36,7 @@ from tvix_mountd.castore.nodes import (
     PACKED_DIRECTORY,
     PACKED_EXECUTABLE,
     PACKED_FILE,
+    PACKED_FILE_KINDS,
     PACKED_SIZE,
     PACKED_SYMLINK,
     Directory,
@@ -804,7 +805,7 @@ class StoreFilesystem(pyfuse3.Operations):
                 return blob
             # The number was forgotten and given to another file since.
             await self._close_blob(ino)
-        if packed is None or packed[0] not in (PACKED_FILE, PACKED_EXECUTABLE):
+        if packed is None or packed[0] not in PACKED_FILE_KINDS:
             raise pyfuse3.FUSEError(errno.EBADF)
         node = unpack_node(packed)
         assert type(node) is FileNode

@@ -179,15 +179,13 @@ class InodeTable:
             node = self.node(ino)
             if node is None:
                 continue
-            holds = state.held_by(ino)
-            if of_a_hold and holds:
-                holds -= 1
-                state.set_held_by(ino, holds)
+            if of_a_hold and (holds := state.held_by(ino)):
+                state.set_held_by(ino, holds - 1)
             left = state.count(ino) - count
             if left > 0:
                 state.set_count(ino, left)
                 held = self._held.get(ino, 0)
-                if not held or left != holds:
+                if not held or left != state.held_by(ino):
                     continue
                 # No lookup of the kernel's left: its listing is not cached.
                 # The hold cleared before its children are given back, as below.
@@ -245,13 +243,15 @@ class InodeTable:
             return
         # The counts first, then the hold that says to give them back.
         state = self.state
+        taken: Sequence[int]
         if numbers is None:
-            numbers = [self.ref(node) for node in self._children[ino][1][held:stop]]
-            start = held
-        elif not counted:
-            for number in numbers[held - start : stop - start]:
-                state.set_count(number, state.count(number) + 1)
-        for number in numbers[held - start : stop - start]:
+            taken = [self.ref(node) for node in self._children[ino][1][held:stop]]
+        else:
+            taken = numbers[held - start : stop - start]
+            if not counted:
+                for number in taken:
+                    state.set_count(number, state.count(number) + 1)
+        for number in taken:
             state.set_held_by(number, state.held_by(number) + 1)
         self._held[ino] = stop
         self.state.set_held(ino, stop)

@@ -56,8 +56,7 @@ import trio
 
 from tvix_mountd.castore.blobs import BlobService
 from tvix_mountd.castore.nodes import (
-    PACKED_EXECUTABLE,
-    PACKED_FILE,
+    PACKED_FILE_KINDS,
     PACKED_SIZE,
     PackedNode,
     packed_digest,
@@ -74,7 +73,6 @@ KEPT: Final = 16 << 20  # bytes kept at most (the oldest go first)
 QUEUE: Final = 256
 
 _size_field = PACKED_SIZE.unpack_from
-_FILE_KINDS: Final = (PACKED_FILE, PACKED_EXECUTABLE)
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +112,7 @@ def _split(files: list[PackedNode]) -> list[list[PackedNode]]:
 def _last_file(nodes: Sequence[PackedNode]) -> int:
     """The index of the last regular file among `nodes`, -1 if none."""
     for index in range(len(nodes) - 1, -1, -1):
-        if nodes[index][0] in _FILE_KINDS:
+        if nodes[index][0] in PACKED_FILE_KINDS:
             return index
     return -1
 
@@ -182,7 +180,7 @@ class BlobPrefetcher:
             return
         # From its first file on: subdirectories and symlinks named before
         # it would take the window's places.
-        first = next((i for i, node in enumerate(nodes) if node[0] in _FILE_KINDS), None)
+        first = next((i for i, node in enumerate(nodes) if node[0] in PACKED_FILE_KINDS), None)
         if first is not None:
             self._read_ahead(directory, first - 1, nodes, from_listing=True)
 
@@ -197,7 +195,7 @@ class BlobPrefetcher:
         files = [
             node
             for node in nodes[window.start : window.stop]
-            if node[0] in _FILE_KINDS and 0 < _size_field(node)[0] <= MAX_FILE
+            if node[0] in PACKED_FILE_KINDS and 0 < _size_field(node)[0] <= MAX_FILE
         ]
         small = {node for node in files if _size_field(node)[0] <= SMALL}
         if from_listing and small:
