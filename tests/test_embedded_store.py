@@ -10,6 +10,8 @@ tests/test_objectstore_blobs.py's.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import random
 import re
@@ -1088,6 +1090,30 @@ async def test_sqlite_reads_go_inline_and_see_other_writers(
     assert threaded == []
     await reader.aclose()
     await writer.aclose()
+
+
+def _sqlite_memory_used() -> int:
+    """What the SQLite library of this process has allocated, in bytes (every
+    connection's page cache included)."""
+    library = ctypes.CDLL(ctypes.util.find_library("sqlite3"))
+    library.sqlite3_memory_used.restype = ctypes.c_int64
+    return int(library.sqlite3_memory_used())
+
+
+async def test_sqlite_inline_reads_keep_a_small_page_cache(tmp_path: Path) -> None:
+    """A walk reads every Directory of a tree through the loop thread's
+    connection: its page cache must not grow to SQLite's default 2 MiB,
+    memory that a worker would keep for nothing (the kernel caches the file)."""
+    table = SqliteTable(str(tmp_path / "rows.sqlite"), "rows", timeout=TIMEOUT)
+    rows = [(i.to_bytes(32, "big"), os.urandom(1024)) for i in range(4096)]  # 4+ MiB
+    await table.put(rows, replace=False)
+    assert await table.get(rows[0][0]) == rows[0][1]  # through a thread; inline next
+    before = _sqlite_memory_used()
+    for key, data in rows:
+        assert await table.get(key) == data
+    assert table._inline is not None  # the reads went inline
+    assert _sqlite_memory_used() - before < 512 << 10
+    await table.aclose()
 
 
 class BusyConnection(sqlite3.Connection):

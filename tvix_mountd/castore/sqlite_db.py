@@ -44,10 +44,14 @@ _MAX_IDLE = 16
 # retrying this often until the pool's timeout.
 _SETUP_LOCK = threading.Lock()
 _SETUP_RETRY = 0.005
-# The page cache of each connection that reads ahead (`get_many`): the file
-# system caches the file anyway, and SQLite's default (2 MiB a connection,
-# filled by a walk) is memory a worker keeps.
-_AHEAD_CACHE_KIB = 128
+# The page cache of each connection that only reads a table (the loop
+# thread's, and those reading ahead): the file system caches the file
+# anyway, and SQLite's default (2 MiB a connection, filled by a walk) is
+# memory a worker keeps, ~2 MB of its RSS after a walk of 100k files for no
+# time saved (RESULTS.md, fourteenth session). A table's B-tree above its
+# leaves fits. Writers keep the default: a transaction larger than its
+# cache spills to the WAL before it commits.
+_READ_CACHE_KIB = 128
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*")
 # A database keyed by digests is read at random: on a cold page cache each
 # lookup is a disk read or more of its own. A file up to this size is asked
@@ -247,7 +251,7 @@ class SqliteTable:
             " (digest BLOB PRIMARY KEY NOT NULL, data BLOB NOT NULL) WITHOUT ROWID"
         )
         self._pool = ConnectionPool(path, schema, timeout)
-        self._ahead_pool = ConnectionPool(path, schema, timeout, _AHEAD_CACHE_KIB)
+        self._ahead_pool = ConnectionPool(path, schema, timeout, _READ_CACHE_KIB)
         self._get_sql = f"SELECT data FROM {name} WHERE digest = ?"
         self._inline: sqlite3.Connection | None = None
         self._inline_thread: int | None = None
@@ -353,6 +357,7 @@ class SqliteTable:
             try:
                 conn = sqlite3.connect(self.path, timeout=0, isolation_level=None)
                 conn.execute("PRAGMA query_only = 1")
+                conn.execute(f"PRAGMA cache_size=-{_READ_CACHE_KIB}")
             except sqlite3.Error:
                 self._inline_failed = True
                 return None
