@@ -594,13 +594,18 @@ class Service:
 # -- data -------------------------------------------------------------------------------
 
 
-def make_tree(root: Path, files: int = 4, size: int = 3000, subdirs: int = 2) -> Path:
-    """A small tree of distinct files (in `subdirs` directories) under `root`."""
+def make_tree(
+    root: Path, files: int = 4, size: int = 3000, subdirs: int = 2, links: int = 0
+) -> Path:
+    """A small tree of distinct files (in `subdirs` directories) under `root`;
+    `links` symlinks in each directory, named after its files."""
     for d in range(subdirs):
         for i in range(files):
             path = root / f"dir{d}" / f"file{i}"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(f"{root.name}/{d}/{i}\n".encode() * (size // 8 + i))
+        for i in range(links):
+            (root / f"dir{d}" / f"link{i}").symlink_to(f"file{i % files}")
     (root / "top").write_text(f"top of {root.name}\n")
     return root
 
@@ -837,11 +842,16 @@ def world(
     mounts: tuple[str, ...] = ("a", "b"),
     trees: int = 2,
     files: int = 4,
+    subdirs: int = 2,
+    links: int = 0,
     **supervisor: object,
 ) -> Iterator[World]:
     """A running service with `mounts` of one embedded store holding `trees`
-    trees (of `files` files per directory)."""
-    sources = [make_tree(tmp_path / "src" / f"tree{i}", files) for i in range(trees)]
+    trees (make_tree's, of `files` files and `links` symlinks per directory)."""
+    sources = [
+        make_tree(tmp_path / "src" / f"tree{i}", files, subdirs=subdirs, links=links)
+        for i in range(trees)
+    ]
     addrs, names = embedded_store(tmp_path / "store", sources)
     with Service(tmp_path / "svc") as svc:
         svc.supervisor.update(supervisor)

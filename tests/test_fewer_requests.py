@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import mmap
 import os
 from collections.abc import Iterator
@@ -75,23 +76,70 @@ def test_after_a_listing_files_read_in_name_order_are_stored_ahead_and_send_no_r
         return (directory / name).read_bytes()
 
     # Two files read in name order: the next ones are read ahead, checked,
-    # and stored into the kernel's page cache (notify_store), from threads.
+    # and stored into the kernel's page cache (notify_store), from threads;
+    # all but the directory's last file, kept for its READ (which says that
+    # the directory was read to its end: a walk may go on to the next).
     first = requests.during(lambda: [read(name) for name in names[:2]])
     assert first["read"] == 2, first
-    rest = names[2:]
+    stored = names[2:-1]
     w.svc.wait_for(
-        lambda: all(fully_cached(directory / name) for name in rest),
+        lambda: all(fully_cached(directory / name) for name in stored),
         "the next files in the page cache",
     )
     # Then reading them sends nothing at all, and gives the source's bytes.
-    counts = requests.during(lambda: [read(name) for name in rest])
+    counts = requests.during(lambda: [read(name) for name in stored])
     assert counts["read"] == 0 and counts["lookup"] == 0 and counts["open"] == 0, counts
+    assert requests.during(lambda: read(names[-1]))["read"] == 1
     _assert_read_as_the_source(directory, source, names)
     # /metrics says what the read-ahead did.
     w.svc.wait_for(
-        lambda: (_read_ahead(w, "stored") or 0) >= len(rest), "the stored files in /metrics"
+        lambda: (_read_ahead(w, "stored") or 0) >= len(stored), "the stored files in /metrics"
     )
-    assert (_read_ahead(w, "read") or 0) >= len(rest)
+    assert (_read_ahead(w, "read") or 0) >= len(stored)
+
+
+@pytest.fixture
+def walked_tree(tmp_path: Path) -> Iterator[tuple[World, DaemonRequests]]:
+    with world(tmp_path, mounts=("a",), trees=1, files=6, subdirs=3, links=4) as w:
+        w.svc.start()
+        yield w, DaemonRequests(w.svc, "a", w.path("a"))
+
+
+def test_a_walk_that_reads_what_it_lists_has_the_next_directory_stored_from_its_listing(
+    walked_tree: tuple[World, DaemonRequests],
+) -> None:
+    """A copy (os.walk reading each file it lists): once a directory was read
+    to its last file (symlinks named after it), the next directory listed has
+    its files stored from the listing, before any of them is read; reading
+    them sends one READ, the last file's (kept for it: the sign that the walk
+    goes on reading what it lists)."""
+    w, requests = walked_tree
+    root = w.path("a")
+    source = w.sources[w.names[0]]
+
+    def files_listed(directory: str) -> list[str]:
+        names = sorted(os.listdir(root / directory))  # readdirplus from its first entry
+        assert names[-1].startswith("link")  # the directory does not end with a file
+        return [name for name in names if name.startswith("file")]
+
+    for name in files_listed("dir0"):
+        (root / "dir0" / name).read_bytes()
+    for directory in ("dir1", "dir2"):
+        files = files_listed(directory)
+        paths = [root / directory / name for name in files]
+        stored = functools.partial(_all_cached, paths[:-1])
+        w.svc.wait_for(stored, f"{directory}'s files stored from its listing")
+        counts = requests.during(functools.partial(_read_all, paths))
+        assert counts["read"] == 1 and counts["lookup"] == 0, (directory, counts)
+        _assert_read_as_the_source(root / directory, source / directory, files)
+
+
+def _all_cached(paths: list[Path]) -> bool:
+    return all(fully_cached(path) for path in paths)
+
+
+def _read_all(paths: list[Path]) -> list[bytes]:
+    return [path.read_bytes() for path in paths]
 
 
 def _read_ahead(w: World, outcome: str) -> float | None:

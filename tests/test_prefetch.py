@@ -433,10 +433,19 @@ async def test_a_walk_that_reads_every_file_has_the_next_directories_read_ahead_
         for d in (b"d0", b"d1"):
             await listed(subdirs[d])
             assert asked(subdirs[d]) == 0
-        # d0 read in name order to its end.
+        # d0 listed, then read in name order to its end as the kernel reads
+        # it: after two READs the files after them are stored, and read
+        # without a READ; but the directory's last file is kept for its
+        # READ, which says that the directory was read to its end.
         numbers = await listed(subdirs[b"d0"])
-        for name, data in contents[b"d0"].items():
-            assert await fs.read(numbers[name], 0, 1 << 16) == data
+        files = contents[b"d0"]
+        names = sorted(files)
+        for name in names[:2]:
+            assert await fs.read(numbers[name], 0, 1 << 16) == files[name]
+        ahead = set(names[2:-1])
+        assert await stored_of(numbers, ahead) == {numbers[n]: files[n] for n in ahead}
+        assert await fs.read(numbers[names[-1]], 0, 1 << 16) == files[names[-1]]
+        assert numbers[names[-1]] not in stored
         # d1 listed: its files stored from the listing, before any READ of
         # them, but its last file, kept for its READ.
         numbers = await listed(subdirs[b"d1"])

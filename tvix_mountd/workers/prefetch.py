@@ -30,7 +30,9 @@ every lookup made those slower (RESULTS.md, the `noprefetch` what-if).
 
 Except in a walk that reads every file it lists (a copy, `os.walk` reading
 each file, a first full read of a store path): once a run of reads in name
-order has reached the last file of a directory, the next directory listed
+order has reached the last file of a directory (read ahead, that file is
+kept for its READ rather than stored: the end must show even when the
+threads keep ahead of the reader), the next directory listed
 (a readdirplus from its first entry) has its files read ahead at once, from
 the listing, instead of after its first two READs, which the reader would
 otherwise overtake in every directory. The walk has to show that it goes on
@@ -198,9 +200,17 @@ class BlobPrefetcher:
             if node[0] in PACKED_FILE_KINDS and 0 < _size_field(node)[0] <= MAX_FILE
         ]
         small = {node for node in files if _size_field(node)[0] <= SMALL}
+        # Kept, not stored (no pin), so that its READ comes.
+        kept_for_its_read = None
         if from_listing and small:
-            # Kept, not stored (no pin): its READ will come, if the walk reads on.
-            self._sentinel = next(node for node in reversed(files) if node in small)
+            # If the walk reads on.
+            kept_for_its_read = next(node for node in reversed(files) if node in small)
+            self._sentinel = kept_for_its_read
+        elif window.start <= (last := self._last_files.get(directory, -1)) < window.stop:
+            # The directory's last file: its READ says that the directory
+            # was read to its end (`read_ahead_after`), which a store would
+            # hide when the threads keep ahead of the reader.
+            kept_for_its_read = nodes[last]
         with self._lock:
             self._wanted |= small
         pin = self._pages.pin if self._pages is not None else None
@@ -210,7 +220,7 @@ class BlobPrefetcher:
                 (
                     node,
                     pin(node)
-                    if pin is not None and node in small and node != self._sentinel
+                    if pin is not None and node in small and node != kept_for_its_read
                     else 0,
                 )
                 for node in nodes_of_batch
