@@ -58,7 +58,7 @@ ROOTCACHE_GAUGES: Final = {
 
 @dataclass(frozen=True, slots=True)
 class Metrics:
-    """The metric objects; workers write the first six, the supervisor the rest."""
+    """The metric objects; workers write the first seven, the supervisor the rest."""
 
     requests: Counter
     errors: Counter
@@ -66,6 +66,7 @@ class Metrics:
     request_seconds: Histogram
     files_read_ahead: Counter
     directories_read_ahead: Counter
+    inodes: Gauge
     restarts: Counter
     handovers: Counter
     mount_up: Gauge
@@ -168,6 +169,16 @@ def metrics() -> Metrics:
                 "tvix_mountd_directories_read_ahead",
                 "Directories fetched ahead of their first open and given to their inodes",
                 ["mount"],
+                registry=None,
+            ),
+            # One worker writes a mount's value at a time; livemax drops a
+            # dead worker's, and while a handover overlaps two, shows one.
+            inodes=Gauge(
+                "tvix_mountd_inodes",
+                "Inode numbers a mount's worker answers for: those the kernel holds"
+                " (its lookups, and the entries of the listings it keeps)",
+                ["mount"],
+                multiprocess_mode="livemax",
                 registry=None,
             ),
             restarts=Counter(

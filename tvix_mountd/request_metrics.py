@@ -95,6 +95,8 @@ class RequestMetrics:
         "_ahead_source",
         "_children",
         "_errors",
+        "_inodes_flushed",
+        "_inodes_source",
         "_last_flush",
         "_metrics",
         "_mount",
@@ -115,10 +117,16 @@ class RequestMetrics:
         self._last_flush = time.monotonic()
         self._ahead_source: Callable[[], ReadAheadCounts] | None = None
         self._ahead_flushed = ReadAheadCounts()
+        self._inodes_source: Callable[[], int] | None = None
+        self._inodes_flushed = -1
 
     def watch_read_ahead(self, source: Callable[[], ReadAheadCounts]) -> None:
         """Write what `source` counts (running totals) at every flush."""
         self._ahead_source = source
+
+    def watch_inodes(self, source: Callable[[], int]) -> None:
+        """Write the number of live inodes `source` gives at every flush."""
+        self._inodes_source = source
 
     def observe(
         self, op: str, seconds: float, error_errno: int | None, read_bytes: int = 0
@@ -148,7 +156,9 @@ class RequestMetrics:
         self._last_flush = time.monotonic()
         # The read-aheads' threads go on counting after the last request.
         ahead = self._ahead_source() if self._ahead_source is not None else self._ahead_flushed
-        if not self._pending and ahead == self._ahead_flushed:
+        # The kernel's forgets change it after the last request too.
+        inodes = self._inodes_source() if self._inodes_source is not None else -1
+        if not self._pending and ahead == self._ahead_flushed and inodes == self._inodes_flushed:
             return
         self._pending = 0
         shared = self._metrics
@@ -170,6 +180,9 @@ class RequestMetrics:
                     ahead.directories - before.directories
                 )
             self._ahead_flushed = ahead
+        if inodes != self._inodes_flushed:
+            shared.inodes.labels(self._mount).set(inodes)
+            self._inodes_flushed = inodes
         for op, figures in self._ops.items():
             if not figures.count:
                 continue

@@ -119,6 +119,10 @@ class RequestObserver(Protocol):
         """Count what the read-aheads did: `source` gives running totals."""
         ...
 
+    def watch_inodes(self, source: Callable[[], int]) -> None:
+        """Show how many inodes are live: `source` gives the number."""
+        ...
+
 
 # Stable numbers for the request journal's keys (a str's hash is not stable
 # across processes).
@@ -356,8 +360,10 @@ class StoreFilesystem(pyfuse3.Operations):
             self.prefetcher is not None and blobs.fetches_ahead
         )
         self.observer = metrics
-        if metrics is not None and (self.prefetcher or self.directory_prefetcher):
-            metrics.watch_read_ahead(self.read_ahead_counts)
+        if metrics is not None:
+            metrics.watch_inodes(self.inodes.__len__)
+            if self.prefetcher or self.directory_prefetcher:
+                metrics.watch_read_ahead(self.read_ahead_counts)
         # The largest read the kernel sent (logged at unmount): how well
         # readahead and max_pages let sequential reads batch up.
         self.largest_read = 0
