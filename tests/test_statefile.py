@@ -304,6 +304,17 @@ def _check(state_fd: int, model_path: Path) -> None:
     assert not set(free) & {ino for ino, _, _ in live}
     # What the kernel holds (the model), the table holds at least.
     counts = {node: count for _, node, count in live}
+    # The parents' holds a count includes are never said to be more than the
+    # counts beyond the kernel's lookups: one too many would give a
+    # directory's listing back while the kernel still keeps it. (By node: a
+    # kill may leave two live numbers of one, the kernel's on either.)
+    beyond = Counter({_node_of(index): -n for index, n in _held(model_path).items() if n > 0})
+    said: Counter[bytes] = Counter()
+    for ino, node, count in live:
+        beyond[node] += count
+        said[node] += state.held_by(ino)
+    for node, holds in said.items():
+        assert holds <= beyond[node], (node[:20], holds, beyond[node])
     for index, count in _held(model_path).items():
         if count > 0:
             node = _node_of(index)
@@ -363,10 +374,17 @@ def _scripted_worker(state_fd: int, model_path: str, kill_at: int) -> None:  # p
     for index in range(6):  # directories, files, symlinks, short and long
         numbers[index] = inodes.ref(_node_of(index))
         replied(index)
-    for parent, children in _HELD_CHILDREN.items():
+
+    def listed(parent: int, looked_up: list[int] | None = None) -> None:
+        """A listing of `parent` that the kernel keeps (`looked_up`: the
+        numbers its entries were given, as in a readdirplus)."""
+        children = _HELD_CHILDREN[parent]
         names = PackedNames([b"%d" % i for i in range(len(children))])
         inodes.set_children(numbers[parent], _node_of(parent), (names, children))
-        inodes.hold(numbers[parent], 0, len(children))
+        inodes.hold(numbers[parent], 0, len(children), looked_up)
+
+    listed(0)
+    listed(3)
     for index in (1, 2, 5):
         forgotten(index)
         inodes.forget(numbers[index], 1)
@@ -381,12 +399,22 @@ def _scripted_worker(state_fd: int, model_path: str, kill_at: int) -> None:  # p
     replied(6)
     forgotten(0)
     inodes.forget(numbers[0], 1)  # gives back what it held
+    for index in (9, 7):  # 7 as an entry of a readdirplus of 9
+        numbers[index] = inodes.ref(_node_of(index))
+        replied(index)
+    listed(9, [numbers[7]])
+    forgotten(9)
+    inodes.forget(numbers[9], 1)  # its hold of 7 given back, the kernel's lookup left
     sys.settrace(None)
     os._exit(0)
 
 
-# The children the scripted worker's directories 0 and 3 hold (kept listings).
-_HELD_CHILDREN: Final = {0: (_node_of(1), _node_of(2), _node_of(3)), 3: (_node_of(4),)}
+# The children the scripted worker's directories 0, 3 and 9 hold (kept listings).
+_HELD_CHILDREN: Final = {
+    0: (_node_of(1), _node_of(2), _node_of(3)),
+    3: (_node_of(4),),
+    9: (_node_of(7),),
+}
 
 
 def _drain(state_fd: int, model_path: Path) -> None:
