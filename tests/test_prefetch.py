@@ -363,9 +363,9 @@ class _Plus:
 async def _walk_store(
     tmp_path: Path,
 ) -> tuple[StoreFilesystem, dict[bytes, dict[bytes, bytes]]]:
-    """A store path of WALK_DIRS directories of WALK_FILES small files and
-    WALK_LINKS symlinks each (named after the files: a directory's last file
-    is followed by many entries)."""
+    """A store path of WALK_DIRS directories of WALK_FILES small files, an
+    empty file and WALK_LINKS symlinks each (named after the files: a
+    directory's last file is followed by many entries)."""
     blobs = CountingBlobs(str(tmp_path / "blobs"))
     directories = MemoryDirectoryService()
     contents: dict[bytes, dict[bytes, bytes]] = {}
@@ -376,6 +376,8 @@ async def _walk_store(
         entries: list[tuple[bytes, Node]] = [
             (n, FileNode(await blobs.put(data), len(data))) for n, data in files.items()
         ]
+        # An empty file after them: no READ ever shows that it was read.
+        entries.append((b"g-empty", FileNode(await blobs.put(b""), 0)))
         entries += [(b"link%02d" % i, SymlinkNode(b"f00")) for i in range(WALK_LINKS)]
         directory = Directory(entries)
         await directories.put(directory)

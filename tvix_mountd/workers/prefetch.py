@@ -112,9 +112,11 @@ def _split(files: list[PackedNode]) -> list[list[PackedNode]]:
 
 
 def _last_file(nodes: Sequence[PackedNode]) -> int:
-    """The index of the last regular file among `nodes`, -1 if none."""
+    """The index of the last regular file among `nodes` that is not empty
+    (the kernel never READs an empty file), -1 if none."""
     for index in range(len(nodes) - 1, -1, -1):
-        if nodes[index][0] in PACKED_FILE_KINDS:
+        node = nodes[index]
+        if node[0] in PACKED_FILE_KINDS and _size_field(node)[0]:
             return index
     return -1
 
@@ -149,7 +151,7 @@ class BlobPrefetcher:
         # whose READ would show that it still does, until that READ comes.
         self._reading_walk = False
         self._sentinel: PackedNode | None = None
-        # Directory -> the index of its last regular file (`_last_file`,
+        # Directory -> the index of its last file READ (`_last_file`,
         # found once: entries after it may be many).
         self._last_files: OrderedDict[PackedNode, int] = OrderedDict()
 
