@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import resource
 import signal
+
+from tvix_mountd.libc import libc
 
 PR_SET_PDEATHSIG = 1
 
@@ -18,8 +19,7 @@ log = logging.getLogger(__name__)
 
 def set_parent_death_signal(signum: int) -> None:
     """Have the kernel send `signum` to this process when its parent dies."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+    if libc().prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
 

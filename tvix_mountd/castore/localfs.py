@@ -4,10 +4,11 @@ making what was written to them durable."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from collections.abc import Callable
 from typing import Any, Final
+
+from tvix_mountd.libc import libc
 
 
 def make_dirs(path: str, mode: int) -> None:
@@ -31,8 +32,7 @@ def _libc_function(name: str, argtypes: list[type[ctypes._SimpleCData[int]]]) ->
     # Python's os module has neither syncfs (Linux 2.6.39, glibc 2.14) nor
     # sync_file_range (Linux 2.6.17, glibc 2.6); libc has both.
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        function = getattr(libc, name)
+        function = getattr(libc(), name)
     except (OSError, AttributeError):
         return None
     function.argtypes = argtypes

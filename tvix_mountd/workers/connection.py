@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import os
 import select
@@ -27,6 +26,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
+from tvix_mountd.libc import libc
 from tvix_mountd.workers.mount import MountError, MountOptions, detach, find_mount_id
 from tvix_mountd.workers.statefile import StateFile
 
@@ -162,8 +162,7 @@ class FuseConnection:
 
 
 def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    result = libc.mount(
+    result = libc().mount(
         os.fsencode(source), os.fsencode(target), fstype.encode(), flags, data.encode()
     )
     if result != 0:

@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 from typing import Final
 
-from tvix_mountd.workers.mounttable import find_mount_id, libc
+from tvix_mountd.libc import libc
+from tvix_mountd.workers.mounttable import find_mount_id
 
 log = logging.getLogger(__name__)
 

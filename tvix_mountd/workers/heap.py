@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from collections.abc import Callable
 from typing import Final
+
+from tvix_mountd.libc import libc
 
 
 def _malloc_trim() -> Callable[[int], int] | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        trim: Callable[[int], int] = libc.malloc_trim  # glibc only
+        trim: Callable[[int], int] = libc().malloc_trim  # glibc only
     except (OSError, AttributeError):
         return None
     return trim

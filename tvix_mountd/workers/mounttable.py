@@ -7,19 +7,13 @@ standalone mount's watchdog) does not load pyfuse3 and trio for it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
-import functools
 import os
 from typing import Final, NamedTuple
 
+from tvix_mountd.libc import libc
+
 MNT_DETACH: Final = 2
-
-
-@functools.cache
-def libc() -> ctypes.CDLL:
-    """The C library, with errno kept (ctypes.get_errno) for mount calls."""
-    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
 
 def _mountinfo() -> list[list[str]]:
