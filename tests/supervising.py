@@ -165,8 +165,11 @@ class DaemonRequests:
     A worker writes its figures in batches, so a reading marks its point in
     time with a request the kernel never answers itself (a getxattr of
     `marker`, a directory in the mount): once that request shows, so do the
-    ones before it. The figures are read once more after that, since one
-    batch is written figure by figure and a reading may fall in between.
+    ones before it, or they are being written: a batch is written figure by
+    figure, and a worker preempted in the middle of one has shown the
+    marker before the READs of the same batch (seen on a busy machine). The
+    worker writes one batch after the other, so once a second marker shows,
+    the first one's batch is whole.
     """
 
     OPS: Final = ("lookup", "open", "release", "read", "getattr", "opendir", "readdir")
@@ -184,13 +187,17 @@ class DaemonRequests:
             for op in (*self.OPS, "getxattr")
         }
 
-    def now(self) -> dict[str, float]:
-        """Counts so far, everything before this call included."""
+    def _mark(self) -> None:
         from tvix_mountd.workers.filesystem import XATTR_DIRECTORY_DIGEST
 
         os.getxattr(self._marker, XATTR_DIRECTORY_DIGEST)
         self._marks += 1
         self._svc.wait_for(lambda: self._counts()["getxattr"] >= self._marks, "the figures")
+
+    def now(self) -> dict[str, float]:
+        """Counts so far, everything before this call included."""
+        self._mark()
+        self._mark()  # the first one's batch written to its end
         return self._counts()
 
     def during(self, action: Callable[[], object]) -> dict[str, float]:

@@ -360,6 +360,17 @@ class _Plus:
     plus = True
 
 
+async def _list_as_the_kernel_does(fs: StoreFilesystem, directory: int) -> None:
+    """A readdirplus of `directory` from its first entry (every entry fits),
+    then the request after it, which finds the listing's end: the kernel
+    sends it once the caller has read the first reply."""
+    fh = await fs.open_directory(directory)
+    await fs.readdir(fh, 0, _Plus())  # type: ignore[arg-type]
+    children = fs.inodes.children(directory)
+    assert children is not None
+    await fs.readdir(fh, len(children[1]), _Plus())  # type: ignore[arg-type]
+
+
 async def _walk_store(
     tmp_path: Path,
 ) -> tuple[StoreFilesystem, dict[bytes, dict[bytes, bytes]]]:
@@ -410,8 +421,7 @@ async def test_a_walk_that_reads_every_file_has_the_next_directories_read_ahead_
 
     async def listed(directory: int) -> dict[bytes, int]:
         """readdirplus of `directory` from its start: its files' numbers."""
-        fh = await fs.open_directory(directory)
-        await fs.readdir(fh, 0, _Plus())  # type: ignore[arg-type]
+        await _list_as_the_kernel_does(fs, directory)
         return {name: node_ino for name, node_ino in await _numbers(fs, directory)}
 
     def asked(directory: int) -> int:
@@ -449,8 +459,14 @@ async def test_a_walk_that_reads_every_file_has_the_next_directories_read_ahead_
         assert await fs.read(numbers[names[-1]], 0, 1 << 16) == files[names[-1]]
         assert numbers[names[-1]] not in stored
         # d1 listed: its files stored from the listing, before any READ of
-        # them, but its last file, kept for its READ.
-        numbers = await listed(subdirs[b"d1"])
+        # them, but its last file, kept for its READ; not before the kernel
+        # asks for the rest of the listing (it makes the entries' inodes as
+        # the caller reads the first reply, after we sent it).
+        fh = await fs.open_directory(subdirs[b"d1"])
+        await fs.readdir(fh, 0, _Plus())  # type: ignore[arg-type]
+        assert asked(subdirs[b"d1"]) == 0
+        await fs.readdir(fh, len(contents[b"d1"]) + WALK_LINKS + 1, _Plus())  # type: ignore[arg-type]
+        numbers = {name: node_ino for name, node_ino in await _numbers(fs, subdirs[b"d1"])}
         files = contents[b"d1"]
         last = max(files)
         ahead = {n for n in files if n != last}
@@ -560,7 +576,7 @@ async def test_a_reading_walk_of_a_million_entries_stores_files_ahead_in_bounded
     async def listed(directory: int) -> list[tuple[bytes, int]]:
         """A readdirplus of `directory` from its start: its entries' numbers."""
         replied.clear()
-        await fs.readdir(await fs.open_directory(directory), 0, _Plus())  # type: ignore[arg-type]
+        await _list_as_the_kernel_does(fs, directory)
         return list(replied)
 
     reads = 0
