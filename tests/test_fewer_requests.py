@@ -122,20 +122,33 @@ def test_a_walk_that_reads_what_it_lists_has_the_next_directory_stored_from_its_
         assert names[-1].startswith("link")  # the directory does not end with a file
         return [name for name in names if name.startswith("file")]
 
-    for name in files_listed("dir0"):
+    first = files_listed("dir0")
+    for name in first:
         (root / "dir0" / name).read_bytes()
+    read_ahead = len(first) - 2  # dir0's files after its first two READs
     for directory in ("dir1", "dir2"):
         files = files_listed(directory)
         paths = [root / directory / name for name in files]
-        stored = functools.partial(_all_cached, paths[:-1])
-        w.svc.wait_for(stored, f"{directory}'s files stored from its listing")
+        # Every file read ahead from the listing (checked; the last one kept).
+        read_ahead += len(files)
+        w.svc.wait_for(
+            functools.partial(_read_ahead_reached, w, read_ahead),
+            f"{directory}'s files read ahead from its listing",
+        )
+        # Stored into the page cache, but those whose store came before
+        # the kernel made their inodes (it makes them as the caller reads
+        # the listing's reply, after the daemon sent it: a race a busy
+        # machine shows); those are kept in memory for their READs.
+        stored = [path for path in paths[:-1] if fully_cached(path)]
+        assert stored, directory
         counts = requests.during(functools.partial(_read_all, paths))
-        assert counts["read"] == 1 and counts["lookup"] == 0, (directory, counts)
+        assert counts["read"] == len(paths) - len(stored), (directory, len(stored), counts)
+        assert counts["lookup"] == 0, (directory, counts)
         _assert_read_as_the_source(root / directory, source / directory, files)
 
 
-def _all_cached(paths: list[Path]) -> bool:
-    return all(fully_cached(path) for path in paths)
+def _read_ahead_reached(w: World, files: int) -> bool:
+    return (_read_ahead(w, "read") or 0) >= files
 
 
 def _read_all(paths: list[Path]) -> list[bytes]:

@@ -356,9 +356,6 @@ class StoreFilesystem(pyfuse3.Operations):
         )
         # Where a read-ahead waits on a round trip, every listed entry's place
         # is worth remembering (runs.py); locally, the last replies' do.
-        # The last directory listed from its first entry with attributes, for
-        # `_read_ahead_listed`: (its handle, its node).
-        self._listed_first: tuple[int, PackedNode] | None = None
         self._places_of_listed = self.directory_prefetcher is not None or (
             self.prefetcher is not None and blobs.fetches_ahead
         )
@@ -643,25 +640,8 @@ class StoreFilesystem(pyfuse3.Operations):
                 self.runs.listed(
                     fh, directory, start, numbers, nodes if self._places_of_listed else None
                 )
-            if directory is not None and self.prefetcher is not None:
-                self._read_ahead_listed(fh, directory, nodes, first_reply=plus and start == 0)
-
-    def _read_ahead_listed(
-        self, fh: int, directory: PackedNode, nodes: Sequence[PackedNode], first_reply: bool
-    ) -> None:
-        """Hand a listing from its first entry to the read-ahead (`listed`)
-        once the kernel asks for the listing's next part, which it always
-        does, if only to find the end. The kernel makes the inodes of a
-        readdirplus reply's entries as the caller reads the reply, after we
-        sent it: a store into them before that fails (ENOENT), and a thread
-        storing at once raced the caller (it lost under load)."""
-        pending = self._listed_first
-        if first_reply:
-            self._listed_first = (fh, directory)
-        elif pending is not None and pending == (fh, directory):
-            self._listed_first = None
-            assert self.prefetcher is not None
-            self.prefetcher.listed(directory, nodes)
+            if directory is not None and self.prefetcher is not None and plus and start == 0:
+                self.prefetcher.listed(directory, nodes)
 
     def _reply_entries(
         self,
