@@ -110,9 +110,10 @@ def test_a_walk_that_reads_what_it_lists_has_the_next_directory_stored_from_its_
 ) -> None:
     """A copy (os.walk reading each file it lists): once a directory was read
     to its last file (symlinks named after it), the next directory listed has
-    its files stored from the listing, before any of them is read; reading
-    them sends one READ, the last file's (kept for it: the sign that the walk
-    goes on reading what it lists)."""
+    its files read ahead from the listing and stored, before any of them is
+    read, but its last file (kept for its READ: the sign that the walk goes
+    on reading what it lists); reading them sends a READ for each file not
+    stored and for no other."""
     w, requests = walked_tree
     root = w.path("a")
     source = w.sources[w.names[0]]

@@ -254,7 +254,7 @@ class InodeTable:
         for number in taken:
             state.set_held_by(number, state.held_by(number) + 1)
         self._held[ino] = stop
-        self.state.set_held(ino, stop)
+        state.set_held(ino, stop)
 
     def holding_from(self, ino: int, start: int) -> int | None:
         """The first child that a listing of directory `ino` from child
