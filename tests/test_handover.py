@@ -334,6 +334,18 @@ def test_restart_every_mount_under_load_runs_the_code_installed_now(tmp_path: Pa
                 f" tvix-mountd 0.1.0+upgraded from {package}" in log
             ), log
             assert f"worker {before[name]}: tvix-mountd 0.1.0 from {package}" in log, log
+        # Every worker was forked, not exec'd: the new ones by a new fork
+        # server, the one that imported the upgraded code.
+        forked_by = dict(
+            re.findall(r"worker (\d+): tvix-mountd .*, forked by fork server (\d+)", log)
+        )
+        assert {forked_by[str(before[name])] for name in ("a", "b")} == {
+            forked_by[str(before["a"])]
+        }, log
+        assert {forked_by[str(after[name])] for name in ("a", "b")} == {
+            forked_by[str(after["a"])]
+        }, log
+        assert forked_by[str(after["a"])] != forked_by[str(before["a"])], log
         status = svc.mount_status("a")
         assert status["restarts"] == 0 and status["handovers"] == 1, status
         # An unknown mount is refused, and nothing happens to the others.
@@ -835,7 +847,7 @@ def test_a_standalone_daemon_killed_in_a_store_leaves_a_dead_mount_not_a_hung_on
     # waiting for good, and the mount is left dead, for the next to clear.
     with _standalone_caught_in_a_store(tmp_path) as caught:
         mount = caught.mount
-        watchdogs = _children(mount.process.pid)
+        watchdogs = procutil.children(mount.process.pid)
         mount.killed = True
         mount.process.kill()
         try:
@@ -861,7 +873,7 @@ def test_a_standalone_daemons_watchdog_ends_with_it(tmp_path: Path) -> None:
     store = BackingStore("embedded", tmp_path / "store")
     store.import_paths([make_tree(tmp_path / "src" / "tree", files=2, size=10)])
     with mounted(store.addrs, tmp_path / "mnt") as mount:
-        watchdogs = _children(mount.process.pid)
+        watchdogs = procutil.children(mount.process.pid)
         assert len(watchdogs) == 1, watchdogs
         assert b"tvix_mountd.workers.watchdog" in _cmdline(watchdogs[0])
         # Not holding the mount: it runs elsewhere, without the FUSE device.
@@ -871,15 +883,6 @@ def test_a_standalone_daemons_watchdog_ends_with_it(tmp_path: Path) -> None:
             for fd in os.listdir(f"/proc/{watchdogs[0]}/fd")
         )
     wait_until(partial(procutil.main_thread_exited, watchdogs[0]), 10, "the watchdog to end")
-
-
-def _children(pid: int) -> list[int]:
-    """The processes `pid` started (each of its threads may have some)."""
-    children = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            children += [int(c) for c in f.read().split()]
-    return children
 
 
 def _cmdline(pid: int) -> bytes:

@@ -13,6 +13,7 @@ import signal
 from tvix_mountd.libc import libc
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,26 @@ def set_parent_death_signal(signum: int) -> None:
     if libc().prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+
+
+def become_child_subreaper() -> None:
+    """Adopt the orphans of our descendants (rather than init): a process
+    forked by a child of ours, which then exits, becomes our child."""
+    if libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+def children(pid: int | None = None) -> list[int]:
+    """The PIDs of the children of process `pid` (default: this one), which
+    each of its threads may have started."""
+    proc = f"/proc/{'self' if pid is None else pid}/task"
+    found = []
+    for task in os.listdir(proc):
+        # A thread that ended has no file.
+        with contextlib.suppress(FileNotFoundError), open(f"{proc}/{task}/children") as f:
+            found += [int(pid) for pid in f.read().split()]
+    return found
 
 
 def prepare_child(

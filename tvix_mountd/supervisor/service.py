@@ -52,6 +52,10 @@ CONTROL_SOCKET = "control.sock"
 ROOTCACHE_SOCKET = "rootcache.sock"
 METRICS_DIR = "metrics"
 ERRORS_DIR = "errors"
+# What a worker runs: exec'd as `python -m WORKER_MODULE`, or WORKER_ENTRY
+# called in a process forked from the fork server (spawner.py).
+WORKER_MODULE = "tvix_mountd.workers"
+WORKER_ENTRY = "tvix_mountd.workers.process:main"
 
 # A rootcache that served this long is healthy again: its backoff starts over.
 HEALTHY_AFTER = 30.0
@@ -113,7 +117,7 @@ class Supervisor:
 
     async def exec_worker(self, name: str, spec: dict[str, Any], fds: dict[str, int]) -> Child:
         """Start a worker process for mount `name` (see workers/process.py)."""
-        return self._child(await self.spawner.exec(name, "tvix_mountd.workers", spec, fds))
+        return self._child(await self.spawner.exec(name, WORKER_MODULE, spec, fds))
 
     def _child(self, pid: int) -> Child:
         # The exit may be reported before we get here: record it either way.
@@ -204,7 +208,7 @@ class Supervisor:
 
             # Before the fork: the children inherit where to write their metrics.
             setup_multiprocess_dir(str(self.state_dir / METRICS_DIR))
-            self.spawner = Spawner.start()
+            self.spawner = Spawner.start(fork_servers={WORKER_MODULE: WORKER_ENTRY})
             try:
                 trio.run(self._run)
             finally:

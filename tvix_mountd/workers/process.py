@@ -1,10 +1,11 @@
 """A worker process: serves one mount's lent FUSE connection until it is
 handed back (SIGUSR1), stopped (SIGTERM) or its parent dies.
 
-Workers are exec'd, not forked (`python -m tvix_mountd.workers`, the spec
-as JSON on stdin, descriptors inherited): a worker started by `restart`
-runs the code installed now, which is how an upgrade reaches a running
-mount.
+Workers are exec'd (`python -m tvix_mountd.workers`, the spec as JSON on
+stdin, descriptors inherited) or forked from a fork server that imported
+this code and checks it is still the code installed now
+(supervisor/forkserver.py): a worker started by `restart` runs the code
+installed now, which is how an upgrade reaches a running mount.
 """
 
 from __future__ import annotations
@@ -80,10 +81,11 @@ async def serve_worker(spec: WorkerSpec) -> None:
         store_pages=True,
     )
     log.info(
-        "worker %d: tvix-mountd %s from %s",
+        "worker %d: tvix-mountd %s from %s, %s",
         os.getpid(),
         tvix_mountd.__version__,
         os.path.dirname(tvix_mountd.__file__),
+        "exec'd" if spec.fork_server is None else f"forked by fork server {spec.fork_server}",
     )
     left = fs.journal.take_over(blame=spec.blame)
     if left:

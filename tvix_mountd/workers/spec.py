@@ -72,6 +72,9 @@ class WorkerSpec:
     blame: bool = True
     # The mount's store changed since the kernel last learnt root entries.
     store_changed: bool = False
+    # The fork server this worker was forked from (supervisor/forkserver.py);
+    # None if it was exec'd.
+    fork_server: int | None = None
 
     @classmethod
     def from_json(cls, raw: bytes) -> "WorkerSpec":
