@@ -18,6 +18,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tvix_mountd.supervisor.forkserver import CodeFiles
 
 WORKER = """
@@ -139,6 +141,13 @@ async def scenario():
         pid = await start("after_kill", exit=3)
         seen["after_kill_exit"] = await exit_of(pid)
         seen["servers_last"] = servers()
+
+        # A hung server (stopped here) is given up after a while, and killed.
+        for server in servers():
+            os.kill(server, signal.SIGSTOP)
+        pid = await start("after_stop")
+        await exit_of(pid)
+        seen["servers_after_stop"] = servers()
         nursery.cancel_scope.cancel()
 
 
@@ -151,6 +160,7 @@ print(json.dumps(seen))
 
 
 def _run_scenario(tmp_path: Path, entry: str) -> dict[str, Any]:
+    """What SCENARIO saw, with `entry` as the fork server's entry point."""
     (tmp_path / "fakeworker.py").write_text(WORKER.format(version=1))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
     result = subprocess.run(
@@ -165,8 +175,16 @@ def _run_scenario(tmp_path: Path, entry: str) -> dict[str, Any]:
     return seen
 
 
-def test_workers_are_forked_from_the_server_and_adopted_by_the_spawner(tmp_path: Path) -> None:
-    seen = _run_scenario(tmp_path, "fakeworker:main")
+@pytest.fixture(scope="module")
+def forked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The scenario with a fork server that works."""
+    return _run_scenario(tmp_path_factory.mktemp("forked"), "fakeworker:main")
+
+
+def test_workers_are_forked_from_the_server_and_adopted_by_the_spawner(
+    forked: dict[str, Any],
+) -> None:
+    seen = forked
     spawner = seen["spawner"]
     first = seen["first"]
     assert first["forked"] and first["version"] == 1
@@ -179,15 +197,15 @@ def test_workers_are_forked_from_the_server_and_adopted_by_the_spawner(tmp_path:
     assert len(seen["servers_before"]) == 1
 
 
-def test_a_change_to_the_code_starts_a_new_server_running_it(tmp_path: Path) -> None:
-    seen = _run_scenario(tmp_path, "fakeworker:main")
+def test_a_change_to_the_code_starts_a_new_server_running_it(forked: dict[str, Any]) -> None:
+    seen = forked
     changed = seen["after_change"]
     assert changed["version"] == 22 and changed["forked"]
     assert seen["servers_after"] and seen["servers_after"] != seen["servers_before"]
 
 
-def test_a_killed_server_ends_no_worker_and_is_replaced(tmp_path: Path) -> None:
-    seen = _run_scenario(tmp_path, "fakeworker:main")
+def test_a_killed_server_ends_no_worker_and_is_replaced(forked: dict[str, Any]) -> None:
+    seen = forked
     assert seen["alive_after_server_killed"]
     assert seen["waiting_exit"] == 0
     last = seen["after_kill"]
@@ -196,9 +214,16 @@ def test_a_killed_server_ends_no_worker_and_is_replaced(tmp_path: Path) -> None:
     assert seen["servers_last"] and not set(seen["servers_last"]) & set(seen["servers_after"])
 
 
+def test_a_hung_server_is_killed_and_replaced(forked: dict[str, Any]) -> None:
+    seen = forked
+    assert seen["after_stop"]["forked"]
+    assert seen["servers_after_stop"]
+    assert not set(seen["servers_after_stop"]) & set(seen["servers_last"])
+
+
 def test_a_server_that_cannot_start_leaves_workers_exec_d(tmp_path: Path) -> None:
     seen = _run_scenario(tmp_path, "fakeworker:no_such_function")
-    for name in ("first", "after_change", "after_kill"):
+    for name in ("first", "after_change", "after_kill", "after_stop"):
         assert not seen[name]["forked"], name
         assert seen[name]["ppid"] == seen["spawner"]
     assert seen["after_change"]["version"] == 22

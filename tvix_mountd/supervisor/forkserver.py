@@ -18,6 +18,7 @@ one pickled tuple per message:
     spawner -> server   ("fork", title, spec, fd_keys) + descriptors
     server -> spawner   ("ready",) once imported
                         | ("forked", pid) | ("stale",) | ("failed", error)
+The server imports MODULE, and the modules it names in FORK_SERVER_PRELOAD.
 The worker runs FUNCTION with its spec on stdin, as an exec'd one runs
 `python -m` with it; the spec gets the descriptors' numbers under their keys
 and this server's PID as `fork_server`. It is forked twice, so that its parent is the spawner (a
@@ -46,10 +47,6 @@ from typing import Any
 from tvix_mountd import logs, procutil
 
 log = logging.getLogger(__name__)
-
-# Imported here too for the workers of an entry point, which import them
-# lazily as they start.
-_ALSO_IMPORTED = {"tvix_mountd.workers.process": ("tvix_mountd.request_metrics",)}
 
 
 class CodeFiles:
@@ -160,9 +157,11 @@ def _worker_child(main: Any, title: str, spec_read: int, keep: set[int]) -> None
 
 def serve(entry: str, conn: multiprocessing.connection.Connection, keep: set[int]) -> None:
     module_name, _, function = entry.partition(":")
-    main = getattr(importlib.import_module(module_name), function)
-    for also in _ALSO_IMPORTED.get(module_name, ()):
-        importlib.import_module(also)
+    module = importlib.import_module(module_name)
+    main = getattr(module, function)
+    # What the workers would import only as they start.
+    for name in getattr(module, "FORK_SERVER_PRELOAD", ()):
+        importlib.import_module(name)
     code = CodeFiles()
     # Forked workers then never walk (and so copy) the objects imported here.
     gc.disable()

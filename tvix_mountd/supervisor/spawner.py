@@ -120,10 +120,11 @@ def _log_fds(spec: dict[str, Any]) -> list[int]:
 class _ForkServer:
     """The spawner's handle on a fork server (forkserver.py) for one module."""
 
-    # How long a server may take to import, and to answer a request, before
-    # it counts as hung (and is killed; the worker is then exec'd).
-    READY_TIMEOUT: Final = 60.0
-    REPLY_TIMEOUT: Final = 10.0
+    # How long a server may take to import, and to answer a request (a fork
+    # takes milliseconds), before it counts as hung: it is killed, and the
+    # worker forked by a new one, or exec'd.
+    READY_TIMEOUT: Final = 30.0
+    REPLY_TIMEOUT: Final = 2.0
 
     def __init__(self, module: str, entry: str) -> None:
         self.module = module
@@ -187,7 +188,7 @@ class _ForkServer:
         self._conn.close()
         self._sock.close()
         if self._popen.poll() is None:
-            self._popen.terminate()
+            self._popen.kill()  # even a stopped one
         os.close(self.pidfd)
         return self._popen.wait()
 

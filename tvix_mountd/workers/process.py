@@ -36,6 +36,16 @@ from tvix_mountd.workers.statefile import StateFile, StateFileError
 
 log = logging.getLogger(__name__)
 
+# What a worker imports only as it starts, imported ahead by the fork server
+# (supervisor/forkserver.py) for the workers it forks: the metrics, and the
+# embedded store's backends.
+FORK_SERVER_PRELOAD: Final = (
+    "tvix_mountd.request_metrics",
+    "tvix_mountd.metrics",
+    "tvix_mountd.castore.blobs.raw",
+    "tvix_mountd.castore.directories.sqlite",
+)
+
 # Exit status of a worker that could not serve (as opposed to one that crashed).
 EXIT_MOUNT_ERROR: Final = 3
 # Exit status of a worker that handed its connection back (SIGUSR1).
