@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import mmap
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -230,7 +230,19 @@ def test_a_server_that_cannot_start_leaves_workers_exec_d(tmp_path: Path) -> Non
     assert seen["first_exit"] == 7 and seen["after_kill_exit"] == 3
 
 
-def test_code_files_name_a_changed_or_new_module(tmp_path: Path) -> None:
+def test_code_files_name_a_changed_library(tmp_path: Path) -> None:
+    library = tmp_path / "libprobe.so"
+    library.write_bytes(b"\0" * 4096)
+    with library.open("rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ):
+        code = CodeFiles()
+        assert code.changed() is None
+        replacement = tmp_path / "libprobe.so.new"
+        replacement.write_bytes(b"\1" * 4096)
+        replacement.rename(library)  # as a package manager replaces one
+        assert code.changed() == str(library)
+
+
+def test_code_files_name_a_changed_module(tmp_path: Path) -> None:
     package = tmp_path / "codefiles_probe"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -241,7 +253,7 @@ def test_code_files_name_a_changed_or_new_module(tmp_path: Path) -> None:
 
         code = CodeFiles()
         assert code.changed() is None
-        (package / "a.py").write_text(textwrap.dedent("X = 22\n"))
+        (package / "a.py").write_text("X = 22\n")
         assert code.changed() == str(package / "a.py")
         (package / "a.py").write_text("X = 1\n")
         os.utime(package / "a.py", ns=(0, 0))

@@ -8,7 +8,8 @@ worker forked from this server has all of that already.
 
 `restart` must still start workers that run the code installed now (that is
 how an upgrade reaches a running mount), so before each fork the server
-looks at every file it imported code from; if one has changed since, it
+looks at every file its code came from (modules, the interpreter, mapped
+libraries); if one has changed since, it
 answers "stale" and exits, and the spawner starts a new server (or, if that
 fails too, execs the worker as before).
 
@@ -51,18 +52,26 @@ log = logging.getLogger(__name__)
 
 class CodeFiles:
     """The files the code of this process came from, as they were when it was
-    imported: the code installed now is the same code if none of them changed."""
+    loaded: its modules, the interpreter and every library it has mapped.
+    The code installed now is the same code if none of them changed."""
 
     def __init__(self) -> None:
         self._seen = {path: self._identity(path) for path in self._paths()}
 
     @staticmethod
     def _paths() -> set[str]:
-        return {
+        paths = {
             path
             for module in list(sys.modules.values())
             if isinstance(path := getattr(module, "__file__", None), str)
         }
+        paths.add(os.path.realpath(sys.executable))
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/"):
+                    paths.add(fields[5].rstrip("\n"))
+        return paths
 
     @staticmethod
     def _identity(path: str) -> tuple[int, int, int] | None:
@@ -73,9 +82,9 @@ class CodeFiles:
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
     def changed(self) -> str | None:
-        """A file that changed (or was imported since), if any."""
-        for path in self._paths():
-            if path not in self._seen or self._identity(path) != self._seen[path]:
+        """A file that changed since, if any."""
+        for path, identity in self._seen.items():
+            if self._identity(path) != identity:
                 return path
         return None
 
