@@ -250,6 +250,9 @@ def test_a_request_in_flight_at_the_kill_is_sent_again_and_completes(
 def test_kill_of_the_replacement_before_it_serves(tmp_path: Path) -> None:
     with handover_world(tmp_path) as w:
         svc = w.svc
+        # Exec'd workers: one forked from the fork server serves within
+        # milliseconds, too soon to be caught before it does.
+        svc.extra_env["TVIX_MOUNTD_NO_FORK_SERVER"] = "1"
         svc.start()
         ids = _mount_ids(svc)
         with clients(w, tmp_path / "clients") as running:
@@ -266,6 +269,8 @@ def test_kill_of_the_replacement_before_it_serves(tmp_path: Path) -> None:
             results, reader = running.stop()
         _assert_no_failure(results, reader)
         assert _mount_ids(svc) == ids
+        log = svc.log()
+        assert ", exec'd" in log and ", forked by" not in log, log
 
 
 @needs_resend

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -56,6 +56,8 @@ ERRORS_DIR = "errors"
 # called in a process forked from the fork server (spawner.py).
 WORKER_MODULE = "tvix_mountd.workers"
 WORKER_ENTRY = "tvix_mountd.workers.process:main"
+# Set (to anything but empty): every worker exec'd, no fork server.
+NO_FORK_SERVER_ENV: Final = "TVIX_MOUNTD_NO_FORK_SERVER"
 
 # A rootcache that served this long is healthy again: its backoff starts over.
 HEALTHY_AFTER = 30.0
@@ -208,7 +210,10 @@ class Supervisor:
 
             # Before the fork: the children inherit where to write their metrics.
             setup_multiprocess_dir(str(self.state_dir / METRICS_DIR))
-            self.spawner = Spawner.start(fork_servers={WORKER_MODULE: WORKER_ENTRY})
+            fork_servers = (
+                {} if os.environ.get(NO_FORK_SERVER_ENV) else {WORKER_MODULE: WORKER_ENTRY}
+            )
+            self.spawner = Spawner.start(fork_servers=fork_servers)
             try:
                 trio.run(self._run)
             finally:
