@@ -109,9 +109,12 @@ def _fork_worker(
         if len(raw) != 4 or os.waitstatus_to_exitcode(status) != 0:
             raise OSError(f"could not fork {title!r} (status {status})")
         (worker,) = struct.unpack("i", raw)
-        data = json.dumps(spec).encode()
-        with contextlib.suppress(BrokenPipeError):  # died at once: the spawner reaps it
-            os.write(spec_write, data)  # less than a pipe's buffer: does not block
+        # The worker reads it as it comes, to the end (when we close it).
+        with (
+            contextlib.suppress(BrokenPipeError),  # died at once: the spawner reaps it
+            open(spec_write, "wb", closefd=False) as f,
+        ):
+            f.write(json.dumps(spec).encode())
         return int(worker)
     finally:
         for fd in (spec_read, spec_write, pid_read, pid_write):
