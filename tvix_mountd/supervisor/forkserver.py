@@ -89,12 +89,11 @@ class CodeFiles:
         return None
 
 
-def _fork_worker(
-    main: Any, title: str, spec: dict[str, Any], fds: list[int], keep: set[int]
-) -> int:
+def _fork_worker(main: Any, title: str, fds: list[int], keep: set[int]) -> tuple[int, int]:
     """Fork the worker (through a child that exits at once, so that it is
-    reparented to the spawner); its PID. Its spec reaches its stdin only
-    after that child is gone: by then its parent is the spawner."""
+    reparented to the spawner): its PID, and the pipe to write its spec
+    into (its stdin). Write the spec only once the spawner knows the PID:
+    a worker whose spec does not come (EOF) exits without serving."""
     spec_read, spec_write = os.pipe()
     pid_read, pid_write = os.pipe()
     try:
@@ -109,17 +108,23 @@ def _fork_worker(
         if len(raw) != 4 or os.waitstatus_to_exitcode(status) != 0:
             raise OSError(f"could not fork {title!r} (status {status})")
         (worker,) = struct.unpack("i", raw)
-        # The worker reads it as it comes, to the end (when we close it).
-        with (
-            contextlib.suppress(BrokenPipeError),  # died at once: the spawner reaps it
-            open(spec_write, "wb", closefd=False) as f,
-        ):
-            f.write(json.dumps(spec).encode())
-        return int(worker)
+    except BaseException:
+        os.close(spec_write)
+        raise
     finally:
-        for fd in (spec_read, spec_write, pid_read, pid_write):
+        for fd in (spec_read, pid_read, pid_write):
             if fd >= 0:
                 os.close(fd)
+    return int(worker), spec_write
+
+
+def _write_spec(spec_write: int, spec: dict[str, Any]) -> None:
+    # The worker reads it as it comes, to the end (when we close it).
+    with (
+        contextlib.suppress(BrokenPipeError),  # died at once: the spawner reaps it
+        open(spec_write, "wb") as f,
+    ):
+        f.write(json.dumps(spec).encode())
 
 
 def _middle_child(main: Any, title: str, spec_read: int, pid_write: int, keep: set[int]) -> None:
@@ -203,11 +208,16 @@ def _serve_one(
             return False
         spec = {**spec, **dict(zip(fd_keys, fds, strict=True)), "fork_server": os.getpid()}
         try:
-            pid = _fork_worker(main, title, spec, fds, keep)
+            pid, spec_write = _fork_worker(main, title, fds, keep)
         except OSError as e:
             conn.send(("failed", f"{type(e).__name__}: {e}"))
-        else:
+            return True
+        try:
             conn.send(("forked", pid))
+        except BaseException:
+            os.close(spec_write)  # the worker sees no spec and exits
+            raise
+        _write_spec(spec_write, spec)
         return True
     finally:
         for fd in fds:

@@ -174,8 +174,13 @@ class _ForkServer:
 
     def _receive(self, timeout: float, *, started: bool) -> tuple[Any, ...]:
         ready = multiprocessing.connection.wait([self._conn, self.pidfd], timeout)
-        if self._conn in ready:
-            with contextlib.suppress(EOFError, OSError):
+        if not ready:
+            # Killed before we give up on it: an answer it sent meanwhile
+            # is read below, so that no worker it forked goes unknown.
+            self._popen.kill()
+            self._popen.wait()
+        with contextlib.suppress(EOFError, OSError):
+            if self._conn.poll():
                 message: tuple[Any, ...] = self._conn.recv()
                 return message
         why = "it exited" if ready else "it did not answer in time"
