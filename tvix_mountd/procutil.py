@@ -18,19 +18,21 @@ PR_SET_CHILD_SUBREAPER = 36
 log = logging.getLogger(__name__)
 
 
+def _prctl(option: int, value: int, name: str) -> None:
+    if libc().prctl(option, value, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({name}): {os.strerror(err)}")
+
+
 def set_parent_death_signal(signum: int) -> None:
     """Have the kernel send `signum` to this process when its parent dies."""
-    if libc().prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    _prctl(PR_SET_PDEATHSIG, signum, "PR_SET_PDEATHSIG")
 
 
 def become_child_subreaper() -> None:
     """Adopt the orphans of our descendants (rather than init): a process
     forked by a child of ours, which then exits, becomes our child."""
-    if libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+    _prctl(PR_SET_CHILD_SUBREAPER, 1, "PR_SET_CHILD_SUBREAPER")
 
 
 def children(pid: int | None = None) -> list[int]:
@@ -41,7 +43,7 @@ def children(pid: int | None = None) -> list[int]:
     for task in os.listdir(proc):
         # A thread that ended has no file.
         with contextlib.suppress(FileNotFoundError), open(f"{proc}/{task}/children") as f:
-            found += [int(pid) for pid in f.read().split()]
+            found += [int(child) for child in f.read().split()]
     return found
 
 

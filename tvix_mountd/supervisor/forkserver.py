@@ -9,9 +9,9 @@ worker forked from this server has all of that already.
 `restart` must still start workers that run the code installed now (that is
 how an upgrade reaches a running mount), so before each fork the server
 looks at every file its code came from (modules, the interpreter, mapped
-libraries); if one has changed since, it
-answers "stale" and exits, and the spawner starts a new server (or, if that
-fails too, execs the worker as before).
+libraries); if one has changed since, it answers "stale" and exits, and the
+spawner starts a new server (or, if that fails too, execs the worker as
+before).
 
 The spawner execs the server (`python -P -m tvix_mountd.supervisor.forkserver
 MODULE:FUNCTION CONN_FD SPAWNER_PID [LOG_FD LEVEL]`) and asks it over CONN_FD,
@@ -22,11 +22,12 @@ one pickled tuple per message:
 The server imports MODULE, and the modules it names in FORK_SERVER_PRELOAD.
 The worker runs FUNCTION with its spec on stdin, as an exec'd one runs
 `python -m` with it; the spec gets the descriptors' numbers under their keys
-and this server's PID as `fork_server`. It is forked twice, so that its parent is the spawner (a
-child subreaper), as an exec'd worker's is: the spawner reaps it and learns
-its exit status, and the worker's parent-death signal follows the spawner.
-This server's own death ends no worker. The spec is written once the middle
-process has gone, so a worker must read it before it looks at its parent.
+and this server's PID as `fork_server`. It is forked twice, so that its
+parent is the spawner (a child subreaper), as an exec'd worker's is: the
+spawner reaps it and learns its exit status, and the worker's parent-death
+signal follows the spawner. This server's own death ends no worker. The
+spec is written once the middle process has gone and the spawner knows the
+worker's PID, so a worker must read it before it looks at its parent.
 """
 
 from __future__ import annotations

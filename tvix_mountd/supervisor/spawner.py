@@ -130,7 +130,7 @@ class _ForkServer:
         self.module = module
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         log_fd = logs.log_pipe_fd()
-        argv = [sys.executable, "-P", "-m", "tvix_mountd.supervisor.forkserver", entry]
+        argv = _exec_argv("tvix_mountd.supervisor.forkserver", entry)
         argv += [str(theirs.fileno()), str(os.getpid())]
         if log_fd is not None:
             level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
