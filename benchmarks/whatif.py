@@ -72,20 +72,10 @@ Patches:
               NARs are read through the stdlib's LZMAFile and BZ2File (8 KiB
               of compressed input per call) and zstd's through a 128 KiB
               `read_size`, instead of 1 MiB at a time.
-  blockbyblock
-              the reverse of a shipped change: a binary cache's NAR is
-              decompressed a block per call, in the worker thread of the
-              ingest's call, instead of by a thread of its own that keeps
-              two blocks ready.
   nowalkahead the reverse of a shipped change: a directory listed during a
               walk that reads every file is not read ahead from its listing
               (workers/prefetch.py, `BlobPrefetcher.listed`), only after
               its first two READs.
-  parserhashes
-              the reverse of a shipped change: a binary cache's zstd or
-              uncompressed NAR is hashed (sha256) by the ingest on the
-              loop's thread, not by the thread that reads it
-              (castore/pathinfos/nixcache.py, HASHED_BY_THREAD).
   consecutivebatches
               the reverse of a shipped change: the files of a window read
               ahead go to the threads in batches of BATCH consecutive files,
@@ -122,9 +112,7 @@ PATCHES: Final = (
     "noindexahead",
     "shortswitch",
     "stdlibreaders",
-    "blockbyblock",
     "nowalkahead",
-    "parserhashes",
     "consecutivebatches",
     "smallkept",
     "readahead",
@@ -304,12 +292,6 @@ def _smallkept() -> None:
     prefetch.KEPT = 4 << 20  # type: ignore[misc]
 
 
-def _parserhashes() -> None:
-    from tvix_mountd.castore.pathinfos import nixcache
-
-    setattr(nixcache, "HASHED_BY_THREAD", frozenset())  # noqa: B010
-
-
 def _consecutivebatches() -> None:
     from tvix_mountd.workers import prefetch
 
@@ -342,24 +324,6 @@ def _stdlibreaders() -> None:
 
     # The name nixcache.py calls.
     setattr(nixcache, "decompressing", decompressing)  # noqa: B010
-
-
-def _blockbyblock() -> None:
-    from tvix_mountd.castore.errors import IntegrityError, StoreError
-    from tvix_mountd.castore.pathinfos import nixcache
-    from tvix_mountd.castore.pathinfos.nixcache_files import DECOMPRESSION_ERRORS
-
-    def read(self: Any) -> bytes:
-        # The decompression in the calling worker thread, a block per call.
-        try:
-            block: bytes = self._decompressed.read(nixcache.BLOCK_SIZE)
-        except StoreError:
-            raise
-        except DECOMPRESSION_ERRORS as e:
-            raise IntegrityError(f"cannot decompress: {e}") from e
-        return block
-
-    nixcache._Download.read = read  # type: ignore[method-assign]
 
 
 def _twothreads() -> None:
@@ -419,9 +383,7 @@ _APPLY: Final[dict[str, Callable[[], None]]] = {
     "noindexahead": _noindexahead,
     "shortswitch": _shortswitch,
     "stdlibreaders": _stdlibreaders,
-    "blockbyblock": _blockbyblock,
     "nowalkahead": _nowalkahead,
-    "parserhashes": _parserhashes,
     "consecutivebatches": _consecutivebatches,
     "smallkept": _smallkept,
 }

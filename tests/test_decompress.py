@@ -1,21 +1,21 @@
 """How a binary cache's NAR file is read, without a cache: the decompressors
-(nixcache_files.decompressing) and the thread that runs them ahead of the
-ingest (nixcache._Download).
+(nixcache_files.decompressing) and the download as the ingest's thread reads
+it (nixcache._Download).
 
 The end-to-end tests (test_nixcache.py) read NARs that real Nix compressed;
 these check the edges a cache's file can have and Nix's files do not show:
 concatenated streams, bytes after the last one, a file cut short, a bomb
 (output bounded per read, whatever the input expands to), and a download
-closed while its thread is still reading.
+given up while the ingest's thread waits for it.
 """
 
 from __future__ import annotations
 
 import bz2
+import dataclasses
 import io
 import lzma
 import os
-import threading
 from collections.abc import Callable
 
 import pytest
@@ -25,14 +25,17 @@ import zstandard
 
 from tests.mounting import wait_until
 from tvix_mountd.castore.blocking import ProgressDeadline
-from tvix_mountd.castore.errors import BackendUnavailable, IntegrityError
+from tvix_mountd.castore.errors import IntegrityError
+from tvix_mountd.castore.nar import CLOSE, CONTENTS, NAR_MAGIC, OPEN, REGULAR, TYPE
+from tvix_mountd.castore.nar_ingest import ingest_nar
 from tvix_mountd.castore.narinfo import NarInfo
-from tvix_mountd.castore.pathinfos.nixcache import BLOCK_SIZE, BLOCKS_AHEAD, _Download
+from tvix_mountd.castore.pathinfos.nixcache import _Download
 from tvix_mountd.castore.pathinfos.nixcache_files import (
     DECOMPRESSION_ERRORS,
     INPUT_CHUNK,
     decompressing,
 )
+from tvix_mountd.castore.store import Store
 from tvix_mountd.castore.storepath import StorePath
 
 COMPRESSORS: dict[str, Callable[[bytes], bytes]] = {
@@ -136,7 +139,7 @@ def test_read_without_a_size_reads_everything() -> None:
     assert reader.read(10) == b""
 
 
-# -- the download's thread --------------------------------------------------------
+# -- the download, as the ingest reads it ---------------------------------------------
 
 
 def narinfo(compression: str) -> NarInfo:
@@ -149,62 +152,43 @@ def narinfo(compression: str) -> NarInfo:
     )
 
 
-def wait_for(event: threading.Event, what: str) -> None:
-    assert event.wait(10), what
+def download(raw: io.RawIOBase | io.BytesIO, compression: str) -> _Download:
+    return _Download(raw, narinfo(compression), ProgressDeadline(10, "test"))
 
 
-async def test_the_thread_reads_ahead_and_closing_ends_it() -> None:
-    data = os.urandom((BLOCKS_AHEAD + 6) * BLOCK_SIZE)
-    source = CountingSource(lzma.compress(data, preset=0))
-    download = _Download(source, narinfo("xz"), ProgressDeadline(10, "test"))
-    first = await trio.to_thread.run_sync(download.read)
-    assert first == data[: len(first)]
-    # The thread goes on without being asked, as far as the queue lets it.
-    await trio.to_thread.run_sync(
-        wait_until, download._ready.full, 10, "the thread to fill the queue unasked"
-    )
-    await trio.to_thread.run_sync(download.close)
-    wait_for(download._ended, "the thread did not end when the download was closed")
-    assert source.closed_by_reader
-
-
-async def test_a_reader_waiting_on_a_stalled_download_is_released_by_close() -> None:
+async def test_an_ingest_given_up_closes_a_stalled_download() -> None:
     # A cache that sent a little and then nothing: a pipe whose writer stays open.
     read_end, write_end = os.pipe()
     os.write(write_end, b"some bytes ")
     raw = os.fdopen(read_end, "rb", buffering=0)
-    download = _Download(raw, narinfo("none"), ProgressDeadline(10, "test"))
+    store = Store.from_addrs("memory://", "memory://", "memory://")
     try:
-        assert await trio.to_thread.run_sync(download.read) == b"some bytes "
-        async with trio.open_nursery() as nursery:
-            failures: list[BaseException] = []
-
-            async def read_on() -> None:
-                try:
-                    with trio.fail_after(10):
-                        await trio.to_thread.run_sync(download.read, abandon_on_cancel=True)
-                except BackendUnavailable as e:
-                    failures.append(e)
-
-            nursery.start_soon(read_on)
-            await trio.testing.wait_all_tasks_blocked()  # the read waits in its thread
-            assert not failures
-            await trio.to_thread.run_sync(download.close)
-        assert [str(e) for e in failures] == [f"{download.narinfo.url}: download closed"]
+        with trio.move_on_after(0.5) as scope:
+            await ingest_nar(store.blobs, store.directories, download(raw, "none"))
+        assert scope.cancelled_caught
     finally:
-        os.close(write_end)  # the stalled read ends; the closed thread stops
-    wait_for(download._ended, "the thread did not end once its read returned")
+        os.close(write_end)  # the stalled read ends, if closing the body did not
+    # The ingest's thread closed what it read from once its read failed.
+    await trio.to_thread.run_sync(wait_until, lambda: raw.closed, 10, "the body to be closed")
 
 
-async def test_errors_and_the_end_stay_the_answer() -> None:
-    download = _Download(
-        CountingSource(b"not xz at all" * 100), narinfo("xz"), ProgressDeadline(10, "test")
-    )
-    for _ in range(2):
-        with pytest.raises(IntegrityError, match="cannot decompress"):
-            await trio.to_thread.run_sync(download.read)
-    ended = _Download(CountingSource(lzma.compress(b"x")), narinfo("xz"), ProgressDeadline(10, "t"))
-    assert await trio.to_thread.run_sync(ended.read) == b"x"
-    assert await trio.to_thread.run_sync(ended.read) == b""
-    assert await trio.to_thread.run_sync(ended.read) == b""
-    await trio.to_thread.run_sync(ended.finish)
+@pytest.mark.parametrize("compression", ["xz", "bzip2"])
+async def test_a_file_that_does_not_decompress_fails_the_ingest(compression: str) -> None:
+    store = Store.from_addrs("memory://", "memory://", "memory://")
+    source = CountingSource(b"not compressed at all" * 100)
+    with pytest.raises(IntegrityError, match=f"cannot decompress \\({compression}\\)"):
+        await ingest_nar(store.blobs, store.directories, download(source, compression))
+    assert source.closed_by_reader
+
+
+async def test_what_follows_the_nar_counts_for_the_file_size() -> None:
+    store = Store.from_addrs("memory://", "memory://", "memory://")
+    nar = NAR_MAGIC + OPEN + TYPE + REGULAR + CONTENTS + (0).to_bytes(8, "little") + CLOSE
+    compressed = lzma.compress(nar)
+    info = dataclasses.replace(narinfo("xz"), file_size=len(compressed))
+    source = _Download(CountingSource(compressed + b"trailing"), info, ProgressDeadline(10, "test"))
+    with pytest.raises(IntegrityError, match="FileSize says"):
+        await ingest_nar(store.blobs, store.directories, source)
+    exact = _Download(CountingSource(compressed), info, ProgressDeadline(10, "test"))
+    ingested = await ingest_nar(store.blobs, store.directories, exact)
+    assert ingested.nar_size == len(nar)

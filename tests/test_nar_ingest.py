@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import re
 import subprocess
+import threading
 import tracemalloc
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import blake3
@@ -25,7 +25,7 @@ from tvix_mountd.castore.addr import PATH_INFO_SCHEMES, parse_address
 from tvix_mountd.castore.blobs import BlobReader, BlobService, BlobWriter
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories.memory import MemoryDirectoryService
-from tvix_mountd.castore.errors import AddressError, StoreError, ValidationError
+from tvix_mountd.castore.errors import AddressError, BackendUnavailable, StoreError, ValidationError
 from tvix_mountd.castore.importer import write_nar
 from tvix_mountd.castore.nar import (
     CLOSE,
@@ -42,7 +42,7 @@ from tvix_mountd.castore.nar import (
     TYPE,
     nar_string,
 )
-from tvix_mountd.castore.nar_ingest import NarError, ingest_nar
+from tvix_mountd.castore.nar_ingest import BlocksSource, NarError, NarSource, ingest_nar
 from tvix_mountd.castore.narinfo import NarInfo, PublicKey, signed_by
 from tvix_mountd.castore.nodes import Node
 from tvix_mountd.castore.pathinfo import CAHashType
@@ -74,14 +74,8 @@ def small_nar(caches: Caches) -> bytes:
     return nix_dump(caches.sources["tree"] / "share")
 
 
-def blocks_of(data: bytes, size: int) -> Callable[[], Awaitable[bytes]]:
-    pieces = [data[i : i + size] for i in range(0, len(data), size)]
-    pieces.reverse()
-
-    async def next_block() -> bytes:
-        return pieces.pop() if pieces else b""
-
-    return next_block
+def blocks_of(data: bytes, size: int) -> BlocksSource:
+    return BlocksSource([data[i : i + size] for i in range(0, len(data), size)])
 
 
 def memory_store() -> Store:
@@ -459,15 +453,18 @@ async def test_a_big_nar_streams_in_bounded_memory() -> None:
     size = 256 << 20
     piece = bytes(range(256)) * 4096  # 1 MiB
     header = NAR_MAGIC + OPEN + TYPE + REGULAR + CONTENTS + size.to_bytes(8, "little")
-    pieces = iter([header, *([piece] * (size // len(piece))), CLOSE, b""])
 
-    async def next_block() -> bytes:
-        return next(pieces)
+    class Pieces(NarSource):
+        def __init__(self) -> None:
+            self._pieces = iter([header, *([piece] * (size // len(piece))), CLOSE])
+
+        def read(self) -> bytes:
+            return next(self._pieces, b"")
 
     blobs = _Discarding()
     tracemalloc.start()
     try:
-        ingested = await ingest_nar(blobs, memory_store().directories, next_block)
+        ingested = await ingest_nar(blobs, memory_store().directories, Pieces())
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -476,11 +473,58 @@ async def test_a_big_nar_streams_in_bounded_memory() -> None:
     assert peak < 16 << 20, f"{peak / 2**20:.1f} MiB allocated at once"
 
 
-async def test_cancelled_from_outside_it_stops(small_nar: bytes) -> None:
-    async def never() -> bytes:
-        await trio.sleep_forever()
-        raise AssertionError("unreachable")
+class _Stalled(NarSource):
+    """A download that sent the NAR's start and then nothing, until interrupted."""
 
+    def __init__(self, start: bytes) -> None:
+        self._start: bytes | None = start
+        self.interrupted = threading.Event()
+        self.closed = threading.Event()
+
+    def read(self) -> bytes:
+        if self._start is not None:
+            start, self._start = self._start, None
+            return start
+        self.interrupted.wait()
+        raise BackendUnavailable("interrupted")
+
+    def interrupt(self) -> None:
+        self.interrupted.set()
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+async def test_cancelled_from_outside_it_interrupts_the_source_and_its_thread_ends(
+    small_nar: bytes,
+) -> None:
+    source = _Stalled(small_nar[:100])
     with trio.move_on_after(0.2) as scope:
-        await ingest_nar(memory_store().blobs, memory_store().directories, never)
+        await ingest_nar(memory_store().blobs, memory_store().directories, source)
     assert scope.cancelled_caught
+    assert source.interrupted.is_set()
+    # The thread's read fails once interrupted, and it closes the source.
+    assert await trio.to_thread.run_sync(source.closed.wait, 10)
+
+
+async def test_a_failing_store_stops_the_thread_and_closes_the_source(small_nar: bytes) -> None:
+    class Endless(NarSource):
+        """A well-formed start, then a large file that never ends."""
+
+        def __init__(self) -> None:
+            self.closed = threading.Event()
+            self._header = (
+                NAR_MAGIC + OPEN + TYPE + REGULAR + CONTENTS + (1 << 40).to_bytes(8, "little")
+            )
+
+        def read(self) -> bytes:
+            header, self._header = self._header, b""
+            return header or bytes(1 << 20)
+
+        def close(self) -> None:
+            self.closed.set()
+
+    source = Endless()
+    with pytest.raises(StoreError, match="broken"):
+        await ingest_nar(_Discarding(fail=True), memory_store().directories, source)
+    assert await trio.to_thread.run_sync(source.closed.wait, 10)

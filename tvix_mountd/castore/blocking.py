@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import trio
@@ -56,13 +56,14 @@ async def run_blocking(
 
 
 class ProgressDeadline:
-    """A deadline for blocking calls that their worker thread pushes back
-    whenever it makes progress: a download that keeps arriving never hits it,
-    one that stalls for `timeout` seconds does.
+    """A deadline on waiting for a thread that pushes it back whenever it
+    makes progress: a download that keeps arriving never hits it, one that
+    stalls for `timeout` seconds does.
 
     The thread calls `progressed()` after each piece of work (a network read,
     say); at most four times per `timeout` that costs a hop into trio, which
-    moves the deadline of the call running now to `timeout` from then.
+    moves the deadline of the wait going on now (`watching`) to `timeout`
+    from then.
     """
 
     def __init__(self, timeout: float, what: str) -> None:
@@ -86,18 +87,18 @@ class ProgressDeadline:
         if self._scope is not None:
             self._scope.deadline = trio.current_time() + self._timeout
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """`fn(*args)` in a worker thread; BackendUnavailable once it made no
-        progress for `timeout` seconds (the thread is abandoned then)."""
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """The waits of the block under the deadline: cancelled, and
+        BackendUnavailable, once no progress came for `timeout` seconds."""
         with trio.CancelScope(deadline=trio.current_time() + self._timeout) as scope:
             self._scope = scope
             try:
-                return await trio.to_thread.run_sync(
-                    fn, *args, abandon_on_cancel=True, limiter=_limiter()
-                )
+                yield
             finally:
                 self._scope = None
-        raise BackendUnavailable(f"{self._what}: no progress for {self._timeout:g} s")
+        if scope.cancelled_caught:
+            raise BackendUnavailable(f"{self._what}: no progress for {self._timeout:g} s")
 
 
 async def past_caller_deadline(fn: Callable[[], Awaitable[T]]) -> T:

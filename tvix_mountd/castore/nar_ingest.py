@@ -3,14 +3,26 @@
 The counterpart of `importer.write_nar`, for NARs that arrive from elsewhere
 (a Nix binary cache). The NAR is read as it arrives, in blocks, and never
 held whole: file contents go to the blob service in pieces of at most
-CHUNK_SIZE (small files only if the service lacks them), and what is kept
-is one Directory per directory, which the tree needs anyway.
+CHUNK_SIZE (small files in batches, `put_batch`), and what is kept is one
+Directory per directory, which the tree needs anyway.
 
-Two things overlap with the parsing, in tasks of one nursery: reading the
-next block (decompressing it, for a cache), and storing small files, in
-batches (`BlobBatcher`: one `put_batch` per batch of about 4 MiB, one
-worker-thread hop for the embedded store, two batches at once). Memory stays
-bounded by those: a block or two, and three batches.
+Two sides, so that the bytes are handled where the GIL is not fought over:
+
+- A thread of its own reads the source (a download and its decompression),
+  hashes every byte (sha256), parses the NAR and hashes each file's
+  contents (BLAKE3): plain calls on a buffer, a few microseconds a file.
+  It hands the trio side coarse pieces of work through a small channel:
+  batches of small files of about BATCH_BYTES, and the pieces of each file
+  larger than CHUNK_SIZE. Parsed on trio's thread instead, an await per
+  token (~90,000 for 5,000 files), the parse took most of a zstd NAR's
+  ingest, and the thread that decompressed ahead waited up to a switch
+  interval for the GIL at each of its calls (RESULTS.md, sixteenth session).
+- The trio side stores them (`BlobBatcher`: CONCURRENT_PUTS batches at
+  once; a blob writer for each large file), and stores the Directories
+  once the whole NAR was read and matched.
+
+Memory stays bounded: the thread's buffer (a block or two), the batch it
+gathers, the channel's few pieces, and the batches being stored.
 
 The NAR is checked as Nix's parser checks it (tokens, zero padding, names
 strictly sorted, no `.`, `..`, `/` or NUL in names, nothing after the end),
@@ -23,15 +35,26 @@ durable when this returns: the caller records the path with `put_durably`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import struct
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Final
 
+import blake3
 import trio
 
-from tvix_mountd.castore.blobs import BlobBatcher, BlobService, BlobUpload
+from tvix_mountd.castore.blobs import (
+    BATCH_BYTES,
+    BATCH_FILES,
+    BlobBatcher,
+    BlobService,
+    BlobWriter,
+    check_stored,
+)
+from tvix_mountd.castore.blocking import ProgressDeadline
 from tvix_mountd.castore.digests import B3Digest
 from tvix_mountd.castore.directories import DirectoryService
 from tvix_mountd.castore.errors import IntegrityError, ValidationError, first_error
@@ -64,6 +87,12 @@ _MAX_TOKEN_LEN: Final = 16
 _U64: Final = struct.Struct("<Q")
 _ZEROS: Final = bytes(8)
 _EMPTY_STRING: Final = nar_string(b"")
+_ENTRY: Final = b"entry"
+_END: Final = b")"
+# Pieces of work waiting for the trio side: the thread runs this far ahead
+# of the stores at most (a batch is BATCH_BYTES, a large file's piece
+# CHUNK_SIZE).
+PIECES_AHEAD: Final = 2
 
 
 class NarError(IntegrityError):
@@ -77,118 +106,73 @@ class IngestedNar:
     nar_sha256: bytes
 
 
-class _Prefetch:
-    """`next_block` called one block ahead, in a task: the next block is read
-    (and decompressed) while this one is parsed. Its errors arrive in order,
-    where the block would have."""
+class NarSource(ABC):
+    """Where `ingest_nar` reads a NAR: `read`, `finish` and `close` are called
+    in the ingest's thread, one after another; `interrupt` from trio's."""
 
-    def __init__(self, next_block: Callable[[], Awaitable[bytes]], nursery: trio.Nursery) -> None:
-        send, self._receive = trio.open_memory_channel[bytes | Exception](1)
-        nursery.start_soon(self._pump, next_block, send)
+    @abstractmethod
+    def read(self) -> bytes:
+        """The next piece of the NAR (blocking), b"" at its end."""
 
-    @staticmethod
-    async def _pump(
-        next_block: Callable[[], Awaitable[bytes]], send: trio.MemorySendChannel[bytes | Exception]
-    ) -> None:
-        async with send:
-            while True:
-                try:
-                    block = await next_block()
-                except Exception as e:
-                    await send.send(e)
-                    return
-                await send.send(block)
-                if not block:
-                    return
+    def finish(self) -> None:  # noqa: B027 - most sources end with the NAR
+        """After the NAR's end: check whatever the source has after it (a
+        compressed file's trailer, its size and hash). Raises to fail the
+        ingest."""
 
-    async def next_block(self) -> bytes:
-        item = await self._receive.receive()
-        if isinstance(item, Exception):
-            raise item
-        return item
+    def close(self) -> None:  # noqa: B027 - optional
+        """The thread is done with the source, whatever the outcome."""
+
+    def interrupt(self) -> None:  # noqa: B027 - a source that never blocks long
+        """The ingest was given up: make a `read` that waits (on a network)
+        fail soon. Called from trio's thread, maybe while `read` runs."""
 
 
-class _Reader:
-    """The NAR's bytes, in blocks from `next_block`; hashes and counts every byte."""
+class BlocksSource(NarSource):
+    """A NAR already in pieces (tests, and NARs held in memory)."""
 
-    def __init__(
-        self, next_block: Callable[[], Awaitable[bytes]], max_size: int | None, hashed: bool
-    ) -> None:
-        """`hashed`: the source hashes the blocks itself (`sha256` stays unused)."""
-        self._next_block = next_block
-        self._max_size = max_size
-        self._buf = b""
-        self._pos = 0
-        self.sha256 = hashlib.sha256()
-        self._hashed = hashed
-        self.size = 0
+    def __init__(self, pieces: list[bytes]) -> None:
+        self._pieces = list(reversed(pieces))
 
-    async def _fill(self) -> bool:
-        """Append the next block; False at the end of the stream."""
-        block = await self._next_block()
-        if not block:
-            return False
-        if not self._hashed:
-            self.sha256.update(block)
-        self.size += len(block)
-        if self._max_size is not None and self.size > self._max_size:
-            raise NarError(f"NAR is longer than the expected {self._max_size} bytes")
-        self._buf = self._buf[self._pos :] + block
-        self._pos = 0
-        return True
+    def read(self) -> bytes:
+        return self._pieces.pop() if self._pieces else b""
 
-    async def _need(self, n: int) -> None:
-        while len(self._buf) - self._pos < n:
-            if not await self._fill():
-                raise NarError(f"NAR ends early, after {self.size} bytes")
 
-    async def read(self, n: int) -> bytes:
-        """Exactly `n` bytes (n small, or at most CHUNK_SIZE)."""
-        await self._need(n)
-        data = self._buf[self._pos : self._pos + n]
-        self._pos += n
-        return data
+# -- what the thread hands over ----------------------------------------------------
 
-    async def read_some(self, n: int) -> bytes:
-        """1 to `n` bytes: what is buffered, or the next block's."""
-        if self._pos == len(self._buf):
-            await self._need(1)
-        data = self._buf[self._pos : self._pos + n]
-        self._pos += len(data)
-        return data
 
-    @property
-    def offset(self) -> int:
-        """Bytes of the NAR consumed so far."""
-        return self.size - (len(self._buf) - self._pos)
+@dataclass(slots=True)
+class _Batch:
+    blobs: list[tuple[B3Digest, bytes]]
 
-    async def expect(self, token: bytes) -> None:
-        data = await self.read(len(token))
-        if data != token:
-            raise NarError(
-                f"NAR: unexpected bytes at {self.offset - len(token)}: {data[:64]!r},"
-                f" expected {token[:64]!r}"
-            )
 
-    async def u64(self) -> int:
-        value: int = _U64.unpack(await self.read(8))[0]
-        return value
+@dataclass(slots=True)
+class _Piece:
+    """Contents of the large file being read, in order."""
 
-    async def padding(self, length: int) -> None:
-        pad = (-length) % 8
-        if pad and await self.read(pad) != _ZEROS[:pad]:
-            raise NarError("NAR: padding is not zero")
+    data: bytes
 
-    async def string(self, limit: int, what: str) -> bytes:
-        length = await self.u64()
-        if length > limit:
-            raise NarError(f"NAR: {what} of {length} bytes, at most {limit} allowed")
-        data = await self.read(length)
-        await self.padding(length)
-        return data
 
-    async def at_end(self) -> bool:
-        return self._pos == len(self._buf) and not await self._fill()
+@dataclass(slots=True)
+class _FileEnd:
+    """The large file whose pieces came last is complete."""
+
+    digest: B3Digest
+    what: str
+
+
+@dataclass(slots=True)
+class _Parsed:
+    node: Node
+    directories: list[Directory]
+    size: int
+    sha256: bytes
+
+
+_Handed = _Batch | _Piece | _FileEnd | _Parsed | Exception
+
+
+class _Stopped(Exception):
+    """The trio side went away: the thread stops."""
 
 
 @dataclass(slots=True)
@@ -196,32 +180,116 @@ class _Frame:
     """A directory being read: its name in the parent and the entries so far."""
 
     name: bytes
-    entries: list[tuple[bytes, Node]] = field(default_factory=list)
+    entries: list[tuple[bytes, Node]]
     last_name: bytes = b""
 
 
-class _Ingest:
-    def __init__(self, blobs: BlobService, reader: _Reader, uploads: trio.Nursery) -> None:
-        self._blobs = blobs
-        self._reader = reader
-        self.small_files = BlobBatcher(blobs, uploads)
-        self.directories: list[Directory] = []
+class _Parser:
+    """The NAR's syntax, in the calling thread: bytes from `source.read`,
+    work out through `hand_over` (blocking while the trio side is busy)."""
 
-    async def run(self) -> Node:
-        r = self._reader
-        await r.expect(NAR_MAGIC + OPEN + TYPE)
+    def __init__(
+        self,
+        source: NarSource,
+        max_size: int | None,
+        hand_over: _HandOver,
+    ) -> None:
+        self._source = source
+        self._max_size = max_size
+        self._hand_over = hand_over
+        self._buf = b""
+        self._pos = 0
+        self.size = 0
+        self._sha256 = hashlib.sha256()
+        self._batch: list[tuple[B3Digest, bytes]] = []
+        self._batch_bytes = 0
+        self._directories: list[Directory] = []
+
+    # -- bytes --------------------------------------------------------------
+
+    def _block(self) -> bytes:
+        """The source's next block, counted and hashed; b"" at its end."""
+        self._hand_over.check()
+        block = self._source.read()
+        if block:
+            self._sha256.update(block)
+            self.size += len(block)
+            if self._max_size is not None and self.size > self._max_size:
+                raise NarError(f"NAR is longer than the expected {self._max_size} bytes")
+        return block
+
+    def _fill(self, n: int) -> None:
+        """At least `n` bytes in the buffer from `_pos` on."""
+        parts = [self._buf[self._pos :]]
+        have = len(parts[0])
+        while have < n:
+            block = self._block()
+            if not block:
+                raise NarError(f"NAR ends early, after {self.size} bytes")
+            parts.append(block)
+            have += len(block)
+        self._buf = b"".join(parts)
+        self._pos = 0
+
+    @property
+    def _offset(self) -> int:
+        """Bytes of the NAR consumed so far."""
+        return self.size - (len(self._buf) - self._pos)
+
+    def _expect(self, token: bytes) -> None:
+        if len(self._buf) - self._pos < len(token):
+            self._fill(len(token))
+        if not self._buf.startswith(token, self._pos):
+            got = self._buf[self._pos : self._pos + len(token)]
+            raise NarError(
+                f"NAR: unexpected bytes at {self._offset}: {got[:64]!r}, expected {token[:64]!r}"
+            )
+        self._pos += len(token)
+
+    def _u64(self) -> int:
+        if len(self._buf) - self._pos < 8:
+            self._fill(8)
+        value: int = _U64.unpack_from(self._buf, self._pos)[0]
+        self._pos += 8
+        return value
+
+    def _padding(self, length: int) -> None:
+        pad = (-length) % 8
+        if pad:
+            if len(self._buf) - self._pos < pad:
+                self._fill(pad)
+            if self._buf[self._pos : self._pos + pad] != _ZEROS[:pad]:
+                raise NarError("NAR: padding is not zero")
+            self._pos += pad
+
+    def _string(self, limit: int, what: str) -> bytes:
+        length = self._u64()
+        if length > limit:
+            raise NarError(f"NAR: {what} of {length} bytes, at most {limit} allowed")
+        if len(self._buf) - self._pos < length:
+            self._fill(length)
+        data = self._buf[self._pos : self._pos + length]
+        self._pos += length
+        self._padding(length)
+        return data
+
+    def _at_end(self) -> bool:
+        return self._pos == len(self._buf) and not self._block()
+
+    # -- the grammar ------------------------------------------------------
+
+    def run(self) -> _Parsed:
+        self._expect(NAR_MAGIC + OPEN + TYPE)
         stack: list[_Frame] = []
-        node = await self._node_body(stack, b"")
-        if node is not None:
-            return node
-        # An explicit stack rather than recursion: a NAR may nest deeper than
-        # Python's recursion limit.
-        while True:
+        root = self._node_body(stack, b"")
+        while root is None:
+            # An explicit stack rather than recursion: a NAR may nest deeper
+            # than Python's recursion limit.
             frame = stack[-1]
-            tag = await r.string(_MAX_TOKEN_LEN, "token")
-            if tag == b"entry":
-                await r.expect(OPEN + NAME)
-                name = await r.string(MAX_NAME_LEN, "entry name")
+            tag = self._string(_MAX_TOKEN_LEN, "token")
+            if tag == _ENTRY:
+                self._expect(OPEN + NAME)
+                name = self._string(MAX_NAME_LEN, "entry name")
                 try:
                     validate_name(name)
                 except ValidationError as e:
@@ -229,119 +297,228 @@ class _Ingest:
                 if name <= frame.last_name:
                     raise NarError(f"NAR: entry {name!r} is not sorted after {frame.last_name!r}")
                 frame.last_name = name
-                await r.expect(NODE + OPEN + TYPE)
-                node = await self._node_body(stack, name)
+                self._expect(NODE + OPEN + TYPE)
+                node = self._node_body(stack, name)
                 if node is not None:
-                    await r.expect(CLOSE)  # the entry's
+                    self._expect(CLOSE)  # the entry's
                     frame.entries.append((name, node))
-            elif tag == b")":
+            elif tag == _END:
                 stack.pop()
                 directory = Directory(frame.entries)
-                self.directories.append(directory)
+                self._directories.append(directory)
                 if not stack:
-                    return directory.as_node()
-                await r.expect(CLOSE)  # the entry's
-                stack[-1].entries.append((frame.name, directory.as_node()))
+                    root = directory.as_node()
+                else:
+                    self._expect(CLOSE)  # the entry's
+                    stack[-1].entries.append((frame.name, directory.as_node()))
             else:
                 raise NarError(f"NAR: unexpected {tag!r} in a directory")
+        if not self._at_end():
+            raise NarError(f"NAR: data after its end, at byte {self.size}")
+        self._hand_over_batch()
+        return _Parsed(root, self._directories, self.size, self._sha256.digest())
 
-    async def _node_body(self, stack: list[_Frame], name: bytes) -> Node | None:
+    def _node_body(self, stack: list[_Frame], name: bytes) -> Node | None:
         """After `( type`: a leaf read through its `)`, or None for a directory
         (pushed onto `stack` to be read entry by entry)."""
-        r = self._reader
-        kind = await r.string(_MAX_TOKEN_LEN, "node type")
+        kind = self._string(_MAX_TOKEN_LEN, "node type")
         if kind == b"regular":
-            node: Node = await self._file()
+            node: Node = self._file()
         elif kind == b"symlink":
-            await r.expect(TARGET)
-            target = await r.string(MAX_TARGET_LEN, "symlink target")
+            self._expect(TARGET)
+            target = self._string(MAX_TARGET_LEN, "symlink target")
             try:
                 node = SymlinkNode(validate_symlink_target(target))
             except ValidationError as e:
                 raise NarError(f"NAR: {e}") from None
         elif kind == b"directory":
-            stack.append(_Frame(name))
+            stack.append(_Frame(name, []))
             return None
         else:
             raise NarError(f"NAR: unknown node type {kind!r}")
-        await r.expect(CLOSE)
+        self._expect(CLOSE)
         return node
 
-    async def _file(self) -> FileNode:
-        r = self._reader
-        tag = await r.string(_MAX_TOKEN_LEN, "token")
+    def _file(self) -> FileNode:
+        tag = self._string(_MAX_TOKEN_LEN, "token")
         executable = tag == b"executable"
         if executable:
-            await r.expect(_EMPTY_STRING + CONTENTS)
+            self._expect(_EMPTY_STRING + CONTENTS)
         elif tag != b"contents":
             raise NarError(f"NAR: expected 'contents', got {tag!r}")
-        size = await r.u64()
+        size = self._u64()
         if size <= CHUNK_SIZE:
-            data = await r.read(size)
-            digest = B3Digest.of(data)
-            # Stored in the background; every batch is stored before ingest_nar
-            # stores a Directory (the nursery waits for them).
-            await self.small_files.add(digest, data)
+            if len(self._buf) - self._pos < size:
+                self._fill(size)
+            data = self._buf[self._pos : self._pos + size]
+            self._pos += size
+            digest = B3Digest(blake3.blake3(data).digest())
+            self._batch.append((digest, data))
+            self._batch_bytes += size
+            if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= BATCH_FILES:
+                self._hand_over_batch()
         else:
-            digest = await self._streamed(size, f"the file at byte {r.offset} of the NAR")
-        await r.padding(size)
+            digest = self._large_file(size)
+        self._padding(size)
         return FileNode(digest, size, executable)
 
-    async def _streamed(self, size: int, what: str) -> B3Digest:
-        upload = await BlobUpload.open(self._blobs, what)
+    def _large_file(self, size: int) -> B3Digest:
+        """Contents over CHUNK_SIZE, handed over in pieces as they arrive."""
+        what = f"the file at byte {self._offset} of the NAR"
+        hasher = blake3.blake3()
+        left = size
+        while left:
+            if self._pos == len(self._buf):
+                block = self._block()
+                if not block:
+                    raise NarError(f"NAR ends early, after {self.size} bytes")
+                self._buf, self._pos = block, 0
+            piece = self._buf[self._pos : self._pos + min(left, CHUNK_SIZE)]
+            self._pos += len(piece)
+            left -= len(piece)
+            hasher.update(piece)
+            self._hand_over(_Piece(piece))
+        digest = B3Digest(hasher.digest())
+        self._hand_over(_FileEnd(digest, what))
+        return digest
+
+    def _hand_over_batch(self) -> None:
+        if self._batch:
+            batch, self._batch = self._batch, []
+            self._batch_bytes = 0
+            self._hand_over(_Batch(batch))
+
+
+class _HandOver:
+    """The thread's side of the channel to trio: blocking sends that fail
+    (`_Stopped`) once the trio side has gone."""
+
+    def __init__(self, send: trio.MemorySendChannel[_Handed], token: trio.lowlevel.TrioToken):
+        self._send = send
+        self._token = token
+        self.stopped = threading.Event()
+
+    def check(self) -> None:
+        if self.stopped.is_set():
+            raise _Stopped
+
+    def __call__(self, item: _Handed) -> None:
+        self.check()
         try:
-            while upload.size < size:
-                await upload.write(
-                    await self._reader.read_some(min(size - upload.size, CHUNK_SIZE))
+            trio.from_thread.run(self._send.send, item, trio_token=self._token)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError):
+            raise _Stopped from None
+        except trio.Cancelled:  # the run is shutting down
+            raise _Stopped from None
+
+
+def _parse_in_thread(
+    source: NarSource,
+    expected_size: int | None,
+    expected_sha256: bytes | None,
+    hand_over: _HandOver,
+) -> None:
+    try:
+        try:
+            parsed = _Parser(source, expected_size, hand_over).run()
+            if expected_size is not None and parsed.size != expected_size:
+                raise NarError(f"NAR has {parsed.size} bytes, expected {expected_size}")
+            if expected_sha256 is not None and parsed.sha256 != expected_sha256:
+                raise NarError(
+                    f"NAR has sha256 {parsed.sha256.hex()}, expected {expected_sha256.hex()}"
                 )
-            return await upload.close()
-        except BaseException:
+            # The NAR first: a wrong NAR says so, whatever its file's trailer.
+            source.finish()
+        except _Stopped:
+            return
+        except Exception as e:  # the NAR's, the source's: the ingest's error
+            result: _Handed = e
+        else:
+            result = parsed
+        with contextlib.suppress(_Stopped):
+            hand_over(result)
+    finally:
+        source.close()
+
+
+async def _store(
+    blobs: BlobService,
+    receive: trio.MemoryReceiveChannel[_Handed],
+    nursery: trio.Nursery,
+    deadline: ProgressDeadline | None,
+) -> _Parsed:
+    """Store what the thread hands over until it hands over the whole NAR."""
+    batcher = BlobBatcher(blobs, nursery)
+    writer: BlobWriter | None = None
+    try:
+        while True:
+            if deadline is None:
+                item = await receive.receive()
+            else:
+                with deadline.watching():
+                    item = await receive.receive()
+            if isinstance(item, _Batch):
+                await batcher.put(item.blobs)
+            elif isinstance(item, _Piece):
+                if writer is None:
+                    writer = await blobs.open_write()
+                await writer.write(item.data)
+            elif isinstance(item, _FileEnd):
+                assert writer is not None
+                stored = await writer.close()
+                writer = None
+                check_stored(item.what, item.digest, stored)
+            elif isinstance(item, _Parsed):
+                return item
+            else:
+                raise item
+    except BaseException:
+        if writer is not None:
             with trio.CancelScope(shield=True):
-                await upload.abort()
-            raise
+                await writer.abort()
+        raise
 
 
 async def ingest_nar(
     blobs: BlobService,
     directories: DirectoryService,
-    next_block: Callable[[], Awaitable[bytes]],
+    source: NarSource,
     *,
     expected_size: int | None = None,
     expected_sha256: bytes | None = None,
-    source_sha256: Callable[[], bytes] | None = None,
+    deadline: ProgressDeadline | None = None,
 ) -> IngestedNar:
-    """Read a NAR from `next_block` (successive pieces, b"" at the end) into the
-    services; returns its root node, size and sha256.
+    """Read a NAR from `source` into the services; its root node, size and sha256.
 
-    `source_sha256`: the sha256 of every byte `next_block` gave, once it gave
-    b"", from a source that hashes as it produces (off the loop's thread);
-    without it the NAR is hashed here.
+    `deadline`: each wait for the source's next piece of work is under it
+    (a download that stops making progress fails; storing is not timed).
 
     NarError if the stream is not a NAR, has anything after it, or does not
     match `expected_size` / `expected_sha256` (checked before any Directory is
-    stored); StoreError if a service fails.
+    stored); StoreError if a service or the source fails. On any failure or
+    cancellation the thread is told to stop and the source interrupted; the
+    thread closes the source when it ends.
     """
+    send, receive = trio.open_memory_channel[_Handed](PIECES_AHEAD)
+    hand_over = _HandOver(send, trio.lowlevel.current_trio_token())
+    done = False
     try:
-        async with trio.open_nursery() as nursery:
-            reader = _Reader(
-                _Prefetch(next_block, nursery).next_block,
-                expected_size,
-                hashed=source_sha256 is not None,
+        async with receive, trio.open_nursery() as nursery:
+            trio.lowlevel.start_thread_soon(
+                lambda: _parse_in_thread(source, expected_size, expected_sha256, hand_over),
+                lambda _outcome: None,
+                name="nar ingest",
             )
-            ingest = _Ingest(blobs, reader, nursery)
-            node = await ingest.run()
-            if not await reader.at_end():
-                raise NarError(f"NAR: data after its end, at byte {reader.size}")
-            await ingest.small_files.flush()
+            parsed = await _store(blobs, receive, nursery, deadline)
+        done = True
     except BaseExceptionGroup as group:
         raise first_error(group) from None
-    sha256 = reader.sha256.digest() if source_sha256 is None else source_sha256()
-    if expected_size is not None and reader.size != expected_size:
-        raise NarError(f"NAR has {reader.size} bytes, expected {expected_size}")
-    if expected_sha256 is not None and sha256 != expected_sha256:
-        raise NarError(f"NAR has sha256 {sha256.hex()}, expected {expected_sha256.hex()}")
-    if ingest.directories:
-        stored = await directories.put_tree(ingest.directories)
-        if not isinstance(node, DirectoryNode) or stored != node.digest:
+    finally:
+        if not done:
+            hand_over.stopped.set()
+            source.interrupt()
+    if parsed.directories:
+        stored = await directories.put_tree(parsed.directories)
+        if not isinstance(parsed.node, DirectoryNode) or stored != parsed.node.digest:
             raise IntegrityError(f"directory service stored the root as {stored}")
-    return IngestedNar(node, reader.size, sha256)
+    return IngestedNar(parsed.node, parsed.size, parsed.sha256)

@@ -43,13 +43,11 @@ may then download its whole closure.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, ClassVar, Final
 
 import trio
@@ -65,7 +63,7 @@ from tvix_mountd.castore.errors import (
     StoreError,
     ValidationError,
 )
-from tvix_mountd.castore.nar_ingest import IngestedNar, ingest_nar
+from tvix_mountd.castore.nar_ingest import IngestedNar, NarSource, ingest_nar
 from tvix_mountd.castore.narinfo import NarInfo, PublicKey, fingerprint, signed_by
 from tvix_mountd.castore.pathinfo import PathInfo
 from tvix_mountd.castore.pathinfos import PathInfoService, check_answer, put_durably
@@ -86,17 +84,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Decompressed bytes handed from the download thread to the ingest per hop,
-# and how many such blocks the thread keeps ready.
+# Decompressed bytes the ingest takes from a download at a time.
 BLOCK_SIZE: Final = 1 << 20
+# Compressions decompressed ahead by a thread of their own (see _Download),
+# and how many blocks that thread keeps ready.
+DECOMPRESSED_AHEAD: Final = frozenset({"xz", "bzip2"})
 BLOCKS_AHEAD: Final = 2
-# How often a download thread waiting for room checks whether it was closed,
-# and how long closing waits for it to end (a block's decompression, a poll):
-# not for a stalled network read, which ends at its socket's timeout.
+# How often a thread waiting for room (or for a block) checks whether the
+# download was closed, and how long closing waits for the read-ahead thread
+# (a block's decompression, a poll): not for a stalled network read, which
+# ends at its socket's timeout.
 CLOSE_POLL: Final = 0.1
-# Compressions whose decompression keeps well ahead of the ingest: their
-# download thread hashes the NAR too (see _Download).
-HASHED_BY_THREAD: Final = frozenset({"none", "zstd"})
 CLOSE_JOIN: Final = 0.5
 # References waiting to be prefetched; beyond this, new ones are dropped (and
 # fetched when something looks them up). A closure is a few thousand paths.
@@ -122,91 +120,84 @@ def _record_for(directories: DirectoryService, timeout: float) -> PathInfoServic
     return MemoryPathInfoService()
 
 
-class _Download:
-    """One NAR read by a thread of its own: network (or file) -> counting ->
-    decompression, up to BLOCKS_AHEAD blocks of at most BLOCK_SIZE
-    decompressed bytes ahead of the ingest, which takes them with `read`.
+class _Download(NarSource):
+    """One NAR file as `ingest_nar` reads it, in the ingest's thread:
+    network (or file) -> counting -> decompression, a block of at most
+    BLOCK_SIZE decompressed bytes per `read`.
 
-    The thread waits for nothing but room for the next block. Asked for one
-    block at a time by a trio task instead, decompression stood idle
-    between blocks until the loop's thread, busy parsing the last one, got
-    round to asking: ~15% of an xz NAR's ingest (RESULTS.md, eleventh
-    session).
-
-    After a quick decompressor (zstd, or none) the thread also takes the
-    NAR's sha256 of the blocks it hands over (`nar_sha256`): the ingest,
-    on the loop's thread, is then the slower side, and hashing there each
-    block let go of the GIL and waited to take it back (zstd ingest ~9%
-    slower). After xz or bzip2 the thread is the slower side (liblzma
-    alone is most of an xz ingest), and the ingest hashes (RESULTS.md,
-    twelfth session)."""
+    zstd (and no compression) is decompressed by the ingest's thread
+    itself, as it asks: zstandard holds the GIL while it works, and a thread
+    of its own waited for the GIL at each call while the parse held it. xz
+    and bzip2 (DECOMPRESSED_AHEAD) take most of an ingest's time in liblzma
+    or libbz2, which let go of the GIL: a thread of their own decompresses
+    BLOCKS_AHEAD blocks ahead meanwhile, and the parse costs no time on top
+    (RESULTS.md, sixteenth session)."""
 
     def __init__(self, raw: ByteSource, narinfo: NarInfo, deadline: ProgressDeadline) -> None:
         self.narinfo = narinfo
         self.counted = CountingReader(raw, lambda _n: deadline.progressed())
         self._decompressed = decompressing(self.counted, narinfo.compression)
-        self._ready: queue.Queue[bytes | Exception] = queue.Queue(BLOCKS_AHEAD)
+        self._ahead: queue.Queue[bytes | Exception] | None = (
+            queue.Queue(BLOCKS_AHEAD) if narinfo.compression in DECOMPRESSED_AHEAD else None
+        )
         # The end (b"") or the error, once `read` has seen it: it stays the answer.
         self._last: bytes | Exception | None = None
-        self._closing = threading.Event()
         self._started = False
-        self._ended = threading.Event()
-        self._nar_sha256 = hashlib.sha256() if narinfo.compression in HASHED_BY_THREAD else None
+        self._closing = threading.Event()
+        self._ahead_ended = threading.Event()
 
     def read(self) -> bytes:
-        """The next block, b"" at the end (blocking; one caller at a time)."""
+        if self._ahead is None:
+            return self._decompress()
         if not self._started:
             self._started = True
-            # One of trio's cached threads, as the blocking calls use.
             trio.lowlevel.start_thread_soon(
-                self._decompress, lambda _outcome: self._ended.set(), name=f"nar {self.narinfo.url}"
+                self._read_ahead,
+                lambda _outcome: self._ahead_ended.set(),
+                name=f"nar {self.narinfo.url}",
             )
-        item = self._last if self._last is not None else self._ready.get()
+        item = self._last
+        while item is None:
+            try:
+                item = self._ahead.get(timeout=CLOSE_POLL)
+            except queue.Empty:
+                if self._closing.is_set():
+                    item = BackendUnavailable(f"{self.narinfo.url}: download closed")
         if isinstance(item, Exception) or not item:
             self._last = item
         if isinstance(item, Exception):
             raise item
         return item
 
-    def _decompress(self) -> None:
-        """The thread: blocks into the queue until the end, an error or `close`."""
-        while True:
+    def _decompress(self) -> bytes:
+        try:
+            return self._decompressed.read(BLOCK_SIZE)
+        except DECOMPRESSION_ERRORS as e:
+            raise IntegrityError(f"cannot decompress ({self.narinfo.compression}): {e}") from e
+
+    def _read_ahead(self) -> None:
+        """The read-ahead thread: blocks into the queue until the end, an
+        error or `close`."""
+        assert self._ahead is not None
+        while not self._closing.is_set():
             item: bytes | Exception
             try:
-                item = self._decompressed.read(BLOCK_SIZE)
-            except DECOMPRESSION_ERRORS as e:
-                item = IntegrityError(f"cannot decompress ({self.narinfo.compression}): {e}")
+                item = self._decompress()
             except Exception as e:  # a failed download (StoreError), say: the ingest's to see
                 item = e
-            if self._nar_sha256 is not None and isinstance(item, bytes):
-                self._nar_sha256.update(item)
             while not self._closing.is_set():
                 try:
-                    self._ready.put(item, timeout=CLOSE_POLL)
+                    self._ahead.put(item, timeout=CLOSE_POLL)
                     break
                 except queue.Full:
                     continue
-            if self._closing.is_set() or isinstance(item, Exception) or not item:
+            if isinstance(item, Exception) or not item:
                 return
-
-    @property
-    def nar_sha256(self) -> Callable[[], bytes] | None:
-        """For `ingest_nar`: the sha256 of the blocks `read` gave, once it
-        gave the end (b""), if this thread takes it; else None."""
-        hasher = self._nar_sha256
-        if hasher is None:
-            return None
-
-        def digest() -> bytes:
-            assert self._last == b"", "the NAR's hash before its end"
-            return hasher.digest()
-
-        return digest
 
     def finish(self) -> None:
         """After the NAR's end: the compressed file must end too, and match."""
         if self._started:
-            self._ended.wait()  # it ended with the NAR's end: the file is ours now
+            self._ahead_ended.wait()  # it ended with the NAR's end: the file is ours now
         info = self.narinfo
         # Whatever follows the compressed stream counts for FileSize/FileHash.
         limit = 1 << 20 if info.file_size is None else info.file_size - self.counted.size + 1
@@ -220,24 +211,22 @@ class _Download:
             raise IntegrityError(f"{info.url}: does not match its FileHash")
 
     def close(self) -> None:
-        """Best effort, after the end or a failure: the thread may still be
-        reading (the ingest failed, or gave up at its deadline). Closing the
-        body first makes a network read fail; room in the queue, and the flag,
-        make the thread end; a caller still waiting in `read` (abandoned at
-        its deadline) gets an error. The decompressor is closed only once the
-        thread is gone, as it may be inside it; else the garbage collector
-        closes it after the thread."""
+        """In the ingest's thread, when it is done. The decompressor is closed
+        only once no thread is inside it: a read-ahead thread still reading
+        (the ingest failed) is stopped by closing the body first; one that
+        does not end within CLOSE_JOIN leaves the decompressor to the
+        garbage collector."""
         self._closing.set()
         self._close(self.counted)
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._ready.get_nowait()
-        with contextlib.suppress(queue.Full):
-            self._ready.put_nowait(BackendUnavailable(f"{self.narinfo.url}: download closed"))
-        if self._started and not self._ended.wait(CLOSE_JOIN):
-            log.debug("%s: its thread is still reading after close", self.narinfo.url)
+        if self._started and not self._ahead_ended.wait(CLOSE_JOIN):
+            log.debug("%s: its read-ahead thread is still reading after close", self.narinfo.url)
             return
         self._close(self._decompressed)
+
+    def interrupt(self) -> None:
+        """Closing the body makes a network read waiting in a thread fail."""
+        self._closing.set()
+        self._close(self.counted)
 
     def _close(self, stream: ByteSource) -> None:
         try:
@@ -462,22 +451,16 @@ class NixCachePathInfoService(PathInfoService):
         )
         download = _Download(raw, narinfo, deadline)
         try:
-            ingested = await ingest_nar(
+            return await ingest_nar(
                 self._blobs,
                 self._directories,
-                lambda: deadline.run(download.read),
+                download,
                 expected_size=narinfo.nar_size,
                 expected_sha256=narinfo.nar_sha256,
-                source_sha256=download.nar_sha256,
+                deadline=deadline,
             )
-            await deadline.run(download.finish)
-            return ingested
         finally:
             self._count_downloaded(download.counted.size)
-            with trio.CancelScope(shield=True):
-                # A thread may still be reading (abandoned at a deadline);
-                # closing the body from here makes it stop.
-                await trio.to_thread.run_sync(download.close)
 
     # -- metrics ----------------------------------------------------------
 
