@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import trio
-
 # Commands import what they use, so that `mount` (a long-running daemon)
-# carries no config or supervisor machinery in its memory.
+# carries no config or supervisor machinery in its memory, and `status` and
+# the other control commands start quickly (no trio, no store).
 if TYPE_CHECKING:
     from tvix_mountd.castore.store import Store
     from tvix_mountd.progress import ProgressLine
@@ -59,6 +58,8 @@ def _bool(value: str) -> bool:
 
 
 async def _import(store: Store, paths: list[Path], line: ProgressLine | None) -> None:
+    import trio
+
     from tvix_mountd.castore.errors import first_error
 
     try:
@@ -120,6 +121,8 @@ def _describe_node(node: object) -> str:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    import trio
+
     from tvix_mountd.config import ConfigError, load_store_config
 
     try:
@@ -182,6 +185,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    import trio
+
     from tvix_mountd.castore.addr import prefetch_problem
     from tvix_mountd.procutil import raise_open_file_limit
     from tvix_mountd.workers.filesystem import StoreFilesystem

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from tvix_mountd.proto import control_pb2, control_pb2_grpc
-from tvix_mountd.supervisor.service import CONTROL_SOCKET, PID_FILE
+from tvix_mountd.supervisor.state_files import CONTROL_SOCKET, PID_FILE
 
 CALL_TIMEOUT = 60.0  # a reload or restart may stop and start several mounts
 STOP_WAIT = 60.0

@@ -42,16 +42,18 @@ from tvix_mountd.supervisor.runner import (
     terminate,
 )
 from tvix_mountd.supervisor.spawner import Spawner, SpawnError
+from tvix_mountd.supervisor.state_files import (
+    CONTROL_SOCKET,
+    ERRORS_DIR,
+    METRICS_DIR,
+    PID_FILE,
+    ROOTCACHE_SOCKET,
+)
 from tvix_mountd.workers.mount import detach, find_mount, is_dead_mount
 from tvix_mountd.workers.process import fsname
 
 log = logging.getLogger(__name__)
 
-PID_FILE = "tvix-mountd.pid"
-CONTROL_SOCKET = "control.sock"
-ROOTCACHE_SOCKET = "rootcache.sock"
-METRICS_DIR = "metrics"
-ERRORS_DIR = "errors"
 # What a worker runs: exec'd as `python -m WORKER_MODULE`, or WORKER_ENTRY
 # called in a process forked from the fork server (spawner.py).
 WORKER_MODULE = "tvix_mountd.workers"
