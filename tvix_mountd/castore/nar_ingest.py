@@ -129,7 +129,7 @@ class NarSource(ABC):
 
 
 class BlocksSource(NarSource):
-    """A NAR already in pieces (tests, and NARs held in memory)."""
+    """A NAR already in memory, in pieces (what the tests feed the ingest)."""
 
     def __init__(self, pieces: list[bytes]) -> None:
         self._pieces = list(reversed(pieces))
