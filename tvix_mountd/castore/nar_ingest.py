@@ -407,9 +407,13 @@ class _HandOver:
         self.check()
         try:
             trio.from_thread.run(self._send.send, item, trio_token=self._token)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError):
-            raise _Stopped from None
-        except trio.Cancelled:  # the run is shutting down
+        # Cancelled: the run is shutting down.
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            trio.RunFinishedError,
+            trio.Cancelled,
+        ):
             raise _Stopped from None
 
 
@@ -453,11 +457,8 @@ async def _store(
     writer: BlobWriter | None = None
     try:
         while True:
-            if deadline is None:
+            with contextlib.nullcontext() if deadline is None else deadline.watching():
                 item = await receive.receive()
-            else:
-                with deadline.watching():
-                    item = await receive.receive()
             if isinstance(item, _Batch):
                 await batcher.put(item.blobs)
             elif isinstance(item, _Piece):

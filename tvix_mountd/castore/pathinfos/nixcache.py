@@ -216,8 +216,7 @@ class _Download(NarSource):
         (the ingest failed) is stopped by closing the body first; one that
         does not end within CLOSE_JOIN leaves the decompressor to the
         garbage collector."""
-        self._closing.set()
-        self._close(self.counted)
+        self.interrupt()
         if self._started and not self._ahead_ended.wait(CLOSE_JOIN):
             log.debug("%s: its read-ahead thread is still reading after close", self.narinfo.url)
             return
